@@ -1,0 +1,95 @@
+"""Capacity-constrained top-k assignment solvers: one entry point, one result type, a registry.
+
+``solve(scores, k, ...)`` checks its input once, runs the method registered under ``method``
+and returns an ``Assignment``.  Methods (one file each):
+
+=============  ================================================================  ==========
+method         what it computes                                                  drops
+=============  ================================================================  ==========
+``exact``      the optimal routing (min-cost max-flow), with prices and gap      never
+``two_stage``  the paper's approximation: top-1 under capacity, then the rest    never
+``sinkhorn``   top-1, Sinkhorn on the residual, feasible rounding                never
+``iterative``  Switch-style rerouting of overflowing tokens                      never
+``greedy``     GShard: rank by rank, token order, overflow dropped               yes
+``topk``       plain top-k, capacity not enforced (dropless)                     never
+``reference``  slow exact LP (scipy HiGHS), for tests and benchmarks             never
+=============  ================================================================  ==========
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from maxscore.solvers._validate import Problem, expert_capacity, make_problem
+from maxscore.solvers.assignment import Assignment
+from maxscore.solvers.exact import solve_exact
+from maxscore.solvers.greedy import solve_greedy
+from maxscore.solvers.iterative import solve_iterative
+from maxscore.solvers.reference import solve_reference
+from maxscore.solvers.sinkhorn import solve_sinkhorn
+from maxscore.solvers.topk import solve_topk
+from maxscore.solvers.two_stage import solve_two_stage
+
+METHODS: dict[str, Callable[..., Assignment]] = {
+    "exact": solve_exact,
+    "two_stage": solve_two_stage,
+    "sinkhorn": solve_sinkhorn,
+    "iterative": solve_iterative,
+    "greedy": solve_greedy,
+    "topk": solve_topk,
+    "reference": solve_reference,
+}
+
+
+def method_options(method: str) -> tuple[str, ...]:
+    """Names of the keyword options a registered method accepts."""
+    parameters = inspect.signature(METHODS[method]).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def solve(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    capacity: int | None = None,
+    capacity_factor: float = 1.0,
+    method: str = "exact",
+    valid: torch.Tensor | None = None,
+    **options,
+) -> Assignment:
+    """Routes every valid token to k distinct experts, each expert holding at most ``capacity``.
+
+    Args:
+        scores: float [T, E] (float16/bfloat16/float32/float64, CPU or CUDA); higher is better,
+            ``-inf`` forbids a token-expert pair.  CUDA inputs are solved on a host copy and the
+            result is returned on the input's device.
+        k: experts per token, 1 <= k <= E.
+        capacity: tokens per expert; default ``expert_capacity(valid tokens, E, k, capacity_factor)``.
+        capacity_factor: used when ``capacity`` is None.
+        method: one of ``METHODS`` (default ``"exact"``).
+        valid: bool [T]; invalid (padding) tokens get no expert and use no capacity.
+        **options: method options, e.g. ``prices=`` (warm start) for ``exact``; see
+            ``method_options(method)``.
+
+    Returns:
+        An ``Assignment``; ``experts`` is int64 [T, K] with -1 for unassigned slots.
+
+    Raises:
+        ValueError: bad shapes or dtypes, NaN/+inf scores, k out of range, infeasible capacity or
+            forbidden pairs, an unknown method or option.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    unknown = sorted(set(options) - set(method_options(method)))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method={method!r}; it accepts {list(method_options(method))}"
+        )
+    problem = make_problem(scores, k, capacity, capacity_factor, valid)
+    return METHODS[method](problem, **options)
+
+
+__all__ = ["METHODS", "Assignment", "Problem", "expert_capacity", "method_options", "solve"]

@@ -1,0 +1,92 @@
+"""The paper's fast approximation: top-1, then Sinkhorn on the residual, then a feasible rounding.
+
+Stage 1 is the optimal top-1 routing under the capacity (as ``two_stage``).  Stage 2 runs
+log-domain Sinkhorn (entropic optimal transport, Cuturi 2013) from the valid tokens, each with
+mass k-1, to the experts' residual capacities, with the stage-1 expert forbidden; a slack row
+absorbs capacity beyond (k-1) x tokens, so experts are filled "at most".  Each token takes the
+k-1 largest entries of its transport plan; the few units this puts over capacity are moved
+along cheapest score-loss paths by the compiled core, so the result never exceeds capacity
+and drops nothing when the problem is feasible.  ``converged`` reports whether Sinkhorn's
+column marginals met ``tolerance`` within ``iterations``.
+
+Complexity O(iterations x T E) tensor ops plus the repair.  Not optimal.  Ties: as
+``torch.topk`` on the plan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from maxscore.solvers._native import REPAIR, run_core
+from maxscore.solvers._validate import Problem
+from maxscore.solvers.assignment import Assignment, to_assignment
+from maxscore.solvers.two_stage import first_stage, without_first
+
+
+_NO_ROOM = -1e30  # log-mass of an expert with no residual capacity: finite, so no inf - inf
+
+
+def sinkhorn_potentials(
+    logits_TE: torch.Tensor, row_mass: float, col_mass_E: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, float]:
+    """Log-domain Sinkhorn with a slack row; returns (column potentials g_E, column error).
+
+    Rows (tokens) carry ``row_mass`` each, columns at most ``col_mass_E``; the slack row (all
+    logits 0, the lowest score) takes the surplus capacity.
+    """
+    log_col_E = torch.log(col_mass_E).clamp(min=_NO_ROOM)
+    surplus = float(col_mass_E.sum()) - row_mass * logits_TE.shape[0]
+    log_surplus = math.log(surplus) if surplus > 0 else -math.inf
+    g_E = torch.zeros_like(col_mass_E)
+    for _ in range(iterations):
+        f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
+        f_slack = log_surplus - float(torch.logsumexp(g_E, dim=0))
+        column_E = torch.logsumexp(logits_TE + f_T[:, None], dim=0)
+        g_E = log_col_E - torch.logaddexp(column_E, torch.full_like(column_E, f_slack))
+    f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
+    plan_col_E = torch.exp(torch.logsumexp(logits_TE + f_T[:, None], dim=0) + g_E)
+    error = float((plan_col_E - col_mass_E).clamp(min=0).max()) / max(1.0, row_mass)
+    return g_E, error
+
+
+def solve_sinkhorn(
+    problem: Problem, *, iterations: int = 20, temperature: float = 0.01, tolerance: float = 1e-2
+) -> Assignment:
+    """Top-1 under capacity, Sinkhorn for the other k-1 units, rounding repaired to feasibility.
+
+    Args:
+        iterations: Sinkhorn iterations (>= 1).
+        temperature: entropic regularization relative to the range of the finite scores.
+        tolerance: relative column-marginal error below which ``converged`` is True.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    first_T, loads_E = first_stage(problem)
+    if problem.k == 1 or problem.num_valid == 0:  # stage 1 already routed everything
+        experts_TK = np.full((problem.num_tokens, problem.k), -1, dtype=np.int64)
+        experts_TK[:, 0] = first_T
+        return to_assignment(problem, experts_TK, "sinkhorn", loads_E=loads_E)
+    rows_T = torch.from_numpy(first_T >= 0).nonzero().flatten()
+    residual_TE = without_first(problem, first_T)[rows_T].double()
+    finite = residual_TE[torch.isfinite(residual_TE)]
+    span = float(finite.max() - finite.min()) or 1.0
+    logits_TE = (residual_TE - float(finite.min())) / (temperature * span)
+    col_mass_E = torch.from_numpy(problem.capacity - loads_E).double()
+    g_E, error = sinkhorn_potentials(logits_TE, float(problem.k - 1), col_mass_E, iterations)
+    plan_order_TK = torch.topk(logits_TE + g_E, problem.k - 1, dim=1).indices
+    experts_TK = np.full((problem.num_tokens, problem.k), -1, dtype=np.int64)
+    experts_TK[:, 0] = first_T
+    experts_TK[rows_T.numpy(), 1:] = plan_order_TK.numpy()
+    return _finish(problem, experts_TK, error <= tolerance)
+
+
+def _finish(problem: Problem, experts_TK: np.ndarray, converged: bool) -> Assignment:
+    repaired = run_core(problem, mode=REPAIR, experts_TK=experts_TK)
+    return to_assignment(
+        problem, repaired.experts_TK, "sinkhorn", loads_E=repaired.loads_E, score=repaired.score, converged=converged
+    )
