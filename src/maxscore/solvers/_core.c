@@ -32,11 +32,30 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
 
 #define ST_OK 0
 #define ST_TOO_FEW_ALLOWED 1
 #define ST_INFEASIBLE 2
 #define ST_NO_MEMORY 3
+
+typedef struct {
+    double key; /* the price of the expert at which the token would leave it: s[t,x] - best[t] */
+    int32_t tok;
+    int32_t slot;
+    int32_t ver; /* the slot's move count when pushed; older entries are dead */
+} Entry;
+
+typedef struct {
+    Entry *a;
+    int64_t n, cap;
+} Heap;
 
 typedef struct {
     int64_t N, E, k;
@@ -48,10 +67,14 @@ typedef struct {
     int64_t *experts; /* [N,k], -1 = empty slot */
     int64_t *loads;   /* [E] */
     uint8_t *held;    /* [N,E] */
-    int32_t *holders; /* [E,N]: tokens holding each expert, first loads[e] entries */
-    int32_t *hpos;    /* [N,k]: position of the slot's token in its expert's holder list */
     double *best;     /* [N]: best value of s - p over allowed experts the token does not hold */
     int32_t *barg;    /* [N]: its expert, -1 if none */
+    int32_t *ver;     /* [N,k]: move count of each slot */
+    double *kth;      /* [N]: k-th best value of s - p (price phase only), or NULL */
+    Heap *heaps;      /* [E]: holders of each expert by leaving price, lazily updated */
+    int oom;
+    int repair_mode;  /* moves may raise a token's best alternative: refresh all its entries */
+    int64_t moves;
 } Ctx;
 
 static inline double S(const Ctx *c, int64_t t, int64_t e) {
@@ -60,22 +83,106 @@ static inline double S(const Ctx *c, int64_t t, int64_t e) {
 
 static inline int is_valid(const Ctx *c, int64_t t) { return c->valid == NULL || c->valid[t]; }
 
+/* heap order: lower leaving price first; on ties the higher token index leaves first */
+static inline int entry_less(const Entry *x, const Entry *y) {
+    if (x->key != y->key) return x->key < y->key;
+    return x->tok > y->tok;
+}
+
+static void sift_down(Heap *h, int64_t i) {
+    Entry v = h->a[i];
+    for (;;) {
+        int64_t l = 2 * i + 1, m;
+        if (l >= h->n) break;
+        m = (l + 1 < h->n && entry_less(&h->a[l + 1], &h->a[l])) ? l + 1 : l;
+        if (!entry_less(&h->a[m], &v)) break;
+        h->a[i] = h->a[m];
+        i = m;
+    }
+    h->a[i] = v;
+}
+
+static void heap_push(Ctx *c, Heap *h, Entry v) {
+    if (h->n == h->cap) {
+        int64_t nc = h->cap * 2 + 16;
+        Entry *na = realloc(h->a, sizeof(Entry) * (size_t)nc);
+        if (!na) {
+            c->oom = 1;
+            return;
+        }
+        h->a = na;
+        h->cap = nc;
+    }
+    int64_t i = h->n++;
+    while (i > 0) {
+        int64_t up = (i - 1) / 2;
+        if (!entry_less(&v, &h->a[up])) break;
+        h->a[i] = h->a[up];
+        i = up;
+    }
+    h->a[i] = v;
+}
+
+static void heap_pop(Heap *h) {
+    h->a[0] = h->a[--h->n];
+    if (h->n > 0) sift_down(h, 0);
+}
+
+/*
+ * Row kernels, one per score dtype (the dtype test stays out of the inner loops).
+ * row_topk: top-k of row - p sorted by value (lower index first on ties), plus the best
+ * expert left out: writes up to kk = k+1 candidates, returns how many allowed ones it found.
+ * -inf entries never enter (strict comparison against a threshold that starts at -inf).
+ * row_best: the best allowed expert not held.
+ */
+#define ROW_KERNELS(T)                                                                               \
+    static int64_t row_topk_##T(const T *row, const double *p, int64_t E, int64_t kk, int64_t *idx,   \
+                                double *val) {                                                       \
+        int64_t m = 0;                                                                               \
+        double thr = -INFINITY;                                                                      \
+        for (int64_t e = 0; e < E; e++) {                                                            \
+            double v = (double)row[e] - p[e];                                                        \
+            if (!(v > thr)) continue;                                                                \
+            int64_t i = (m < kk) ? m++ : m - 1;                                                      \
+            while (i > 0 && v > val[i - 1]) {                                                        \
+                val[i] = val[i - 1];                                                                 \
+                idx[i] = idx[i - 1];                                                                 \
+                i--;                                                                                 \
+            }                                                                                        \
+            val[i] = v;                                                                              \
+            idx[i] = e;                                                                              \
+            if (m == kk) thr = val[kk - 1];                                                          \
+        }                                                                                            \
+        return m;                                                                                    \
+    }                                                                                                \
+    static int32_t row_best_##T(const T *row, const double *p, const uint8_t *held, int64_t E,        \
+                                double *best) {                                                      \
+        double bv = -INFINITY;                                                                       \
+        int32_t ba = -1;                                                                             \
+        for (int64_t e = 0; e < E; e++) {                                                            \
+            double v = held[e] ? -INFINITY : (double)row[e] - p[e];                                  \
+            if (v > bv) {                                                                            \
+                bv = v;                                                                              \
+                ba = (int32_t)e;                                                                     \
+            }                                                                                        \
+        }                                                                                            \
+        *best = bv;                                                                                  \
+        return ba;                                                                                   \
+    }
+
+ROW_KERNELS(float)
+ROW_KERNELS(double)
+
+static int64_t row_topk(const Ctx *c, int64_t t, int64_t *idx, double *val) {
+    if (c->s32) return row_topk_float(c->s32 + t * c->E, c->p, c->E, c->k + 1, idx, val);
+    return row_topk_double(c->s64 + t * c->E, c->p, c->E, c->k + 1, idx, val);
+}
+
 /* best allowed expert not held by t, by value s - p (lower index on ties) */
 static void refresh_best(Ctx *c, int64_t t) {
-    double bv = -INFINITY;
-    int32_t ba = -1;
     const uint8_t *h = c->held + t * c->E;
-    for (int64_t e = 0; e < c->E; e++) {
-        double v = S(c, t, e);
-        if (h[e] || v == -INFINITY) continue;
-        v -= c->p[e];
-        if (v > bv) {
-            bv = v;
-            ba = (int32_t)e;
-        }
-    }
-    c->best[t] = bv;
-    c->barg[t] = ba;
+    c->barg[t] = c->s32 ? row_best_float(c->s32 + t * c->E, c->p, h, c->E, &c->best[t])
+                        : row_best_double(c->s64 + t * c->E, c->p, h, c->E, &c->best[t]);
 }
 
 /* prices only rise after phase 1, so a cached best stays right while its expert's price does */
@@ -84,89 +191,115 @@ static inline void ensure_best(Ctx *c, int64_t t) {
     if (a >= 0 && c->best[t] != S(c, t, a) - c->p[a]) refresh_best(c, t);
 }
 
-static void holder_add(Ctx *c, int64_t t, int64_t j, int64_t e) {
-    int64_t L = c->loads[e];
-    c->holders[e * c->N + L] = (int32_t)t;
-    c->hpos[t * c->k + j] = (int32_t)L;
-    c->loads[e] = L + 1;
-    c->experts[t * c->k + j] = e;
-    c->held[t * c->E + e] = 1;
-}
+static inline double leave_key(Ctx *c, int64_t t, int64_t x) { return S(c, t, x) - c->best[t]; }
 
-static void holder_remove(Ctx *c, int64_t t, int64_t j) {
-    int64_t e = c->experts[t * c->k + j];
-    int64_t pos = c->hpos[t * c->k + j], last = c->loads[e] - 1;
-    int32_t u = c->holders[e * c->N + last];
-    c->holders[e * c->N + pos] = u;
-    if (u != t) {
-        for (int64_t i = 0; i < c->k; i++)
-            if (c->experts[u * c->k + i] == e) {
-                c->hpos[u * c->k + i] = (int32_t)pos;
-                break;
-            }
+/* the holder of x with the lowest leaving price (dead and stale entries fixed on the way) */
+static Entry *heap_top(Ctx *c, int64_t x) {
+    Heap *h = &c->heaps[x];
+    while (h->n > 0) {
+        Entry *e = &h->a[0];
+        if (e->ver != c->ver[(int64_t)e->tok * c->k + e->slot]) {
+            heap_pop(h);
+            continue;
+        }
+        ensure_best(c, e->tok);
+        double key = leave_key(c, e->tok, x);
+        if (key != e->key) { /* keys only grow: re-sort the entry */
+            e->key = key;
+            sift_down(h, 0);
+            continue;
+        }
+        return e;
     }
-    c->loads[e] = last;
-    c->held[t * c->E + e] = 0;
-    c->experts[t * c->k + j] = -1;
+    return NULL;
 }
 
-static int64_t slot_of(const Ctx *c, int64_t t, int64_t e) {
-    for (int64_t j = 0; j < c->k; j++)
-        if (c->experts[t * c->k + j] == e) return j;
-    return -1;
-}
-
-static void move_token(Ctx *c, int64_t t, int64_t from, int64_t to) {
-    int64_t j = slot_of(c, t, from);
-    holder_remove(c, t, j);
-    holder_add(c, t, j, to);
+static void push_slot(Ctx *c, int64_t t, int64_t j) {
+    int64_t x = c->experts[t * c->k + j];
+    Entry v = {leave_key(c, t, x), (int32_t)t, (int32_t)j, c->ver[t * c->k + j]};
+    heap_push(c, &c->heaps[x], v);
 }
 
 /*
- * Top-k of s[t,:] - p for one token, sorted by value (lower index first on ties).
- * Writes k+1 candidates (the (k+1)-th is the best expert left out) and returns the number
- * of allowed experts found (capped at k+1).
+ * Moves token t from expert a to expert b (t holds a, not b).  In exact mode every move
+ * (an eviction at a leaving price <= p[a], or a zero-reduced-cost arc of a shortest path)
+ * leaves the token's best alternative no higher, so the entries of its other slots stay
+ * lower bounds and only the moved slot needs a new entry.
  */
-static int64_t row_topk(const Ctx *c, int64_t t, int64_t *idx, double *val) {
-    int64_t m = 0, kk = c->k + 1;
-    for (int64_t e = 0; e < c->E; e++) {
-        double v = S(c, t, e);
-        if (v == -INFINITY) continue;
-        v -= c->p[e];
-        if (m == kk && !(v > val[m - 1])) continue;
-        int64_t i = (m < kk) ? m++ : m - 1;
-        while (i > 0 && v > val[i - 1]) {
-            val[i] = val[i - 1];
-            idx[i] = idx[i - 1];
-            i--;
-        }
-        val[i] = v;
-        idx[i] = e;
+static void move_token(Ctx *c, int64_t t, int64_t a, int64_t b) {
+    int64_t j = 0;
+    while (c->experts[t * c->k + j] != a) j++;
+    c->experts[t * c->k + j] = b;
+    c->held[t * c->E + a] = 0;
+    c->held[t * c->E + b] = 1;
+    c->loads[a]--;
+    c->loads[b]++;
+    c->moves++;
+    refresh_best(c, t);
+    for (int64_t i = 0; i < c->k; i++) {
+        if (i != j && !c->repair_mode) continue;
+        c->ver[t * c->k + i]++;
+        push_slot(c, t, i);
     }
-    return m;
 }
 
-/* phase 1: every valid token takes its top-k of s - p; returns the first bad token or -1 */
-static int64_t assign_topk(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
-    int64_t *idx = malloc(sizeof(int64_t) * (c->k + 1));
-    double *val = malloc(sizeof(double) * (c->k + 1));
-    int64_t first_bad = -1;
+/* builds the holder heaps from scratch (O(N k) with heapify) */
+static void build_heaps(Ctx *c) {
+    for (int64_t x = 0; x < c->E; x++) {
+        Heap *h = &c->heaps[x];
+        h->n = 0;
+        if (h->cap < c->loads[x]) {
+            int64_t nc = c->loads[x] + c->loads[x] / 4 + 16;
+            Entry *na = realloc(h->a, sizeof(Entry) * (size_t)nc);
+            if (!na) {
+                c->oom = 1;
+                return;
+            }
+            h->a = na;
+            h->cap = nc;
+        }
+    }
+    for (int64_t t = 0; t < c->N; t++)
+        for (int64_t j = 0; j < c->k; j++) {
+            int64_t x = c->experts[t * c->k + j];
+            if (x < 0) continue;
+            Heap *h = &c->heaps[x];
+            Entry v = {leave_key(c, t, x), (int32_t)t, (int32_t)j, c->ver[t * c->k + j]};
+            h->a[h->n++] = v;
+        }
+    for (int64_t x = 0; x < c->E; x++)
+        for (int64_t i = c->heaps[x].n / 2 - 1; i >= 0; i--) sift_down(&c->heaps[x], i);
+}
+
+static void note_bad(int64_t t, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    if (*nbad < nbad_max) bad[*nbad] = t;
+    (*nbad)++;
+}
+
+/* phase 1: every valid token takes its top-k of s - p; returns 0 if some token has < k allowed */
+static int assign_topk(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
+    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
     *nbad = 0;
-    memset(c->loads, 0, sizeof(int64_t) * c->E);
+    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
     memset(c->held, 0, (size_t)(c->N * c->E));
     for (int64_t t = 0; t < c->N; t++) {
-        for (int64_t j = 0; j < c->k; j++) c->experts[t * c->k + j] = -1;
+        int64_t *row = c->experts + t * c->k;
+        for (int64_t j = 0; j < c->k; j++) row[j] = -1;
         c->best[t] = -INFINITY;
         c->barg[t] = -1;
         if (!is_valid(c, t)) continue;
         int64_t m = row_topk(c, t, idx, val);
         if (m < c->k) {
-            if (first_bad < 0) first_bad = t;
-            if (*nbad < nbad_max) bad[*nbad] = t;
-            (*nbad)++;
+            note_bad(t, bad, nbad_max, nbad);
             continue;
         }
-        for (int64_t j = 0; j < c->k; j++) holder_add(c, t, j, idx[j]);
+        for (int64_t j = 0; j < c->k; j++) {
+            row[j] = idx[j];
+            c->held[t * c->E + idx[j]] = 1;
+            c->loads[idx[j]]++;
+        }
+        if (c->kth) c->kth[t] = val[c->k - 1];
         if (m > c->k) {
             c->best[t] = val[c->k];
             c->barg[t] = (int32_t)idx[c->k];
@@ -174,13 +307,97 @@ static int64_t assign_topk(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad
     }
     free(idx);
     free(val);
-    return first_bad;
+    return *nbad == 0;
 }
+
+/* r-th largest (0-based) of a[0..n-1], partially reordering a; a[r+1..] end up <= it */
+static double select_desc(double *a, int64_t n, int64_t r) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        double pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                double tmp = a[i];
+                a[i] = a[j];
+                a[j] = tmp;
+                i++;
+                j--;
+            }
+        }
+        if (r <= j)
+            hi = j;
+        else if (r >= i)
+            lo = i;
+        else
+            break;
+    }
+    return a[r];
+}
+
+/*
+ * One damped best-response (Jacobi) price step for all experts at once.  Expert e's demand
+ * at price q counts the tokens whose threshold exceeds q: a holder's threshold is its
+ * leaving price s - best, another token's is its entering price s - (its k-th value).  The
+ * target price puts exactly cap[e] thresholds above it (midpoint of the cap-th and
+ * cap+1-th); prices move a fraction alpha of the way.  O(N E) plus a selection per expert.
+ */
+static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t *off, int64_t *cnt) {
+    const int64_t N = c->N, E = c->E;
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; e++) {
+        off[e] = total;
+        cnt[e] = 0;
+        if (c->loads[e] > c->cap[e]) total += c->loads[e];
+        else if (c->loads[e] < c->cap[e]) total += N - c->loads[e];
+    }
+    for (int64_t t = 0; t < N; t++) {
+        if (!is_valid(c, t)) continue;
+        const uint8_t *h = c->held + t * E;
+        double bt = c->best[t], kt = c->kth[t];
+        for (int64_t e = 0; e < E; e++) {
+            int64_t L = c->loads[e], C = c->cap[e];
+            if (L == C) continue;
+            if (h[e]) {
+                if (L > C) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
+            } else if (L < C) {
+                double v = S(c, t, e);
+                if (v != -INFINITY) buf[off[e] + cnt[e]++] = v - kt;
+            }
+        }
+    }
+    int moved = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t L = c->loads[e], C = c->cap[e], n = cnt[e];
+        if (L == C || n == 0) continue;
+        double *a = buf + off[e], hi, lo;
+        if (L > C) { /* keep C holders: between the (C+1)-th and the C-th leaving price */
+            lo = select_desc(a, n, C);
+            hi = lo;
+            for (int64_t i = 0; i < C; i++) hi = (i == 0 || a[i] < hi) ? a[i] : hi;
+        } else { /* admit C - L more: between the (C-L)-th and (C-L+1)-th entering price */
+            int64_t r = C - L - 1 < n - 1 ? C - L - 1 : n - 1;
+            hi = select_desc(a, n, r);
+            lo = -INFINITY;
+            for (int64_t i = r + 1; i < n; i++) lo = fmax(lo, a[i]);
+        }
+        double target = isfinite(lo) && isfinite(hi) ? 0.5 * (hi + lo) : (isfinite(hi) ? hi : lo);
+        if (!isfinite(target)) continue;
+        if (floor_zero && target < 0) target = 0;
+        double np = c->p[e] + alpha * (target - c->p[e]);
+        if (np != c->p[e]) moved = 1;
+        c->p[e] = np;
+    }
+    return moved;
+}
+
 
 /* sum over valid tokens of the top-k of s - p: the token part of the dual objective */
 static double dual_token_part(const Ctx *c) {
-    int64_t *idx = malloc(sizeof(int64_t) * (c->k + 1));
-    double *val = malloc(sizeof(double) * (c->k + 1));
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
+    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
     double total = 0.0;
     for (int64_t t = 0; t < c->N; t++) {
         if (!is_valid(c, t)) continue;
@@ -192,89 +409,142 @@ static double dual_token_part(const Ctx *c) {
     return total;
 }
 
-typedef struct {
-    double key;
-    int32_t tok;
-} KeyTok;
-
-/* descending key, then ascending token: a total order, so the result is deterministic */
-static int cmp_keytok(const void *a, const void *b) {
-    const KeyTok *x = a, *y = b;
-    if (x->key > y->key) return -1;
-    if (x->key < y->key) return 1;
-    return (x->tok > y->tok) - (x->tok < y->tok);
+/*
+ * Phase 2 step: overloaded expert x evicts its loads[x] - cap[x] holders with the lowest
+ * leaving price and raises its price to the lowest leaving price among those it keeps (any
+ * price between the two keeps every token on a top-k; the higher one deflects later inflow).
+ * Returns the number of evictions (0 if the cheapest holders cannot go anywhere else).
+ */
+static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
+    int64_t need = c->loads[x] - c->cap[x], m = 0;
+    double last = -INFINITY;
+    while (m < need) {
+        Entry *e = heap_top(c, x);
+        if (!e || e->key == INFINITY) break;
+        last = e->key;
+        out[m++] = e->tok;
+        heap_pop(&c->heaps[x]);
+    }
+    if (m == 0) return 0;
+    Entry *keep = heap_top(c, x);
+    double q = (keep && keep->key != INFINITY && m == need) ? keep->key : last;
+    if (q > c->p[x]) c->p[x] = q;
+    for (int64_t i = 0; i < m; i++) move_token(c, out[i], x, c->barg[out[i]]);
+    return m;
 }
 
-/* phase 2 step: raise the price of overloaded expert e until only cap[e] holders want it */
-static int raise_price(Ctx *c, int64_t e, KeyTok *buf) {
-    int64_t L = c->loads[e], C = c->cap[e];
-    for (int64_t i = 0; i < L; i++) {
-        int32_t t = c->holders[e * c->N + i];
-        ensure_best(c, t);
-        buf[i].key = S(c, t, e) - c->best[t]; /* the price at which t would leave e */
-        buf[i].tok = t;
-    }
-    qsort(buf, (size_t)L, sizeof(KeyTok), cmp_keytok);
-    double q = buf[C].key;
-    if (q == INFINITY) return 0; /* more than cap[e] holders cannot go anywhere else */
-    if (q > c->p[e]) c->p[e] = q;
-    for (int64_t i = C; i < L; i++) {
-        int32_t t = buf[i].tok;
-        int64_t to = c->barg[t];
-        move_token(c, t, e, to);
-        refresh_best(c, t);
-    }
-    return 1;
-}
-
-static int64_t run_auction(Ctx *c, int64_t max_raises) {
-    int64_t raises = 0, maxload = 0;
-    for (int64_t e = 0; e < c->E; e++)
-        if (c->loads[e] > maxload) maxload = c->loads[e];
-    KeyTok *buf = malloc(sizeof(KeyTok) * (size_t)(c->N + 1));
+/* phase 2: raise overloaded experts' prices in rounds until none is over or the budget ends */
+static int64_t run_auction(Ctx *c, int64_t max_moves) {
+    int64_t raises = 0;
+    int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
+    /* a round that raises no price only shuffles tied tokens (it could cycle): stop there */
     int progress = 1;
-    while (progress && raises < max_raises) {
+    while (progress && c->moves < max_moves && !c->oom) {
         progress = 0;
-        for (int64_t e = 0; e < c->E && raises < max_raises; e++) {
-            if (c->loads[e] <= c->cap[e]) continue;
-            if (raise_price(c, e, buf)) {
-                raises++;
-                progress = 1;
-            }
+        for (int64_t x = 0; x < c->E && c->moves < max_moves; x++) {
+            if (c->loads[x] <= c->cap[x]) continue;
+            double before = c->p[x];
+            if (raise_price(c, x, out) > 0) raises++;
+            progress |= c->p[x] > before;
         }
     }
-    free(buf);
+    free(out);
     return raises;
 }
 
 typedef struct {
-    double *d;
+    double *d, *ev;
     int32_t *predx, *predt, *order;
     uint8_t *settled;
+    Entry *popped;
+    int32_t *popped_from;
+    int64_t npopped, popcap;
 } Dijk;
+
+/* next expansion event of settled expert x: d[x] + slack of its cheapest unexpanded holder */
+static void next_event(Ctx *c, Dijk *w, int64_t x, int use_prices) {
+    Entry *e = heap_top(c, x);
+    if (!e || c->barg[e->tok] < 0) {
+        w->ev[x] = INFINITY;
+        return;
+    }
+    double slack = e->key - (use_prices ? c->p[x] : 0.0);
+    w->ev[x] = w->d[x] + (slack > 0 ? slack : 0);
+}
+
+/* expands the cheapest unexpanded holder t of settled expert x: relax x -> y for all y */
+static void expand(Ctx *c, Dijk *w, int64_t x, double *U) {
+    Entry e = c->heaps[x].a[0];
+    heap_pop(&c->heaps[x]);
+    if (w->npopped == w->popcap) {
+        int64_t nc = w->popcap * 2 + 64;
+        Entry *na = realloc(w->popped, sizeof(Entry) * (size_t)nc);
+        int32_t *nf = realloc(w->popped_from, sizeof(int32_t) * (size_t)nc);
+        if (na) w->popped = na;
+        if (nf) w->popped_from = nf;
+        if (!na || !nf) {
+            c->oom = 1;
+            return;
+        }
+        w->popcap = nc;
+    }
+    w->popped[w->npopped] = e;
+    w->popped_from[w->npopped++] = (int32_t)x;
+    int64_t t = e.tok;
+    double dx = w->d[x], vx = S(c, t, x) - c->p[x];
+    const uint8_t *h = c->held + t * c->E;
+    for (int64_t y = 0; y < c->E; y++) {
+        if (h[y] || w->settled[y]) continue;
+        double sy = S(c, t, y);
+        if (sy == -INFINITY) continue;
+        double rc = vx - (sy - c->p[y]);
+        double cand = dx + (rc > 0 ? rc : 0);
+        if (cand < w->d[y]) {
+            w->d[y] = cand;
+            w->predx[y] = (int32_t)x;
+            w->predt[y] = (int32_t)t;
+            if (c->loads[y] < c->cap[y] && cand < *U) *U = cand;
+        }
+    }
+}
 
 /*
  * One augmentation: shortest path from the overloaded experts to the nearest non-full one.
- * Returns 1 on success, 0 if no non-full expert is reachable (infeasible).
- * use_prices = 0: prices stay fixed (feasible-repair mode), reduced costs clamped at 0.
+ * Holders of a settled expert are expanded lazily, cheapest first, and only while their
+ * expansion could still beat the best path found.  Returns 1 on success, 0 if no non-full
+ * expert is reachable (infeasible).  use_prices = 0: prices stay fixed (repair mode) and
+ * negative reduced costs are clamped at 0.
  */
 static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
     const int64_t E = c->E;
     double U = INFINITY;
     int64_t target = -1, ns = 0;
+    w->npopped = 0;
     for (int64_t e = 0; e < E; e++) {
         w->d[e] = (c->loads[e] > c->cap[e]) ? 0.0 : INFINITY;
+        w->ev[e] = INFINITY;
         w->predx[e] = -1;
         w->settled[e] = 0;
     }
-    for (;;) {
-        int64_t x = -1;
-        double dx = INFINITY;
-        for (int64_t e = 0; e < E; e++)
-            if (!w->settled[e] && w->d[e] < dx) {
-                dx = w->d[e];
-                x = e;
+    while (!c->oom) {
+        int64_t x = -1, ex = -1;
+        double dx = INFINITY, dev = INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            if (!w->settled[e]) {
+                if (w->d[e] < dx) {
+                    dx = w->d[e];
+                    x = e;
+                }
+            } else if (w->ev[e] < dev) {
+                dev = w->ev[e];
+                ex = e;
             }
+        }
+        if (ex >= 0 && dev < dx) { /* an expansion comes before the next expert */
+            expand(c, w, ex, &U);
+            next_event(c, w, ex, use_prices);
+            continue;
+        }
         if (x < 0) break;
         if (c->loads[x] < c->cap[x]) {
             target = x;
@@ -282,56 +552,68 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
         }
         w->settled[x] = 1;
         w->order[ns++] = (int32_t)x;
-        const int32_t *hx = c->holders + x * c->N;
-        for (int64_t i = 0; i < c->loads[x]; i++) {
-            int32_t t = hx[i];
-            ensure_best(c, t);
-            double vx = S(c, t, x) - c->p[x];
-            double slack = vx - c->best[t];
-            if (!(slack > 0)) slack = 0;
-            if (c->barg[t] < 0 || dx + slack >= U) continue;
-            const uint8_t *h = c->held + (int64_t)t * E;
-            for (int64_t y = 0; y < E; y++) {
-                if (h[y] || w->settled[y]) continue;
-                double sy = S(c, t, y);
-                if (sy == -INFINITY) continue;
-                double rc = vx - (sy - c->p[y]);
-                double cand = dx + (rc > 0 ? rc : 0);
-                if (cand < w->d[y]) {
-                    w->d[y] = cand;
-                    w->predx[y] = (int32_t)x;
-                    w->predt[y] = t;
-                    if (c->loads[y] < c->cap[y] && cand < U) U = cand;
-                }
-            }
-        }
+        next_event(c, w, x, use_prices);
     }
     *nsettled = ns;
-    if (target < 0) return 0;
-    double Dstar = w->d[target];
-    if (use_prices)
-        for (int64_t i = 0; i < ns; i++) {
-            int32_t x = w->order[i];
-            c->p[x] += Dstar - w->d[x];
+    if (target >= 0) {
+        double Dstar = w->d[target];
+        if (use_prices)
+            for (int64_t i = 0; i < ns; i++) {
+                int32_t x = w->order[i];
+                c->p[x] += Dstar - w->d[x];
+            }
+        for (int64_t y = target; w->predx[y] >= 0;) {
+            int64_t x = w->predx[y];
+            move_token(c, w->predt[y], x, y);
+            y = x;
         }
-    for (int64_t y = target; w->predx[y] >= 0;) {
-        int64_t x = w->predx[y];
-        int32_t t = w->predt[y];
-        move_token(c, t, x, y);
-        refresh_best(c, t);
-        y = x;
     }
-    return 1;
+    for (int64_t i = 0; i < w->npopped; i++) /* expanded holders that did not move stay holders */
+        if (w->popped[i].ver == c->ver[(int64_t)w->popped[i].tok * c->k + w->popped[i].slot])
+            heap_push(c, &c->heaps[w->popped_from[i]], w->popped[i]);
+    return target >= 0;
 }
 
-/* lower the prices of non-full experts to the minimum price, re-assigning until stable */
-static int64_t clamp_warm_prices(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+static int64_t total_excess(const Ctx *c) {
+    int64_t x = 0;
+    for (int64_t e = 0; e < c->E; e++)
+        if (c->loads[e] > c->cap[e]) x += c->loads[e] - c->cap[e];
+    return x;
+}
+
+/*
+ * Phase 1: prices (warm start shifted to min 0, then up to price_iters best-response steps
+ * while the excess is large) and the top-k assignment at those prices.  When the capacity
+ * has slack (sum cap > k x valid tokens) only full experts may carry a price above the
+ * minimum 0, so non-full experts are lowered to 0 and tokens re-assigned until that holds
+ * (each round zeroes one more expert: at most E rounds).
+ */
+static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int64_t units = 0, capacity = 0;
+    for (int64_t t = 0; t < c->N; t++) units += is_valid(c, t) ? c->k : 0;
+    for (int64_t e = 0; e < c->E; e++) capacity += c->cap[e];
+    int slack = capacity > units;
     double pmin = INFINITY;
     for (int64_t e = 0; e < c->E; e++) pmin = fmin(pmin, c->p[e]);
     for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
-    for (int64_t round = 0; round <= c->E; round++) {
-        int64_t fb = assign_topk(c, bad, nbad_max, nbad);
-        if (fb >= 0) return fb;
+    if (!assign_topk(c, bad, nbad_max, nbad)) return 0;
+    if (price_iters > 0 && total_excess(c) > units / 64) {
+        double *buf = malloc(sizeof(double) * (size_t)(c->N * c->E + 1));
+        int64_t *off = malloc(sizeof(int64_t) * (size_t)c->E), *cnt = malloc(sizeof(int64_t) * (size_t)c->E);
+        c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
+        if (!buf || !off || !cnt || !c->kth) c->oom = 1;
+        else if (assign_topk(c, bad, nbad_max, nbad))
+            for (int64_t it = 0; it < price_iters && total_excess(c) > units / 64; it++) {
+                if (!price_step(c, alpha, slack, buf, off, cnt)) break;
+                assign_topk(c, bad, nbad_max, nbad);
+            }
+        free(buf);
+        free(off);
+        free(cnt);
+        free(c->kth);
+        c->kth = NULL;
+    }
+    for (int64_t round = 0; slack && round < c->E; round++) {
         int changed = 0;
         for (int64_t e = 0; e < c->E; e++)
             if (c->loads[e] < c->cap[e] && c->p[e] > 0) {
@@ -339,100 +621,114 @@ static int64_t clamp_warm_prices(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t
                 changed = 1;
             }
         if (!changed) break;
+        assign_topk(c, bad, nbad_max, nbad);
     }
-    return -1;
+    return 1;
 }
 
-/* tokens that hold an expert of the unreachable-closed set found by the last search */
-static int64_t report_stuck(const Ctx *c, const Dijk *w, int64_t ns, int64_t *bad, int64_t nbad_max) {
+/* valid tokens holding an expert of the closed set the failed search settled */
+static int64_t report_stuck(const Ctx *c, const Dijk *w, int64_t *bad, int64_t nbad_max) {
     int64_t nb = 0;
-    for (int64_t t = 0; t < c->N; t++) {
-        if (!is_valid(c, t)) continue;
+    for (int64_t t = 0; t < c->N; t++)
         for (int64_t j = 0; j < c->k; j++) {
             int64_t e = c->experts[t * c->k + j];
             if (e >= 0 && w->settled[e]) {
-                if (nb < nbad_max) bad[nb] = t;
-                nb++;
+                note_bad(t, bad, nbad_max, &nb);
                 break;
             }
         }
-    }
-    (void)ns;
     return nb;
 }
 
-/* place empty slots (-1) of a given assignment on the token's best allowed expert not held */
-static int64_t load_assignment(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
-    int64_t first_bad = -1;
+/* repair mode: load a given assignment; empty slots take the token's best allowed expert */
+static int load_assignment(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     *nbad = 0;
-    memset(c->loads, 0, sizeof(int64_t) * c->E);
+    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
     memset(c->held, 0, (size_t)(c->N * c->E));
     for (int64_t t = 0; t < c->N; t++) {
+        int64_t *row = c->experts + t * c->k;
         c->best[t] = -INFINITY;
         c->barg[t] = -1;
         if (!is_valid(c, t)) {
-            for (int64_t j = 0; j < c->k; j++) c->experts[t * c->k + j] = -1;
+            for (int64_t j = 0; j < c->k; j++) row[j] = -1;
             continue;
         }
+        for (int64_t j = 0; j < c->k; j++)
+            if (row[j] >= 0) {
+                c->held[t * c->E + row[j]] = 1;
+                c->loads[row[j]]++;
+            }
         for (int64_t j = 0; j < c->k; j++) {
-            int64_t e = c->experts[t * c->k + j];
-            if (e >= 0) holder_add(c, t, j, e);
-        }
-        for (int64_t j = 0; j < c->k; j++) {
-            if (c->experts[t * c->k + j] >= 0) continue;
+            if (row[j] >= 0) continue;
             refresh_best(c, t);
             if (c->barg[t] < 0) {
-                if (first_bad < 0) first_bad = t;
-                if (*nbad < nbad_max) bad[*nbad] = t;
-                (*nbad)++;
+                note_bad(t, bad, nbad_max, nbad);
                 break;
             }
-            holder_add(c, t, j, c->barg[t]);
+            row[j] = c->barg[t];
+            c->held[t * c->E + row[j]] = 1;
+            c->loads[row[j]]++;
         }
         refresh_best(c, t);
     }
-    return first_bad;
+    return *nbad == 0;
 }
 
-static int solve(Ctx *c, int mode, int64_t max_raises, int64_t *bad, int64_t nbad_max, int64_t *nbad,
+static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad,
                  double *stats) {
     const int64_t N = c->N, E = c->E, k = c->k;
     int status = ST_OK;
+    int64_t raises = 0, augs = 0, ns = 0;
+    Dijk w;
+    memset(&w, 0, sizeof w);
     c->held = calloc((size_t)(N * E) + 1, 1);
-    c->holders = malloc(sizeof(int32_t) * (size_t)(N * E + 1));
-    c->hpos = malloc(sizeof(int32_t) * (size_t)(N * k + 1));
     c->best = malloc(sizeof(double) * (size_t)(N + 1));
     c->barg = malloc(sizeof(int32_t) * (size_t)(N + 1));
-    Dijk w;
+    c->ver = calloc((size_t)(N * k + 1), sizeof(int32_t));
+    c->repair_mode = mode == 1;
+    c->heaps = calloc((size_t)E, sizeof(Heap));
     w.d = malloc(sizeof(double) * (size_t)E);
+    w.ev = malloc(sizeof(double) * (size_t)E);
     w.predx = malloc(sizeof(int32_t) * (size_t)E);
     w.predt = malloc(sizeof(int32_t) * (size_t)E);
     w.order = malloc(sizeof(int32_t) * (size_t)E);
     w.settled = malloc((size_t)E);
-    int64_t raises = 0, augs = 0, ns = 0;
-    if (!c->held || !c->holders || !c->hpos || !c->best || !c->barg || !w.d || !w.predx || !w.predt ||
+    if (!c->held || !c->best || !c->barg || !c->ver || !c->heaps || !w.d || !w.ev || !w.predx || !w.predt ||
         !w.order || !w.settled) {
         status = ST_NO_MEMORY;
         goto done;
     }
-    int64_t fb = (mode == 0) ? clamp_warm_prices(c, bad, nbad_max, nbad) : load_assignment(c, bad, nbad_max, nbad);
-    if (fb >= 0) {
+    double t0 = now_ms();
+    int ok = (mode == 0) ? prepare(c, price_iters, alpha, bad, nbad_max, nbad) : load_assignment(c, bad, nbad_max, nbad);
+    if (!ok) {
         status = ST_TOO_FEW_ALLOWED;
         goto done;
     }
-    if (mode == 0) raises = run_auction(c, max_raises);
+    build_heaps(c);
+    double t1 = now_ms();
+    if (mode == 0) raises = run_auction(c, max_moves);
+    double t2 = now_ms();
     for (;;) {
         int over = 0;
         for (int64_t e = 0; e < E; e++) over |= c->loads[e] > c->cap[e];
-        if (!over) break;
+        if (!over || c->oom) break;
         if (!augment(c, &w, mode == 0, &ns)) {
-            *nbad = report_stuck(c, &w, ns, bad, nbad_max);
+            if (c->oom) break;
+            *nbad = report_stuck(c, &w, bad, nbad_max);
             for (int64_t e = 0; e < E; e++) bad[nbad_max + e] = w.settled[e];
             status = ST_INFEASIBLE;
             goto done;
         }
         augs++;
     }
+    if (c->oom) {
+        status = ST_NO_MEMORY;
+        goto done;
+    }
+    double t3 = now_ms();
+    stats[5] = t1 - t0;
+    stats[6] = t2 - t1;
+    stats[7] = t3 - t2;
     double score = 0.0;
     for (int64_t t = 0; t < N; t++)
         for (int64_t j = 0; j < k; j++) {
@@ -443,28 +739,37 @@ static int solve(Ctx *c, int mode, int64_t max_raises, int64_t *bad, int64_t nba
     stats[1] = NAN;
     if (mode == 0) {
         double pmin = INFINITY;
-        for (int64_t e = 0; e < E; e++) pmin = fmin(pmin, c->p[e]);
         int any_free = 0;
-        for (int64_t e = 0; e < E; e++) any_free |= c->loads[e] < c->cap[e];
+        for (int64_t e = 0; e < E; e++) {
+            pmin = fmin(pmin, c->p[e]);
+            any_free |= c->loads[e] < c->cap[e];
+        }
         if (!any_free && pmin > 0)
             for (int64_t e = 0; e < E; e++) c->p[e] -= pmin;
         double dual = dual_token_part(c);
         for (int64_t e = 0; e < E; e++) dual += (double)c->cap[e] * c->p[e];
         stats[1] = dual - score;
     }
+    stats[8] = now_ms() - t3;
 done:
     stats[2] = (double)raises;
     stats[3] = (double)augs;
+    stats[4] = (double)c->moves;
+    if (c->heaps)
+        for (int64_t e = 0; e < E; e++) free(c->heaps[e].a);
+    free(c->heaps);
     free(c->held);
-    free(c->holders);
-    free(c->hpos);
     free(c->best);
     free(c->barg);
+    free(c->ver);
     free(w.d);
+    free(w.ev);
     free(w.predx);
     free(w.predt);
     free(w.order);
     free(w.settled);
+    free(w.popped);
+    free(w.popped_from);
     return status;
 }
 
@@ -480,16 +785,19 @@ static int get_buf(PyObject *o, Py_buffer *b, int writable, Py_ssize_t min_bytes
 }
 
 /*
- * solve(scores, is_double, N, E, k, valid|None, cap, prices, experts, loads, bad, mode, max_raises)
- *   -> (status, nbad, score, gap, raises, augmentations)
+ * solve(scores, is_double, N, E, k, valid|None, cap, prices, experts, loads, bad, mode, max_moves,
+ *       price_iters, alpha)
+ *   -> (status, nbad, score, gap, raises, augmentations, moves,
+ *       (ms prepare, ms auction, ms repair, ms certificate))
  * bad: int64 buffer of length >= nbad_max + E; nbad_max = len(bad) - E.
  */
 static PyObject *py_solve(PyObject *self, PyObject *args) {
     PyObject *o_s, *o_valid, *o_cap, *o_p, *o_x, *o_l, *o_bad;
     int is_double, mode;
-    long long N, E, k, max_raises;
-    if (!PyArg_ParseTuple(args, "OpLLLOOOOOOiL", &o_s, &is_double, &N, &E, &k, &o_valid, &o_cap, &o_p, &o_x, &o_l,
-                          &o_bad, &mode, &max_raises))
+    long long N, E, k, max_moves, price_iters;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "OpLLLOOOOOOiLLd", &o_s, &is_double, &N, &E, &k, &o_valid, &o_cap, &o_p, &o_x, &o_l,
+                          &o_bad, &mode, &max_moves, &price_iters, &alpha))
         return NULL;
     if (N < 0 || E < 1 || k < 1 || k > E) {
         PyErr_SetString(PyExc_ValueError, "_core: bad sizes");
@@ -519,9 +827,9 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     c.experts = bx.buf;
     c.loads = bl.buf;
     int64_t nbad_max = (int64_t)(bb.len / 8) - E, nbad = 0;
-    double stats[4] = {0, 0, 0, 0};
+    double stats[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     int status;
-    Py_BEGIN_ALLOW_THREADS status = solve(&c, mode, max_raises, bb.buf, nbad_max, &nbad, stats);
+    Py_BEGIN_ALLOW_THREADS status = solve(&c, mode, max_moves, price_iters, alpha, bb.buf, nbad_max, &nbad, stats);
     Py_END_ALLOW_THREADS PyBuffer_Release(&bb);
     PyBuffer_Release(&bl);
     PyBuffer_Release(&bx);
@@ -530,8 +838,8 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     if (have_valid) PyBuffer_Release(&bv);
     PyBuffer_Release(&bs);
     if (status == ST_NO_MEMORY) return PyErr_NoMemory();
-    return Py_BuildValue("iLddLL", status, (long long)nbad, stats[0], stats[1], (long long)stats[2],
-                         (long long)stats[3]);
+    return Py_BuildValue("iLddLLL(dddd)", status, (long long)nbad, stats[0], stats[1], (long long)stats[2],
+                         (long long)stats[3], (long long)stats[4], stats[5], stats[6], stats[7], stats[8]);
 fail_l:
     PyBuffer_Release(&bl);
 fail_x:

@@ -24,6 +24,8 @@ class CoreResult:
     gap: float | None
     raises: int
     augmentations: int
+    moves: int
+    phase_ms: tuple[float, float, float, float]  # prepare, auction, repair, certificate
 
 
 def run_core(
@@ -35,7 +37,9 @@ def run_core(
     mode: int = EXACT,
     experts_TK: np.ndarray | None = None,
     prices_E: np.ndarray | None = None,
-    max_raises: int = 0,
+    max_moves: int = 0,
+    price_iterations: int = 0,
+    damping: float = 0.8,
 ) -> CoreResult:
     """Runs the core on ``problem`` (or on a sub-problem: other k, scores or capacities).
 
@@ -56,7 +60,7 @@ def run_core(
     loads = np.zeros(num_experts, dtype=np.int64)
     bad = np.zeros(_MAX_REPORTED + num_experts, dtype=np.int64)
     valid = None if problem.valid_T is None else problem.valid_T.numpy().view(np.uint8)
-    status, num_bad, score, gap, raises, augs = _core.solve(
+    status, num_bad, score, gap, raises, augs, moves, phase_ms = _core.solve(
         scores.numpy(),
         scores.dtype == torch.float64,
         num_tokens,
@@ -69,7 +73,9 @@ def run_core(
         loads,
         bad,
         mode,
-        max_raises,
+        max_moves,
+        price_iterations,
+        damping,
     )
     if status == _TOO_FEW_ALLOWED:
         raise ValueError(
@@ -86,4 +92,4 @@ def run_core(
             "allow these tokens more experts or raise the capacity"
         )
     assert status == _OK, status
-    return CoreResult(experts, loads, prices, score, None if gap != gap else gap, raises, augs)
+    return CoreResult(experts, loads, prices, score, None if gap != gap else gap, raises, augs, moves, phase_ms)

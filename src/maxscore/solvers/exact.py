@@ -6,7 +6,7 @@ valid token, ``sum_t x[t, e] <= capacity`` and ``x in {0, 1}`` (``-inf`` forbids
 Method (compiled core, ``_core.c``): every token takes its top-k of ``scores - prices``; an
 ascending auction raises the price of each overloaded expert to the smallest value at which
 only ``capacity`` holders still want it (evicted holders move to their best free choice); a
-budget of ``max_raises`` bounds that phase, and successive shortest paths on the E-node expert
+budget of ``max_moves`` bounds that phase, and successive shortest paths on the E-node expert
 graph (prices as potentials) repair what is left.  Both phases keep every token on a top-k of
 ``scores - prices``, so the result is optimal; the duality gap
 ``D(p) - score = sum_t topk_k(scores[t] - p) + capacity * sum_e p_e - score`` is computed from
@@ -33,19 +33,19 @@ from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 
 
-def default_max_raises(num_experts: int) -> int:
+def default_max_moves(num_experts: int) -> int:
     """Budget of auction price raises before the shortest-path repair takes over."""
     return 4 * num_experts
 
 
-def solve_exact(problem: Problem, *, prices: torch.Tensor | None = None, max_raises: int | None = None) -> Assignment:
+def solve_exact(problem: Problem, *, prices: torch.Tensor | None = None, max_moves: int | None = None) -> Assignment:
     """Optimal routing with its dual prices and duality gap.
 
     Args:
         problem: the validated problem.
         prices: float [E] warm-start prices (e.g. the previous step's ``Assignment.prices``);
             any values are accepted, they only change the running time.
-        max_raises: auction budget (default ``4 * E``); 0 skips the auction.
+        max_moves: auction budget (default ``4 * E``); 0 skips the auction.
     """
     num_experts = problem.num_experts
     prices_E = None
@@ -55,10 +55,10 @@ def solve_exact(problem: Problem, *, prices: torch.Tensor | None = None, max_rai
         prices_E = prices.detach().to("cpu", torch.float64).numpy()
         if not np.isfinite(prices_E).all():
             raise ValueError("prices must be finite; pass None for a cold start")
-    if max_raises is None:
-        max_raises = default_max_raises(num_experts)
-    elif isinstance(max_raises, bool) or not isinstance(max_raises, int) or max_raises < 0:
-        raise ValueError(f"max_raises must be an int >= 0, got {max_raises!r}")
-    result = run_core(problem, prices_E=prices_E, max_raises=max_raises)
+    if max_moves is None:
+        max_moves = default_max_moves(num_experts)
+    elif isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0:
+        raise ValueError(f"max_moves must be an int >= 0, got {max_moves!r}")
+    result = run_core(problem, prices_E=prices_E, max_moves=max_moves)
     return to_assignment(problem, result.experts_TK, "exact", loads_E=result.loads_E, score=result.score,
                          prices_E=result.prices_E, gap=result.gap)
