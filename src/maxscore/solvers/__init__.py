@@ -18,6 +18,7 @@ method         what it computes                                                 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -44,6 +45,7 @@ METHODS: dict[str, Callable[..., Assignment]] = {
 }
 
 
+@functools.cache
 def method_options(method: str) -> tuple[str, ...]:
     """Names of the keyword options a registered method accepts."""
     parameters = inspect.signature(METHODS[method]).parameters.values()

@@ -33,6 +33,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifndef _WIN32
+#include <pthread.h>
+#define HAVE_THREADS 1
+#endif
 
 static double now_ms(void) {
     struct timespec ts;
@@ -74,6 +78,7 @@ typedef struct {
     Heap *heaps;      /* [E]: holders of each expert by leaving price, lazily updated */
     int oom;
     int repair_mode;  /* moves may raise a token's best alternative: refresh all its entries */
+    int threads;      /* for the row passes */
     int64_t moves;
 } Ctx;
 
@@ -132,14 +137,14 @@ static void heap_pop(Heap *h) {
  * Row kernels, one per score dtype (the dtype test stays out of the inner loops).
  * row_topk: top-k of row - p sorted by value (lower index first on ties), plus the best
  * expert left out: writes up to kk = k+1 candidates, returns how many allowed ones it found.
- * -inf entries never enter (strict comparison against a threshold that starts at -inf).
+ * Only values > thr are considered: thr = -inf, or just below a proven lower bound on the
+ * row's kk-th value (then far fewer insertions); -inf entries never enter.
  * row_best: the best allowed expert not held.
  */
 #define ROW_KERNELS(T)                                                                               \
-    static int64_t row_topk_##T(const T *row, const double *p, int64_t E, int64_t kk, int64_t *idx,   \
-                                double *val) {                                                       \
+    static int64_t row_topk_##T(const T *row, const double *p, int64_t E, int64_t kk, double thr,     \
+                                int64_t *idx, double *val) {                                         \
         int64_t m = 0;                                                                               \
-        double thr = -INFINITY;                                                                      \
         for (int64_t e = 0; e < E; e++) {                                                            \
             double v = (double)row[e] - p[e];                                                        \
             if (!(v > thr)) continue;                                                                \
@@ -173,9 +178,16 @@ static void heap_pop(Heap *h) {
 ROW_KERNELS(float)
 ROW_KERNELS(double)
 
-static int64_t row_topk(const Ctx *c, int64_t t, int64_t *idx, double *val) {
-    if (c->s32) return row_topk_float(c->s32 + t * c->E, c->p, c->E, c->k + 1, idx, val);
-    return row_topk_double(c->s64 + t * c->E, c->p, c->E, c->k + 1, idx, val);
+/* lower_bound: a value known to be <= the row's (k+1)-th value (-inf if unknown) */
+static int64_t row_topk(const Ctx *c, int64_t t, double lower_bound, int64_t *idx, double *val) {
+    const int64_t kk = c->k + 1;
+    double thr = lower_bound == -INFINITY ? -INFINITY : nextafter(lower_bound, -INFINITY);
+    int64_t m = c->s32 ? row_topk_float(c->s32 + t * c->E, c->p, c->E, kk, thr, idx, val)
+                       : row_topk_double(c->s64 + t * c->E, c->p, c->E, kk, thr, idx, val);
+    if (m < kk && thr != -INFINITY) /* fewer than kk allowed experts: the bound was not attained */
+        m = c->s32 ? row_topk_float(c->s32 + t * c->E, c->p, c->E, kk, -INFINITY, idx, val)
+                   : row_topk_double(c->s64 + t * c->E, c->p, c->E, kk, -INFINITY, idx, val);
+    return m;
 }
 
 /* best allowed expert not held by t, by value s - p (lower index on ties) */
@@ -276,28 +288,45 @@ static void note_bad(int64_t t, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     (*nbad)++;
 }
 
-/* phase 1: every valid token takes its top-k of s - p; returns 0 if some token has < k allowed */
-static int assign_topk(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+typedef struct {
+    Ctx *c;
+    int64_t t0, t1;
+    double rise;     /* assign pass: see assign_topk */
+    int64_t *loads;  /* assign pass: this chunk's loads */
+    int64_t nbad;    /* assign pass: tokens with fewer than k allowed experts */
+    double total;    /* dual pass: this chunk's sum */
+} Chunk;
+
+static void assign_rows(Chunk *ch) {
+    Ctx *c = ch->c;
     int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
     double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
-    *nbad = 0;
-    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
-    memset(c->held, 0, (size_t)(c->N * c->E));
-    for (int64_t t = 0; t < c->N; t++) {
+    if (!idx || !val) {
+        c->oom = 1;
+        free(idx);
+        free(val);
+        return;
+    }
+    for (int64_t t = ch->t0; t < ch->t1; t++) {
         int64_t *row = c->experts + t * c->k;
-        for (int64_t j = 0; j < c->k; j++) row[j] = -1;
+        uint8_t *h = c->held + t * c->E;
+        for (int64_t j = 0; j < c->k; j++) {
+            if (row[j] >= 0) h[row[j]] = 0;
+            row[j] = -1;
+        }
+        double bound = (ch->rise >= 0 && c->barg[t] >= 0) ? c->best[t] - ch->rise : -INFINITY;
         c->best[t] = -INFINITY;
         c->barg[t] = -1;
         if (!is_valid(c, t)) continue;
-        int64_t m = row_topk(c, t, idx, val);
+        int64_t m = row_topk(c, t, bound, idx, val);
         if (m < c->k) {
-            note_bad(t, bad, nbad_max, nbad);
+            ch->nbad++;
             continue;
         }
         for (int64_t j = 0; j < c->k; j++) {
             row[j] = idx[j];
-            c->held[t * c->E + idx[j]] = 1;
-            c->loads[idx[j]]++;
+            h[idx[j]] = 1;
+            ch->loads[idx[j]]++;
         }
         if (c->kth) c->kth[t] = val[c->k - 1];
         if (m > c->k) {
@@ -307,7 +336,116 @@ static int assign_topk(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     }
     free(idx);
     free(val);
-    return *nbad == 0;
+}
+
+static void dual_rows(Chunk *ch) {
+    Ctx *c = ch->c;
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
+    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
+    if (!idx || !val) {
+        c->oom = 1;
+        free(idx);
+        free(val);
+        return;
+    }
+    for (int64_t t = ch->t0; t < ch->t1; t++) {
+        if (!is_valid(c, t)) continue;
+        /* k+1 distinct experts (the held ones and the cached best other) bound the (k+1)-th value */
+        double bound = -INFINITY;
+        if (c->barg[t] >= 0) {
+            bound = S(c, t, c->barg[t]) - c->p[c->barg[t]];
+            for (int64_t j = 0; j < c->k; j++) {
+                int64_t e = c->experts[t * c->k + j];
+                bound = fmin(bound, S(c, t, e) - c->p[e]);
+            }
+        }
+        row_topk(c, t, bound, idx, val);
+        for (int64_t j = 0; j < c->k; j++) ch->total += val[j];
+    }
+    free(idx);
+    free(val);
+}
+
+#define MAX_THREADS 64
+
+#ifdef HAVE_THREADS
+static void *assign_thread(void *arg) {
+    assign_rows(arg);
+    return NULL;
+}
+static void *dual_thread(void *arg) {
+    dual_rows(arg);
+    return NULL;
+}
+#endif
+
+/* runs fn over token chunks, on c->threads threads when the pass is big enough */
+static int64_t split_rows(Ctx *c, Chunk *ch, double rise) {
+    int64_t n = c->threads < 1 ? 1 : (c->threads > MAX_THREADS ? MAX_THREADS : c->threads);
+    if (c->N * c->E < (int64_t)1 << 17) n = 1; /* thread start-up would cost more than it saves */
+    if (n > c->N) n = c->N < 1 ? 1 : c->N;
+    for (int64_t i = 0; i < n; i++) {
+        ch[i].c = c;
+        ch[i].t0 = c->N * i / n;
+        ch[i].t1 = c->N * (i + 1) / n;
+        ch[i].rise = rise;
+        ch[i].nbad = 0;
+        ch[i].total = 0;
+    }
+    return n;
+}
+
+static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread_fn)(void *)) {
+#ifdef HAVE_THREADS
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < n; i++) started[i] = pthread_create(&tid[i], NULL, thread_fn, &ch[i]) == 0;
+    fn(&ch[0]);
+    for (int64_t i = 1; i < n; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            fn(&ch[i]);
+    }
+#else
+    (void)thread_fn;
+    for (int64_t i = 0; i < n; i++) fn(&ch[i]);
+#endif
+}
+
+/*
+ * Phase 1: every valid token takes its top-k of s - p; returns 0 if some token has < k allowed
+ * (listing them in bad).  rise >= 0: the assignment in place is the top-k at prices that were
+ * at most `rise` lower, so best[t] - rise bounds the new (k+1)-th value from below; rise < 0:
+ * start from scratch (the experts buffer is then first cleared).
+ */
+static int assign_topk(Ctx *c, double rise, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    Chunk ch[MAX_THREADS];
+    if (rise < 0) {
+        for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
+        memset(c->held, 0, (size_t)(c->N * c->E));
+    }
+    int64_t n = split_rows(c, ch, rise);
+    int64_t *loads = calloc((size_t)(n * c->E), sizeof(int64_t));
+    if (!loads) return c->oom = 1, 1;
+    for (int64_t i = 0; i < n; i++) ch[i].loads = loads + i * c->E;
+    run_chunks(ch, n, assign_rows, assign_thread);
+    *nbad = 0;
+    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
+    for (int64_t i = 0; i < n; i++) {
+        *nbad += ch[i].nbad;
+        for (int64_t e = 0; e < c->E; e++) c->loads[e] += ch[i].loads[e];
+    }
+    free(loads);
+    if (*nbad == 0) return 1;
+    int64_t nb = 0; /* rare: list the tokens with too few allowed experts */
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
+    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
+    for (int64_t t = 0; idx && val && t < c->N; t++)
+        if (is_valid(c, t) && row_topk(c, t, -INFINITY, idx, val) < c->k) note_bad(t, bad, nbad_max, &nb);
+    free(idx);
+    free(val);
+    return 0;
 }
 
 /* r-th largest (0-based) of a[0..n-1], partially reordering a; a[r+1..] end up <= it */
@@ -337,21 +475,48 @@ static double select_desc(double *a, int64_t n, int64_t r) {
     return a[r];
 }
 
+/* bounded min-heap of doubles: keeps the n largest values pushed */
+static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
+    int64_t i;
+    if (*cnt < n) { /* sift up */
+        i = (*cnt)++;
+        while (i > 0 && v < h[(i - 1) / 2]) {
+            h[i] = h[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+        h[i] = v;
+        return;
+    }
+    if (!(v > h[0])) return;
+    i = 0; /* replace the root, sift down */
+    for (;;) {
+        int64_t l = 2 * i + 1, m;
+        if (l >= n) break;
+        m = (l + 1 < n && h[l + 1] < h[l]) ? l + 1 : l;
+        if (!(h[m] < v)) break;
+        h[i] = h[m];
+        i = m;
+    }
+    h[i] = v;
+}
+
 /*
  * One damped best-response (Jacobi) price step for all experts at once.  Expert e's demand
  * at price q counts the tokens whose threshold exceeds q: a holder's threshold is its
  * leaving price s - best, another token's is its entering price s - (its k-th value).  The
  * target price puts exactly cap[e] thresholds above it (midpoint of the cap-th and
- * cap+1-th); prices move a fraction alpha of the way.  O(N E) plus a selection per expert.
+ * cap+1-th); prices move a fraction alpha of the way.  An overloaded expert selects among
+ * its holders; an underloaded one keeps only its C - L + 1 best entering prices in a
+ * bounded heap.  O(N E) plus the selections.  Sets *rise to the largest price increase.
  */
-static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t *off, int64_t *cnt) {
+static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t *off, int64_t *cnt, double *rise) {
     const int64_t N = c->N, E = c->E;
     int64_t total = 0;
     for (int64_t e = 0; e < E; e++) {
         off[e] = total;
         cnt[e] = 0;
         if (c->loads[e] > c->cap[e]) total += c->loads[e];
-        else if (c->loads[e] < c->cap[e]) total += N - c->loads[e];
+        else if (c->loads[e] < c->cap[e]) total += c->cap[e] - c->loads[e] + 1;
     }
     for (int64_t t = 0; t < N; t++) {
         if (!is_valid(c, t)) continue;
@@ -364,11 +529,12 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
                 if (L > C) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
             } else if (L < C) {
                 double v = S(c, t, e);
-                if (v != -INFINITY) buf[off[e] + cnt[e]++] = v - kt;
+                if (v != -INFINITY) dheap_offer(buf + off[e], &cnt[e], C - L + 1, v - kt);
             }
         }
     }
     int moved = 0;
+    *rise = 0;
     for (int64_t e = 0; e < E; e++) {
         int64_t L = c->loads[e], C = c->cap[e], n = cnt[e];
         if (L == C || n == 0) continue;
@@ -377,35 +543,31 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
             lo = select_desc(a, n, C);
             hi = lo;
             for (int64_t i = 0; i < C; i++) hi = (i == 0 || a[i] < hi) ? a[i] : hi;
-        } else { /* admit C - L more: between the (C-L)-th and (C-L+1)-th entering price */
-            int64_t r = C - L - 1 < n - 1 ? C - L - 1 : n - 1;
-            hi = select_desc(a, n, r);
+        } else if (n <= C - L) { /* too few other tokens can take e: admit them all */
+            hi = a[0];
             lo = -INFINITY;
-            for (int64_t i = r + 1; i < n; i++) lo = fmax(lo, a[i]);
+        } else { /* heap of the C-L+1 best entering prices: root = (C-L+1)-th, then the C-L-th */
+            lo = a[0];
+            hi = n > 2 ? fmin(a[1], a[2]) : a[1];
         }
         double target = isfinite(lo) && isfinite(hi) ? 0.5 * (hi + lo) : (isfinite(hi) ? hi : lo);
         if (!isfinite(target)) continue;
         if (floor_zero && target < 0) target = 0;
         double np = c->p[e] + alpha * (target - c->p[e]);
         if (np != c->p[e]) moved = 1;
+        *rise = fmax(*rise, np - c->p[e]);
         c->p[e] = np;
     }
     return moved;
 }
 
-
 /* sum over valid tokens of the top-k of s - p: the token part of the dual objective */
-static double dual_token_part(const Ctx *c) {
-    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
-    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
+static double dual_token_part(Ctx *c) {
+    Chunk ch[MAX_THREADS];
+    int64_t n = split_rows(c, ch, 0);
+    run_chunks(ch, n, dual_rows, dual_thread);
     double total = 0.0;
-    for (int64_t t = 0; t < c->N; t++) {
-        if (!is_valid(c, t)) continue;
-        row_topk(c, t, idx, val);
-        for (int64_t j = 0; j < c->k; j++) total += val[j];
-    }
-    free(idx);
-    free(val);
+    for (int64_t i = 0; i < n; i++) total += ch[i].total;
     return total;
 }
 
@@ -596,22 +758,21 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     double pmin = INFINITY;
     for (int64_t e = 0; e < c->E; e++) pmin = fmin(pmin, c->p[e]);
     for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
-    if (!assign_topk(c, bad, nbad_max, nbad)) return 0;
-    if (price_iters > 0 && total_excess(c) > units / 64) {
-        double *buf = malloc(sizeof(double) * (size_t)(c->N * c->E + 1));
+    c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
+    if (!c->kth) return c->oom = 1, 1;
+    if (!assign_topk(c, -1, bad, nbad_max, nbad)) return 0;
+    /* the price phase pays off on big problems with much excess; small ones go to the auction */
+    if (price_iters > 0 && c->N * c->E >= ((int64_t)1 << 16) && total_excess(c) > units / 64) {
+        double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1)), rise;
         int64_t *off = malloc(sizeof(int64_t) * (size_t)c->E), *cnt = malloc(sizeof(int64_t) * (size_t)c->E);
-        c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
-        if (!buf || !off || !cnt || !c->kth) c->oom = 1;
-        else if (assign_topk(c, bad, nbad_max, nbad))
-            for (int64_t it = 0; it < price_iters && total_excess(c) > units / 64; it++) {
-                if (!price_step(c, alpha, slack, buf, off, cnt)) break;
-                assign_topk(c, bad, nbad_max, nbad);
-            }
+        if (!buf || !off || !cnt) c->oom = 1;
+        for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > units / 64; it++) {
+            if (!price_step(c, alpha, slack, buf, off, cnt, &rise)) break;
+            assign_topk(c, rise, bad, nbad_max, nbad);
+        }
         free(buf);
         free(off);
         free(cnt);
-        free(c->kth);
-        c->kth = NULL;
     }
     for (int64_t round = 0; slack && round < c->E; round++) {
         int changed = 0;
@@ -621,8 +782,10 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
                 changed = 1;
             }
         if (!changed) break;
-        assign_topk(c, bad, nbad_max, nbad);
+        assign_topk(c, 0, bad, nbad_max, nbad); /* prices only fell */
     }
+    free(c->kth);
+    c->kth = NULL;
     return 1;
 }
 
@@ -674,7 +837,7 @@ static int load_assignment(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad
     return *nbad == 0;
 }
 
-static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad,
+static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, double alpha, int threads, int64_t *bad, int64_t nbad_max, int64_t *nbad,
                  double *stats) {
     const int64_t N = c->N, E = c->E, k = c->k;
     int status = ST_OK;
@@ -686,6 +849,7 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     c->barg = malloc(sizeof(int32_t) * (size_t)(N + 1));
     c->ver = calloc((size_t)(N * k + 1), sizeof(int32_t));
     c->repair_mode = mode == 1;
+    c->threads = threads;
     c->heaps = calloc((size_t)E, sizeof(Heap));
     w.d = malloc(sizeof(double) * (size_t)E);
     w.ev = malloc(sizeof(double) * (size_t)E);
@@ -786,7 +950,7 @@ static int get_buf(PyObject *o, Py_buffer *b, int writable, Py_ssize_t min_bytes
 
 /*
  * solve(scores, is_double, N, E, k, valid|None, cap, prices, experts, loads, bad, mode, max_moves,
- *       price_iters, alpha)
+ *       price_iters, alpha, threads)
  *   -> (status, nbad, score, gap, raises, augmentations, moves,
  *       (ms prepare, ms auction, ms repair, ms certificate))
  * bad: int64 buffer of length >= nbad_max + E; nbad_max = len(bad) - E.
@@ -796,8 +960,9 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     int is_double, mode;
     long long N, E, k, max_moves, price_iters;
     double alpha;
-    if (!PyArg_ParseTuple(args, "OpLLLOOOOOOiLLd", &o_s, &is_double, &N, &E, &k, &o_valid, &o_cap, &o_p, &o_x, &o_l,
-                          &o_bad, &mode, &max_moves, &price_iters, &alpha))
+    int threads;
+    if (!PyArg_ParseTuple(args, "OpLLLOOOOOOiLLdi", &o_s, &is_double, &N, &E, &k, &o_valid, &o_cap, &o_p, &o_x, &o_l,
+                          &o_bad, &mode, &max_moves, &price_iters, &alpha, &threads))
         return NULL;
     if (N < 0 || E < 1 || k < 1 || k > E) {
         PyErr_SetString(PyExc_ValueError, "_core: bad sizes");
@@ -829,7 +994,7 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     int64_t nbad_max = (int64_t)(bb.len / 8) - E, nbad = 0;
     double stats[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     int status;
-    Py_BEGIN_ALLOW_THREADS status = solve(&c, mode, max_moves, price_iters, alpha, bb.buf, nbad_max, &nbad, stats);
+    Py_BEGIN_ALLOW_THREADS status = solve(&c, mode, max_moves, price_iters, alpha, threads, bb.buf, nbad_max, &nbad, stats);
     Py_END_ALLOW_THREADS PyBuffer_Release(&bb);
     PyBuffer_Release(&bl);
     PyBuffer_Release(&bx);
@@ -855,8 +1020,53 @@ fail_s:
     return NULL;
 }
 
+/*
+ * scan(scores, is_double, N, E, k, valid|None) -> (n_bad, first_bad, n_short, first_short, n_forbidden)
+ * One pass over the valid rows: NaN/+inf entries (bad), rows with fewer than k entries > -inf
+ * (short), and the number of -inf entries.
+ */
+static PyObject *py_scan(PyObject *self, PyObject *args) {
+    PyObject *o_s, *o_valid;
+    int is_double;
+    long long N, E, k;
+    if (!PyArg_ParseTuple(args, "OpLLLO", &o_s, &is_double, &N, &E, &k, &o_valid)) return NULL;
+    Py_buffer bs, bv;
+    int have_valid = o_valid != Py_None;
+    if (get_buf(o_s, &bs, 0, (Py_ssize_t)(N * E * (is_double ? 8 : 4)), "scores") < 0) return NULL;
+    if (have_valid && get_buf(o_valid, &bv, 0, (Py_ssize_t)N, "valid") < 0) {
+        PyBuffer_Release(&bs);
+        return NULL;
+    }
+    const uint8_t *valid = have_valid ? bv.buf : NULL;
+    long long nbad = 0, first_bad = -1, nshort = 0, first_short = -1, nforbid = 0;
+    Py_BEGIN_ALLOW_THREADS for (int64_t t = 0; t < N; t++) {
+        if (valid && !valid[t]) continue;
+        int64_t bad = 0, forbid = 0;
+        if (is_double) {
+            const double *r = (const double *)bs.buf + t * E;
+            for (int64_t e = 0; e < E; e++) {
+                bad += (r[e] != r[e]) | (r[e] == INFINITY);
+                forbid += r[e] == -INFINITY;
+            }
+        } else {
+            const float *r = (const float *)bs.buf + t * E;
+            for (int64_t e = 0; e < E; e++) {
+                bad += (r[e] != r[e]) | (r[e] == INFINITY);
+                forbid += r[e] == -INFINITY;
+            }
+        }
+        if (bad && nbad++ == 0) first_bad = t;
+        if (E - forbid - bad < k && nshort++ == 0) first_short = t;
+        nforbid += forbid;
+    }
+    Py_END_ALLOW_THREADS if (have_valid) PyBuffer_Release(&bv);
+    PyBuffer_Release(&bs);
+    return Py_BuildValue("LLLLL", nbad, first_bad, nshort, first_short, nforbid);
+}
+
 static PyMethodDef methods[] = {
     {"solve", py_solve, METH_VARARGS, "Capacity-constrained top-k assignment (see the module source)."},
+    {"scan", py_scan, METH_VARARGS, "Counts NaN/+inf entries, short rows and forbidden pairs."},
     {NULL, NULL, 0, NULL},
 };
 

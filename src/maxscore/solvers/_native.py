@@ -40,6 +40,7 @@ def run_core(
     max_moves: int = 0,
     price_iterations: int = 0,
     damping: float = 0.8,
+    threads: int | None = None,
 ) -> CoreResult:
     """Runs the core on ``problem`` (or on a sub-problem: other k, scores or capacities).
 
@@ -76,6 +77,7 @@ def run_core(
         max_moves,
         price_iterations,
         damping,
+        torch.get_num_threads() if threads is None else threads,
     )
     if status == _TOO_FEW_ALLOWED:
         raise ValueError(

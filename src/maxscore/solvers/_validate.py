@@ -107,26 +107,30 @@ def _check_valid(valid: torch.Tensor | None, num_tokens: int) -> torch.Tensor | 
 
 def _check_values(scores_TE: torch.Tensor, valid_T: torch.Tensor | None, k: int) -> bool:
     """Rejects NaN/+inf and tokens with fewer than k allowed experts; returns has_forbidden."""
-    if bool(torch.isfinite(scores_TE).all()):
-        return False
-    bad_T = torch.isnan(scores_TE).any(1) | (scores_TE == math.inf).any(1)
-    if valid_T is not None:
-        bad_T &= valid_T
-    if bool(bad_T.any()):
+    from maxscore.solvers import _core  # compiled; imported here to keep this module light
+
+    num_tokens, num_experts = scores_TE.shape
+    valid = None if valid_T is None else valid_T.numpy().view("uint8")
+    num_bad, _, num_short, _, num_forbidden = _core.scan(
+        scores_TE.numpy(), scores_TE.dtype == torch.float64, num_tokens, num_experts, k, valid
+    )
+    if num_bad:
+        bad_T = torch.isnan(scores_TE).any(1) | (scores_TE == math.inf).any(1)
+        if valid_T is not None:
+            bad_T &= valid_T
         raise ValueError(
             f"scores contains NaN or +inf at tokens {_first(bad_T.nonzero().flatten())}; "
             "scores must be finite, with -inf only to forbid a token-expert pair"
         )
-    allowed_T = (scores_TE > -math.inf).sum(1)
-    short_T = allowed_T < k
-    if valid_T is not None:
-        short_T &= valid_T
-    if bool(short_T.any()):
+    if num_short:
+        short_T = (scores_TE > -math.inf).sum(1) < k
+        if valid_T is not None:
+            short_T &= valid_T
         raise ValueError(
             f"scores: tokens {_first(short_T.nonzero().flatten())} have fewer than k={k} allowed experts "
             "(entries > -inf); allow at least k experts per token, or mark those tokens invalid with `valid`"
         )
-    return True
+    return num_forbidden > 0
 
 
 def make_problem(

@@ -33,19 +33,32 @@ from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 
 
-def default_max_moves(num_experts: int) -> int:
-    """Budget of auction price raises before the shortest-path repair takes over."""
-    return 4 * num_experts
+def default_max_moves(problem: Problem, k: int | None = None) -> int:
+    """Budget of auction moves (token evictions) before the shortest-path repair takes over."""
+    return 2 * problem.num_tokens * (problem.k if k is None else k)
 
 
-def solve_exact(problem: Problem, *, prices: torch.Tensor | None = None, max_moves: int | None = None) -> Assignment:
+PRICE_ITERATIONS = 10  # best-response price steps; they stop early once the excess is small
+DAMPING = 0.8
+
+
+def solve_exact(
+    problem: Problem,
+    *,
+    prices: torch.Tensor | None = None,
+    max_moves: int | None = None,
+    price_iterations: int = PRICE_ITERATIONS,
+    threads: int | None = None,
+) -> Assignment:
     """Optimal routing with its dual prices and duality gap.
 
     Args:
         problem: the validated problem.
         prices: float [E] warm-start prices (e.g. the previous step's ``Assignment.prices``);
             any values are accepted, they only change the running time.
-        max_moves: auction budget (default ``4 * E``); 0 skips the auction.
+        max_moves: auction budget in token moves (default ``2 * k * T``); 0 skips the auction.
+        price_iterations: cap on best-response price steps (run on large problems only).
+        threads: threads for the row passes (default ``torch.get_num_threads()``).
     """
     num_experts = problem.num_experts
     prices_E = None
@@ -56,9 +69,19 @@ def solve_exact(problem: Problem, *, prices: torch.Tensor | None = None, max_mov
         if not np.isfinite(prices_E).all():
             raise ValueError("prices must be finite; pass None for a cold start")
     if max_moves is None:
-        max_moves = default_max_moves(num_experts)
+        max_moves = default_max_moves(problem)
     elif isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0:
         raise ValueError(f"max_moves must be an int >= 0, got {max_moves!r}")
-    result = run_core(problem, prices_E=prices_E, max_moves=max_moves)
+    for name, value in (("price_iterations", price_iterations), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    result = run_core(
+        problem,
+        prices_E=prices_E,
+        max_moves=max_moves,
+        price_iterations=price_iterations,
+        damping=DAMPING,
+        threads=threads,
+    )
     return to_assignment(problem, result.experts_TK, "exact", loads_E=result.loads_E, score=result.score,
                          prices_E=result.prices_E, gap=result.gap)
