@@ -43,6 +43,8 @@ METHODS: dict[str, Callable[..., Assignment]] = {
     "topk": solve_topk,
     "reference": solve_reference,
 }
+# methods that may leave slots unassigned or ignore the capacity: any capacity is accepted
+CAPACITY_OPTIONAL = frozenset({"greedy", "topk"})
 
 
 @functools.cache
@@ -81,7 +83,7 @@ def solve(
 
     Raises:
         ValueError: bad shapes or dtypes, NaN/+inf scores, k out of range, infeasible capacity or
-            forbidden pairs, an unknown method or option.
+            forbidden pairs (``greedy`` and ``topk`` accept any capacity), an unknown method or option.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -90,7 +92,9 @@ def solve(
         raise ValueError(
             f"unknown option(s) {unknown} for method={method!r}; it accepts {list(method_options(method))}"
         )
-    problem = make_problem(scores, k, capacity, capacity_factor, valid)
+    problem = make_problem(
+        scores, k, capacity, capacity_factor, valid, require_feasible=method not in CAPACITY_OPTIONAL
+    )
     return METHODS[method](problem, **options)
 
 

@@ -139,8 +139,14 @@ def make_problem(
     capacity: int | None,
     capacity_factor: float,
     valid: torch.Tensor | None,
+    *,
+    require_feasible: bool = True,
 ) -> Problem:
-    """Checks every argument of ``solve`` and returns the host-side problem."""
+    """Checks every argument of ``solve`` and returns the host-side problem.
+
+    ``require_feasible=False`` (methods that may drop or ignore capacity) accepts a capacity
+    below ``k x tokens / E``.
+    """
     _check_scores(scores)
     num_tokens, num_experts = scores.shape
     _check_k(k, num_experts)
@@ -150,7 +156,7 @@ def make_problem(
         capacity = expert_capacity(num_valid, num_experts, k, capacity_factor)
     elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
         raise ValueError(f"capacity must be an int >= 0 or None, got {capacity!r}")
-    if capacity * num_experts < k * num_valid:
+    if require_feasible and capacity * num_experts < k * num_valid:
         raise ValueError(
             f"capacity={capacity} is infeasible: {num_experts} experts x {capacity} < k x tokens = "
             f"{k} x {num_valid}; use capacity >= {-(-k * num_valid // num_experts)} or capacity_factor >= 1"

@@ -2,8 +2,8 @@
 
 Stage 1 is the optimal top-1 routing under the capacity (as ``two_stage``).  Stage 2 runs
 log-domain Sinkhorn (entropic optimal transport, Cuturi 2013) from the valid tokens, each with
-mass k-1, to the experts' residual capacities, with the stage-1 expert forbidden; a slack row
-absorbs capacity beyond (k-1) x tokens, so experts are filled "at most".  Each token takes the
+mass k-1, to the experts' residual capacities as upper bounds, with the stage-1 expert
+forbidden.  Each token takes the
 k-1 largest entries of its transport plan; the few units this puts over capacity are moved
 along cheapest score-loss paths by the compiled core, so the result never exceeds capacity
 and drops nothing when the problem is feasible.  ``converged`` reports whether Sinkhorn's
@@ -26,41 +26,38 @@ from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.two_stage import first_stage, without_first
 
 
-_NO_ROOM = -1e30  # log-mass of an expert with no residual capacity: finite, so no inf - inf
+_NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so no inf - inf
 
 
 def sinkhorn_potentials(
     logits_TE: torch.Tensor, row_mass: float, col_mass_E: torch.Tensor, iterations: int
 ) -> tuple[torch.Tensor, float]:
-    """Log-domain Sinkhorn with a slack row; returns (column potentials g_E, column error).
+    """Log-domain Sinkhorn for rows of mass ``row_mass`` and columns of mass at most ``col_mass_E``.
 
-    Rows (tokens) carry ``row_mass`` each, columns at most ``col_mass_E``; the slack row (all
-    logits 0, the lowest score) takes the surplus capacity.
+    The column step is the KL projection onto ``column <= capacity``: a column is scaled down
+    only where it overflows, so with unbounded capacity the plan keeps each row's order.
+    Returns (column potentials g_E <= 0, largest column overflow relative to the largest capacity).
     """
     log_col_E = torch.log(col_mass_E).clamp(min=_NO_ROOM)
-    surplus = float(col_mass_E.sum()) - row_mass * logits_TE.shape[0]
-    log_surplus = math.log(surplus) if surplus > 0 else -math.inf
     g_E = torch.zeros_like(col_mass_E)
     for _ in range(iterations):
         f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
-        f_slack = log_surplus - float(torch.logsumexp(g_E, dim=0))
-        column_E = torch.logsumexp(logits_TE + f_T[:, None], dim=0)
-        g_E = log_col_E - torch.logaddexp(column_E, torch.full_like(column_E, f_slack))
+        g_E = (log_col_E - torch.logsumexp(logits_TE + f_T[:, None], dim=0)).clamp(max=0)
     f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
     plan_col_E = torch.exp(torch.logsumexp(logits_TE + f_T[:, None], dim=0) + g_E)
-    error = float((plan_col_E - col_mass_E).clamp(min=0).max()) / max(1.0, row_mass)
-    return g_E, error
+    return g_E, float((plan_col_E - col_mass_E).clamp(min=0).max()) / max(1.0, float(col_mass_E.max()))
 
 
 def solve_sinkhorn(
-    problem: Problem, *, iterations: int = 20, temperature: float = 0.01, tolerance: float = 1e-2
+    problem: Problem, *, iterations: int = 30, temperature: float = 0.05, tolerance: float = 0.02
 ) -> Assignment:
     """Top-1 under capacity, Sinkhorn for the other k-1 units, rounding repaired to feasibility.
 
     Args:
         iterations: Sinkhorn iterations (>= 1).
         temperature: entropic regularization relative to the range of the finite scores.
-        tolerance: relative column-marginal error below which ``converged`` is True.
+        tolerance: largest column overflow of the plan, relative to the largest residual
+            capacity, below which ``converged`` is True.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")

@@ -1,0 +1,42 @@
+"""Shared fixtures: seeded random routing instances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+KINDS = ("peaked", "flat", "ties", "forbidden", "padding")
+
+
+def random_instance(seed: int, num_tokens: int, num_experts: int, kind: str, keep: int = 0):
+    """(scores [T, E] float32, valid [T] bool or None) of a given distribution kind.
+
+    peaked: softmax of N(0, 3^2) logits plus a per-expert bias (imbalanced load);
+    flat: softmax of N(0, 0.3^2) logits; ties: scores quantized to 4 levels (many exact ties);
+    forbidden: peaked with ~15% of pairs set to -inf, except each token's `keep` best experts;
+    padding: peaked with ~25% invalid tokens.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    std = 0.3 if kind == "flat" else 3.0
+    logits = torch.randn(num_tokens, num_experts, generator=generator) * std
+    if kind != "flat":
+        logits += torch.randn(num_experts, generator=generator)
+    scores = logits.softmax(-1)
+    valid = None
+    if kind == "ties":
+        scores = torch.randint(0, 4, (num_tokens, num_experts), generator=generator).float() / 4
+    elif kind == "forbidden":
+        forbid = torch.rand(num_tokens, num_experts, generator=generator) < 0.15
+        if keep:
+            forbid.scatter_(1, torch.topk(scores, keep, dim=1).indices, False)
+        scores = scores.masked_fill(forbid, -math.inf)
+    elif kind == "padding":
+        valid = torch.rand(num_tokens, generator=generator) > 0.25
+    return scores, valid
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
