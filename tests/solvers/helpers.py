@@ -9,7 +9,9 @@ import torch
 from maxscore import Assignment
 
 
-def check_feasible(assignment: Assignment, scores: torch.Tensor, k: int, valid, capacity: int, *, drops: bool):
+def check_feasible(
+    assignment: Assignment, scores: torch.Tensor, k: int, valid, capacity: int, *, drops: bool
+):
     """Distinct experts per row, allowed pairs only, loads recount, capacity, padding unused."""
     experts = assignment.experts
     num_tokens, num_experts = scores.shape

@@ -33,7 +33,9 @@ NO_DROP_METHODS = ("exact", "two_stage", "sinkhorn", "iterative")
 def _solve_both(scores, k, valid, capacity_factor):
     """(exact, reference), or None when the reference LP says the instance is infeasible."""
     try:
-        reference = maxscore.solve(scores, k, capacity_factor=capacity_factor, valid=valid, method="reference")
+        reference = maxscore.solve(
+            scores, k, capacity_factor=capacity_factor, valid=valid, method="reference"
+        )
     except ValueError:
         with pytest.raises(ValueError, match="infeasible"):
             maxscore.solve(scores, k, capacity_factor=capacity_factor, valid=valid)
@@ -91,7 +93,9 @@ def test_greedy_respects_capacity_and_drops_only_overflow(kind):
         assert (result.loads[wanted] == result.capacity).all()
 
 
-@pytest.mark.parametrize("method", ["exact", "two_stage", "sinkhorn", "iterative", "greedy", "topk", "reference"])
+@pytest.mark.parametrize(
+    "method", ["exact", "two_stage", "sinkhorn", "iterative", "greedy", "topk", "reference"]
+)
 def test_unbounded_capacity_equals_plain_topk(method):
     for seed, (num_tokens, num_experts, k) in enumerate([(50, 8, 2), (200, 16, 4), (64, 5, 5), (30, 12, 1)]):
         scores, _ = random_instance(300 + seed, num_tokens, num_experts, "peaked")
@@ -154,3 +158,13 @@ def test_iterative_round_cap_reports_not_converged_but_stays_feasible():
     check_feasible(capped, scores, 2, None, capped.capacity, drops=False)
     assert capped.converged is False
     assert maxscore.solve(scores, 2, method="iterative").converged is True
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "padding"])
+def test_sinkhorn_rounding_reaches_the_stage_two_optimum(kind):
+    """Sinkhorn's rounding is completed along shortest paths, so it ends at two_stage's score."""
+    for seed, (num_tokens, num_experts, k) in enumerate([(300, 16, 2), (256, 8, 3), (512, 32, 4)]):
+        scores, valid = random_instance(500 + seed, num_tokens, num_experts, kind)
+        sinkhorn = maxscore.solve(scores, k, valid=valid, method="sinkhorn")
+        two_stage = maxscore.solve(scores, k, valid=valid, method="two_stage")
+        assert math.isclose(sinkhorn.score, two_stage.score, rel_tol=1e-9)

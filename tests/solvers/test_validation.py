@@ -18,27 +18,57 @@ from maxscore import expert_capacity
         (dict(scores=np.ones((4, 2)), k=1), "scores must be a torch.Tensor"),
         (dict(scores=torch.ones(8), k=1), r"scores must have shape \[N, E\]"),
         (dict(scores=torch.ones(2, 2, 2), k=1), r"scores must have shape \[N, E\]"),
-        (dict(scores=torch.ones(4, 2, dtype=torch.int64), k=1), "scores must be float16/bfloat16/float32/float64"),
+        (
+            dict(scores=torch.ones(4, 2, dtype=torch.int64), k=1),
+            "scores must be float16/bfloat16/float32/float64",
+        ),
         (dict(scores=torch.ones(4, 0), k=1), "at least one expert"),
         (dict(scores=torch.ones(4, 3), k=0), r"k must satisfy 1 <= k <= num_experts=3"),
         (dict(scores=torch.ones(4, 3), k=4), r"k must satisfy 1 <= k <= num_experts=3"),
         (dict(scores=torch.ones(4, 3), k=1.5), "k must be an int"),
         (dict(scores=torch.ones(4, 3), k=1, capacity=1), r"capacity=1 is infeasible.*use capacity >= 2"),
         (dict(scores=torch.ones(4, 3), k=1, capacity=-1), "capacity must be an int >= 0"),
-        (dict(scores=torch.ones(4, 3), k=1, capacity_factor=0.0), "capacity_factor must be a finite number > 0"),
-        (dict(scores=torch.ones(4, 3), k=1, capacity_factor=math.nan), "capacity_factor must be a finite number"),
+        (
+            dict(scores=torch.ones(4, 3), k=1, capacity_factor=0.0),
+            "capacity_factor must be a finite number > 0",
+        ),
+        (
+            dict(scores=torch.ones(4, 3), k=1, capacity_factor=math.nan),
+            "capacity_factor must be a finite number",
+        ),
         (dict(scores=torch.ones(4, 3), k=1, capacity_factor=0.5), "infeasible"),
         (dict(scores=torch.ones(4, 3), k=1, valid=torch.ones(4)), "valid must be a bool tensor"),
-        (dict(scores=torch.ones(4, 3), k=1, valid=torch.ones(3, dtype=torch.bool)), r"valid must have shape \[N\]"),
+        (
+            dict(scores=torch.ones(4, 3), k=1, valid=torch.ones(3, dtype=torch.bool)),
+            r"valid must have shape \[N\]",
+        ),
         (dict(scores=torch.ones(4, 3), k=1, method="hungarian"), "method must be one of"),
-        (dict(scores=torch.ones(4, 3), k=1, method="exact", tolerance=1), r"unknown option\(s\) \['tolerance'\]"),
-        (dict(scores=torch.ones(4, 3), k=1, method="greedy", prices=None), r"unknown option\(s\) \['prices'\]"),
-        (dict(scores=torch.ones(4, 3), k=1, prices=torch.ones(2)), r"prices must be a float tensor of shape \[E\]"),
+        (
+            dict(scores=torch.ones(4, 3), k=1, method="exact", tolerance=1),
+            r"unknown option\(s\) \['tolerance'\]",
+        ),
+        (
+            dict(scores=torch.ones(4, 3), k=1, method="greedy", prices=None),
+            r"unknown option\(s\) \['prices'\]",
+        ),
+        (
+            dict(scores=torch.ones(4, 3), k=1, prices=torch.ones(2)),
+            r"prices must be a float tensor of shape \[E\]",
+        ),
         (dict(scores=torch.ones(4, 3), k=1, prices=torch.full((3,), math.inf)), "prices must be finite"),
         (dict(scores=torch.ones(4, 3), k=1, max_moves=-1), "max_moves must be an int >= 0"),
-        (dict(scores=torch.ones(4, 3), k=1, method="sinkhorn", iterations=0), "iterations must be an int >= 1"),
-        (dict(scores=torch.ones(4, 3), k=1, method="sinkhorn", temperature=0), "temperature must be a number > 0"),
-        (dict(scores=torch.ones(4, 3), k=1, method="iterative", max_rounds=0), "max_rounds must be an int >= 1"),
+        (
+            dict(scores=torch.ones(4, 3), k=1, method="sinkhorn", iterations=0),
+            "iterations must be an int >= 1",
+        ),
+        (
+            dict(scores=torch.ones(4, 3), k=1, method="sinkhorn", temperature=0),
+            "temperature must be a number > 0",
+        ),
+        (
+            dict(scores=torch.ones(4, 3), k=1, method="iterative", max_rounds=0),
+            "max_rounds must be an int >= 1",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):

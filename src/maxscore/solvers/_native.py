@@ -94,4 +94,6 @@ def run_core(
             "allow these tokens more experts or raise the capacity"
         )
     assert status == _OK, status
-    return CoreResult(experts, loads, prices, score, None if gap != gap else gap, raises, augs, moves, phase_ms)
+    return CoreResult(
+        experts, loads, prices, score, None if gap != gap else gap, raises, augs, moves, phase_ms
+    )

@@ -53,7 +53,11 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     _check_k(k, num_experts)
-    if not isinstance(capacity_factor, (int, float)) or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+    if (
+        not isinstance(capacity_factor, (int, float))
+        or not math.isfinite(capacity_factor)
+        or capacity_factor <= 0
+    ):
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
     if capacity_factor == 1:  # exact integer arithmetic for the common case
         return -(-k * num_tokens // num_experts)

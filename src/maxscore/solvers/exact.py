@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers._native import EXACT, run_core
+from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 
@@ -83,5 +83,12 @@ def solve_exact(
         damping=DAMPING,
         threads=threads,
     )
-    return to_assignment(problem, result.experts_TK, "exact", loads_E=result.loads_E, score=result.score,
-                         prices_E=result.prices_E, gap=result.gap)
+    return to_assignment(
+        problem,
+        result.experts_TK,
+        "exact",
+        loads_E=result.loads_E,
+        score=result.score,
+        prices_E=result.prices_E,
+        gap=result.gap,
+    )

@@ -59,14 +59,15 @@ def solve_iterative(problem: Problem, *, max_rounds: int | None = None) -> Assig
         if width == 0:
             break
         rounds += 1
-        top = torch.topk(scores_TE.masked_fill(tried_TE, -math.inf), width, dim=1)
-        wanted_TW = (torch.arange(width) < missing_T[:, None]) & torch.isfinite(top.values)
-        token_P, slot_P = wanted_TW.nonzero(as_tuple=True)
-        if token_P.numel() == 0:
+        rows_R = (missing_T > 0).nonzero().flatten()  # only tokens with units still to place
+        top = torch.topk(scores_TE[rows_R].masked_fill(tried_TE[rows_R], -math.inf), width, dim=1)
+        wanted_RW = (torch.arange(width) < missing_T[rows_R, None]) & torch.isfinite(top.values)
+        row_P, slot_P = wanted_RW.nonzero(as_tuple=True)
+        if row_P.numel() == 0:
             break
-        expert_P = top.indices[token_P, slot_P]
+        token_P, expert_P = rows_R[row_P], top.indices[row_P, slot_P]
         tried_TE[token_P, expert_P] = True
-        accepted_P = _accept(token_P, expert_P, top.values[token_P, slot_P], problem.capacity - loads_E)
+        accepted_P = _accept(token_P, expert_P, top.values[row_P, slot_P], problem.capacity - loads_E)
         token_A, expert_A = token_P[accepted_P], expert_P[accepted_P]
         # proposals are in token order, so the a-th acceptance of a token fills its next free slot
         counts_T = torch.bincount(token_A, minlength=num_tokens)
@@ -78,6 +79,12 @@ def solve_iterative(problem: Problem, *, max_rounds: int | None = None) -> Assig
     exhausted = bool((tried_TE.all(1) | (missing_T == 0)).all())
     if bool((missing_T > 0).any()):
         repaired = run_core(problem, mode=REPAIR, experts_TK=experts_TK.numpy())
-        return to_assignment(problem, repaired.experts_TK, "iterative", loads_E=repaired.loads_E,
-                             score=repaired.score, converged=exhausted)
+        return to_assignment(
+            problem,
+            repaired.experts_TK,
+            "iterative",
+            loads_E=repaired.loads_E,
+            score=repaired.score,
+            converged=exhausted,
+        )
     return to_assignment(problem, experts_TK, "iterative", loads_E=loads_E, converged=True)

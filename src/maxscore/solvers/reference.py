@@ -34,7 +34,9 @@ def solve_reference(problem: Problem) -> Assignment:
     num_pairs = tokens_P.size
     columns = np.arange(num_pairs)
     token_rows = csr_array((np.ones(num_pairs), (tokens_P, columns)), shape=(problem.num_tokens, num_pairs))
-    expert_rows = csr_array((np.ones(num_pairs), (experts_P, columns)), shape=(problem.num_experts, num_pairs))
+    expert_rows = csr_array(
+        (np.ones(num_pairs), (experts_P, columns)), shape=(problem.num_experts, num_pairs)
+    )
     result = linprog(
         -scores[tokens_P, experts_P],
         A_ub=expert_rows,

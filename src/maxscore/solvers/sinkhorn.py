@@ -1,16 +1,19 @@
 """The paper's fast approximation: top-1, then Sinkhorn on the residual, then a feasible rounding.
 
 Stage 1 is the optimal top-1 routing under the capacity (as ``two_stage``).  Stage 2 runs
-log-domain Sinkhorn (entropic optimal transport, Cuturi 2013) from the valid tokens, each with
-mass k-1, to the experts' residual capacities as upper bounds, with the stage-1 expert
-forbidden.  Each token takes the
-k-1 largest entries of its transport plan; the few units this puts over capacity are moved
-along cheapest score-loss paths by the compiled core, so the result never exceeds capacity
-and drops nothing when the problem is feasible.  ``converged`` reports whether Sinkhorn's
-column marginals met ``tolerance`` within ``iterations``.
+log-domain Sinkhorn (entropic optimal transport, Cuturi 2013; GPU friendly, fixed shapes) from
+the valid tokens, each with mass k-1, to the experts' residual capacities as upper bounds,
+with the stage-1 expert forbidden.  Its column potentials g are prices in score units,
+``p = -temperature_scale * g``, and rounding the plan (each token takes its k-1 largest plan
+entries) is the same as taking the top-(k-1) of ``scores - p``.  The compiled core does
+exactly that rounding as its first phase, then moves the units it puts over capacity along
+shortest paths with ``p`` as potentials: the result never exceeds capacity, drops nothing
+when the problem is feasible, and (the paths being shortest) is the optimum of stage 2, as
+in ``two_stage``; Sinkhorn only changes how much repair is left.  ``converged`` reports
+whether the plan's column overflow met ``tolerance`` within ``iterations``.
 
-Complexity O(iterations x T E) tensor ops plus the repair.  Not optimal.  Ties: as
-``torch.topk`` on the plan.
+Complexity O(iterations x T E) tensor ops plus the repair.  Not optimal overall (stage 1
+commits first).  Ties: as ``exact``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ import math
 import numpy as np
 import torch
 
-from maxscore.solvers._native import REPAIR, run_core
+from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.two_stage import first_stage, without_first
-
 
 _NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so no inf - inf
 
@@ -69,21 +71,23 @@ def solve_sinkhorn(
         experts_TK[:, 0] = first_T
         return to_assignment(problem, experts_TK, "sinkhorn", loads_E=loads_E)
     rows_T = torch.from_numpy(first_T >= 0).nonzero().flatten()
-    residual_TE = without_first(problem, first_T)[rows_T].double()
-    finite = residual_TE[torch.isfinite(residual_TE)]
-    span = float(finite.max() - finite.min()) or 1.0
-    logits_TE = (residual_TE - float(finite.min())) / (temperature * span)
-    col_mass_E = torch.from_numpy(problem.capacity - loads_E).double()
-    g_E, error = sinkhorn_potentials(logits_TE, float(problem.k - 1), col_mass_E, iterations)
-    plan_order_TK = torch.topk(logits_TE + g_E, problem.k - 1, dim=1).indices
-    experts_TK = np.full((problem.num_tokens, problem.k), -1, dtype=np.int64)
-    experts_TK[:, 0] = first_T
-    experts_TK[rows_T.numpy(), 1:] = plan_order_TK.numpy()
-    return _finish(problem, experts_TK, error <= tolerance)
-
-
-def _finish(problem: Problem, experts_TK: np.ndarray, converged: bool) -> Assignment:
-    repaired = run_core(problem, mode=REPAIR, experts_TK=experts_TK)
+    residual_TE = without_first(problem, first_T)
+    finite = residual_TE[rows_T][torch.isfinite(residual_TE[rows_T])]
+    low = float(finite.min())
+    scale = temperature * (float(finite.max()) - low or 1.0)
+    logits_TE = (residual_TE[rows_T].double() - low) / scale
+    residual_capacity_E = problem.capacity - loads_E
+    g_E, error = sinkhorn_potentials(
+        logits_TE, float(problem.k - 1), torch.from_numpy(residual_capacity_E).double(), iterations
+    )
+    rest = run_core(
+        problem,
+        k=problem.k - 1,
+        scores_TE=residual_TE,
+        capacity_E=residual_capacity_E,
+        prices_E=(-scale * g_E).clamp(max=1e6).numpy(),
+    )
+    experts_TK = np.concatenate([first_T[:, None], rest.experts_TK], axis=1)
     return to_assignment(
-        problem, repaired.experts_TK, "sinkhorn", loads_E=repaired.loads_E, score=repaired.score, converged=converged
+        problem, experts_TK, "sinkhorn", loads_E=loads_E + rest.loads_E, converged=error <= tolerance
     )

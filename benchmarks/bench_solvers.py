@@ -1,0 +1,71 @@
+"""Solver benchmark: every method vs torch.topk on the same scores, in the same run.
+
+    python benchmarks/bench_solvers.py [--quick] [--out results.json] [--md results.md]
+
+Prints a markdown table (time, ratio to torch.topk, optimality gap vs exact, dropped fraction,
+max load/capacity, exact's duality gap) and optionally writes JSON and a dated markdown file
+with the hardware, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+
+import torch
+
+from maxscore.bench import DISTRIBUTIONS, QUICK_SIZES, SIZES, bench_solvers, format_table, rows_as_dicts
+
+
+def environment() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"- hardware: {cpu}, {torch.get_num_threads()} torch threads\n"
+        f"- python {platform.python_version()}, torch {torch.__version__}\n"
+        f"- commit {commit}\n"
+        f"- command: `python {' '.join(sys.argv)}`\n"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", help="JSON output")
+    parser.add_argument("--md", help="markdown output with the environment")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
+    args = parser.parse_args()
+    rows = bench_solvers(
+        QUICK_SIZES if args.quick else SIZES,
+        ("std1", "std1+bias") if args.quick else tuple(DISTRIBUTIONS),
+        budget_s=args.budget,
+        progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True),
+    )
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows_as_dicts(rows), f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"# Solver benchmark\n\n{environment()}\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

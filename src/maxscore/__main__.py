@@ -1,0 +1,3 @@
+from maxscore.cli import main
+
+raise SystemExit(main())

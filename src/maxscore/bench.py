@@ -1,0 +1,167 @@
+"""Solver benchmark: speed and quality of every method against ``torch.topk`` in the same run.
+
+Used by ``maxscore solve-bench`` and ``benchmarks/bench_solvers.py``.  Times are medians of
+repeated calls of the public ``solve`` (validation included); ratios divide by the median time
+of ``torch.topk`` on the same scores, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from maxscore.solvers import Assignment, solve
+
+SIZES = ((512, 16, 2), (4096, 64, 2), (4096, 64, 8), (16384, 128, 8))
+QUICK_SIZES = ((512, 16, 2), (4096, 64, 2))
+# name -> (logit std, per-expert bias std): the bias makes the load imbalanced
+DISTRIBUTIONS = {"std1": (1.0, 0.0), "std3": (3.0, 0.0), "std1+bias": (1.0, 1.0), "std3+bias": (3.0, 1.0)}
+METHODS = ("exact", "two_stage", "sinkhorn", "iterative", "greedy", "topk")
+PAPER_DESIGN = "paper_hungarian"  # two-stage with an O(T^3) Hungarian per 512-token group
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRow:
+    num_tokens: int
+    num_experts: int
+    k: int
+    distribution: str
+    method: str
+    ms: float
+    ratio_to_topk: float
+    gap_vs_exact: float  # (exact score - score) / exact score; 0 = optimal
+    dropped_fraction: float
+    max_load_ratio: float
+    certificate_gap: float | None
+
+
+def make_scores(num_tokens: int, num_experts: int, distribution: str, seed: int = 0) -> torch.Tensor:
+    """Softmax of Gaussian logits (std from ``DISTRIBUTIONS``) plus a per-expert bias."""
+    std, bias = DISTRIBUTIONS[distribution]
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator) * std
+    logits += torch.randn(num_experts, generator=generator) * bias
+    return logits.softmax(-1)
+
+
+def median_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 50) -> float:
+    """Median wall time of ``fn`` over up to ``max_reps`` calls within about ``budget_s``."""
+    fn()  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e3
+
+
+def paper_design(scores: torch.Tensor, k: int, group: int = 512) -> Assignment:
+    """The authors' CPU design (top-2 only): top-1 under capacity, then per group of ``group``
+    tokens an O(group^3) Hungarian matching (``scipy.optimize.linear_sum_assignment``) of the
+    tokens' second units to the group's residual expert slots, own first expert excluded."""
+    from scipy.optimize import linear_sum_assignment
+
+    if k != 2:
+        raise ValueError(f"the paper's design covers k=2 only, got k={k}")
+    num_tokens, num_experts = scores.shape
+    experts = torch.full((num_tokens, 2), -1, dtype=torch.int64)
+    for start in range(0, num_tokens, group):
+        chunk = scores[start : start + group]
+        first = solve(chunk, 1, capacity_factor=2.0, method="exact")  # capacity 2T/E as for k=2
+        residual = first.capacity - first.loads
+        slot_expert = torch.repeat_interleave(torch.arange(num_experts), residual)
+        cost = -chunk.double()[:, slot_expert]
+        cost[first.experts[:, 0][:, None] == slot_expert[None, :]] = 1e9
+        rows, cols = linear_sum_assignment(cost.numpy())
+        experts[start + rows, 0] = first.experts[rows, 0]
+        experts[start + rows, 1] = slot_expert[cols]
+    loads = torch.bincount(experts.flatten(), minlength=num_experts)
+    score = float(scores.double().gather(1, experts).sum())
+    capacity = math.ceil(2 * min(group, num_tokens) / num_experts)
+    return Assignment(experts=experts, loads=loads, score=score, capacity=capacity, method=PAPER_DESIGN)
+
+
+def bench_solvers(
+    sizes: Iterable[tuple[int, int, int]] = SIZES,
+    distributions: Iterable[str] = tuple(DISTRIBUTIONS),
+    methods: Iterable[str] = METHODS,
+    *,
+    paper: bool = True,
+    budget_s: float = 1.0,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Runs every method on every (size, distribution); capacity_factor 1.0."""
+    rows: list[BenchRow] = []
+    for num_tokens, num_experts, k in sizes:
+        for distribution in distributions:
+            scores = make_scores(num_tokens, num_experts, distribution)
+            topk_ms = median_ms(lambda: torch.topk(scores, k, dim=1), budget_s)
+            optimum = solve(scores, k).score
+            runs: list[tuple[str, Callable[[], Assignment]]] = [
+                (m, lambda m=m: solve(scores, k, method=m)) for m in methods
+            ]
+            if paper and k == 2 and num_tokens <= 512:
+                runs.append((PAPER_DESIGN, lambda: paper_design(scores, k)))
+            for method, run in runs:
+                if progress:
+                    progress(f"{num_tokens}x{num_experts} k={k} {distribution} {method}")
+                result = run()
+                ms = median_ms(run, budget_s)
+                rows.append(
+                    BenchRow(
+                        num_tokens=num_tokens,
+                        num_experts=num_experts,
+                        k=k,
+                        distribution=distribution,
+                        method=method,
+                        ms=ms,
+                        ratio_to_topk=ms / topk_ms,
+                        gap_vs_exact=(optimum - result.score) / abs(optimum),
+                        dropped_fraction=result.dropped_fraction,
+                        max_load_ratio=float(result.loads.max()) / result.capacity,
+                        certificate_gap=result.gap,
+                    )
+                )
+            rows.append(
+                BenchRow(
+                    num_tokens=num_tokens,
+                    num_experts=num_experts,
+                    k=k,
+                    distribution=distribution,
+                    method="torch.topk",
+                    ms=topk_ms,
+                    ratio_to_topk=1.0,
+                    gap_vs_exact=math.nan,
+                    dropped_fraction=0.0,
+                    max_load_ratio=math.nan,
+                    certificate_gap=None,
+                )
+            )
+    return rows
+
+
+def format_table(rows: Iterable[BenchRow]) -> str:
+    """A markdown table of benchmark rows."""
+    lines = [
+        "| T | E | k | scores | method | ms | x topk | gap vs exact | dropped | max load/cap | certificate |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = "-" if math.isnan(r.gap_vs_exact) else f"{r.gap_vs_exact:.2e}"
+        load = "-" if math.isnan(r.max_load_ratio) else f"{r.max_load_ratio:.2f}"
+        cert = "-" if r.certificate_gap is None else f"{r.certificate_gap:.1e}"
+        lines.append(
+            f"| {r.num_tokens} | {r.num_experts} | {r.k} | {r.distribution} | {r.method} | {r.ms:.3f} | "
+            f"{r.ratio_to_topk:.1f} | {gap} | {r.dropped_fraction:.2%} | {load} | {cert} |"
+        )
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: Iterable[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
