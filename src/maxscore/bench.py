@@ -101,13 +101,13 @@ def bench_solvers(
     for num_tokens, num_experts, k in sizes:
         for distribution in distributions:
             scores = make_scores(num_tokens, num_experts, distribution)
-            topk_ms = median_ms(lambda: torch.topk(scores, k, dim=1), budget_s)
+            topk_ms = median_ms(lambda s=scores, k=k: torch.topk(s, k, dim=1), budget_s)
             optimum = solve(scores, k).score
             runs: list[tuple[str, Callable[[], Assignment]]] = [
-                (m, lambda m=m: solve(scores, k, method=m)) for m in methods
+                (m, lambda m=m, s=scores, k=k: solve(s, k, method=m)) for m in methods
             ]
             if paper and k == 2 and num_tokens <= 512:
-                runs.append((PAPER_DESIGN, lambda: paper_design(scores, k)))
+                runs.append((PAPER_DESIGN, lambda s=scores: paper_design(s, 2)))
             for method, run in runs:
                 if progress:
                     progress(f"{num_tokens}x{num_experts} k={k} {distribution} {method}")
