@@ -96,7 +96,17 @@ def bench_solvers(
     budget_s: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
-    """Runs every method on every (size, distribution); capacity_factor 1.0."""
+    """Runs every method on every (size, distribution); capacity_factor 1.0.
+
+    ``paper`` adds the paper's Hungarian design at k = 2, T <= 512 when scipy is installed.
+    """
+    if paper:
+        try:
+            import scipy.optimize  # noqa: F401
+        except ImportError:
+            paper = False
+            if progress:
+                progress("scipy is not installed: skipping the paper's Hungarian design")
     rows: list[BenchRow] = []
     for num_tokens, num_experts, k in sizes:
         for distribution in distributions:
