@@ -6,24 +6,30 @@
  * Its LP dual has one price p[e] >= 0 per expert; at optimal prices every token holds a
  * top-k of s[t,:] - p and only full experts have a positive price.
  *
- * mode 0 (exact), three phases:
- *   1. every valid token takes its top-k of s - p (p = warm-start prices, clamped so that
- *      non-full experts carry the minimum price);
- *   2. an ascending auction: an overloaded expert raises its price to the smallest value
- *      at which only cap[e] of its holders still want it; the evicted holders move to their
- *      best expert not held.  Every step keeps the top-k conditions, so the auction is exact
- *      when it ends; it runs under a budget of raises;
+ * mode 0 (exact), four phases:
+ *   1. prices: warm-start prices shifted to minimum 0; on large problems with much excess, a
+ *      few damped best-response (Jacobi) steps move every price toward the value that would
+ *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
+ *      s - p.  With slack capacity (sum cap > k x tokens) non-full experts are lowered to
+ *      price 0 until every non-full expert has it (at most E rounds);
+ *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
+ *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
+ *      the others to their best expert not held.  Every step keeps every token on a top-k
+ *      of s - p, so the auction is exact when it ends; it runs under a budget of moves and
+ *      stops when a round raises no price (only tied tokens left to shuffle);
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
  *      holds a and not b; reduced cost (s[t,a]-p[a]) - (s[t,b]-p[b]) >= 0), Dijkstra from
- *      all overloaded experts to the nearest non-full one, prices as potentials.
- *   The final prices certify optimality: gap = D(p) - score, computed from scratch.
+ *      all overloaded experts to the nearest non-full one, prices as potentials.  Holders
+ *      live in per-expert lazy heaps keyed by leaving price (lower bounds that only grow),
+ *      so a search expands only tokens whose slack could still beat the best path;
+ *   4. the certificate gap = D(p) - score, D computed from scratch.
  * mode 1 (feasible repair): the given assignment (slots may be -1) is made feasible by
  *   shortest paths on the clamped score losses, prices fixed at 0; no optimality claim.
  *
  * Tie-breaking: among equal values of s - p the lower expert index wins; among evictions
- * with equal thresholds the higher token index leaves first.
- * Complexity: phase 1 O(N E) (k small), each auction raise O(L log L + moves * E), each
- * augmentation O(E^2 + holders of the settled experts + expanded tokens * E).
+ * with equal leaving prices the higher token index leaves first.
+ * Complexity: phases 1 and 4 O(N E) per pass (row passes split over threads), each auction
+ * move O(E + log L), each augmentation O(E^2 + expanded tokens x E).
  * Built as a plain CPython extension over the buffer protocol: no numpy or torch headers.
  */
 #define PY_SSIZE_T_CLEAN
@@ -599,16 +605,19 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 static int64_t run_auction(Ctx *c, int64_t max_moves) {
     int64_t raises = 0;
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
-    /* a round that raises no price only shuffles tied tokens (it could cycle): stop there */
-    int progress = 1;
-    while (progress && c->moves < max_moves && !c->oom) {
-        progress = 0;
+    /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
+    int idle = 0, overloaded = 1;
+    while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
+        int progress = 0;
+        overloaded = 0;
         for (int64_t x = 0; x < c->E && c->moves < max_moves; x++) {
             if (c->loads[x] <= c->cap[x]) continue;
+            overloaded = 1;
             double before = c->p[x];
             if (raise_price(c, x, out) > 0) raises++;
             progress |= c->p[x] > before;
         }
+        idle = progress ? 0 : idle + 1;
     }
     free(out);
     return raises;

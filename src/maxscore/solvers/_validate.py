@@ -24,7 +24,6 @@ class Problem:
     valid_T: torch.Tensor | None
     num_valid: int
     device: torch.device
-    has_forbidden: bool
 
     @property
     def num_tokens(self) -> int:
@@ -109,13 +108,13 @@ def _check_valid(valid: torch.Tensor | None, num_tokens: int) -> torch.Tensor | 
     return valid.detach().to("cpu").contiguous()
 
 
-def _check_values(scores_TE: torch.Tensor, valid_T: torch.Tensor | None, k: int) -> bool:
-    """Rejects NaN/+inf and tokens with fewer than k allowed experts; returns has_forbidden."""
+def _check_values(scores_TE: torch.Tensor, valid_T: torch.Tensor | None, k: int) -> None:
+    """Rejects NaN/+inf and tokens with fewer than k allowed experts (one compiled pass)."""
     from maxscore.solvers import _core  # compiled; imported here to keep this module light
 
     num_tokens, num_experts = scores_TE.shape
     valid = None if valid_T is None else valid_T.numpy().view("uint8")
-    num_bad, _, num_short, _, num_forbidden = _core.scan(
+    num_bad, _, num_short, _, _ = _core.scan(
         scores_TE.numpy(), scores_TE.dtype == torch.float64, num_tokens, num_experts, k, valid
     )
     if num_bad:
@@ -134,7 +133,6 @@ def _check_values(scores_TE: torch.Tensor, valid_T: torch.Tensor | None, k: int)
             f"scores: tokens {_first(short_T.nonzero().flatten())} have fewer than k={k} allowed experts "
             "(entries > -inf); allow at least k experts per token, or mark those tokens invalid with `valid`"
         )
-    return num_forbidden > 0
 
 
 def make_problem(
@@ -167,5 +165,5 @@ def make_problem(
         )
     host_dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
     scores_TE = scores.detach().to("cpu", host_dtype).contiguous()
-    has_forbidden = _check_values(scores_TE, valid_T, k)
-    return Problem(scores_TE, k, capacity, valid_T, num_valid, scores.device, has_forbidden)
+    _check_values(scores_TE, valid_T, k)
+    return Problem(scores_TE, k, capacity, valid_T, num_valid, scores.device)

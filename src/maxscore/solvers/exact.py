@@ -3,16 +3,17 @@
 Problem: maximize ``sum scores[t, e] * x[t, e]`` subject to ``sum_e x[t, e] = k`` for every
 valid token, ``sum_t x[t, e] <= capacity`` and ``x in {0, 1}`` (``-inf`` forbids a pair).
 
-Method (compiled core, ``_core.c``): every token takes its top-k of ``scores - prices``; an
-ascending auction raises the price of each overloaded expert to the smallest value at which
-only ``capacity`` holders still want it (evicted holders move to their best free choice); a
-budget of ``max_moves`` bounds that phase, and successive shortest paths on the E-node expert
-graph (prices as potentials) repair what is left.  Both phases keep every token on a top-k of
-``scores - prices``, so the result is optimal; the duality gap
+Method (compiled core, ``_core.c``): on large, imbalanced problems a few damped best-response
+price steps first; every token takes its top-k of ``scores - prices``; an ascending auction
+raises the price of each overloaded expert until only ``capacity`` holders still want it
+(evicted holders move to their best free choice), under a budget of ``max_moves``; successive
+shortest paths on the E-node expert graph (prices as potentials) repair what is left.  Every
+step keeps every token on a top-k of ``scores - prices``, so the result is optimal; the
+duality gap
 ``D(p) - score = sum_t topk_k(scores[t] - p) + capacity * sum_e p_e - score`` is computed from
 scratch as the certificate (0 up to rounding).
 
-Complexity: O(T E) for the top-k pass and the certificate, plus O(L log L) per price raise and
+Complexity: O(T E) per row pass (top-k, price step, certificate), O(E + log T) per auction move,
 O(E^2 + work on the contested tokens) per augmentation; memory O(T E) bytes.  No Python loop.
 Ties: lower expert index first; among holders an expert evicts, higher token indices leave first.
 CUDA scores are solved on a host copy (one device-to-host copy of [T, E] and one

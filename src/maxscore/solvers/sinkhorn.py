@@ -6,10 +6,10 @@ the valid tokens, each with mass k-1, to the experts' residual capacities as upp
 with the stage-1 expert forbidden.  Its column potentials g are prices in score units,
 ``p = -temperature_scale * g``, and rounding the plan (each token takes its k-1 largest plan
 entries) is the same as taking the top-(k-1) of ``scores - p``.  The compiled core does
-exactly that rounding as its first phase, then moves the units it puts over capacity along
-shortest paths with ``p`` as potentials: the result never exceeds capacity, drops nothing
-when the problem is feasible, and (the paths being shortest) is the optimum of stage 2, as
-in ``two_stage``; Sinkhorn only changes how much repair is left.  ``converged`` reports
+exactly that rounding as its first phase, then moves the units it puts over capacity (its
+price steps and auction, then shortest paths with ``p`` as potentials): the result never exceeds capacity,
+drops nothing when the problem is feasible, and is the optimum of stage 2, as in
+``two_stage``; Sinkhorn only changes how much repair is left.  ``converged`` reports
 whether the plan's column overflow met ``tolerance`` within ``iterations``.
 
 Complexity O(iterations x T E) tensor ops plus the repair.  Not optimal overall (stage 1
@@ -26,6 +26,7 @@ import torch
 from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
+from maxscore.solvers.exact import PRICE_ITERATIONS, default_max_moves
 from maxscore.solvers.two_stage import first_stage, without_first
 
 _NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so no inf - inf
@@ -86,6 +87,8 @@ def solve_sinkhorn(
         scores_TE=residual_TE,
         capacity_E=residual_capacity_E,
         prices_E=(-scale * g_E).clamp(max=1e6).numpy(),
+        max_moves=default_max_moves(problem, problem.k - 1),
+        price_iterations=PRICE_ITERATIONS,
     )
     experts_TK = np.concatenate([first_T[:, None], rest.experts_TK], axis=1)
     return to_assignment(
