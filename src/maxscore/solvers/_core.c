@@ -294,6 +294,8 @@ static void note_bad(int64_t t, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     (*nbad)++;
 }
 
+typedef char double_is_int64_sized[sizeof(double) == sizeof(int64_t) ? 1 : -1]; /* chunk scratch */
+
 typedef struct {
     Ctx *c;
     int64_t t0, t1;
@@ -301,18 +303,14 @@ typedef struct {
     int64_t *loads;  /* assign pass: this chunk's loads */
     int64_t nbad;    /* assign pass: tokens with fewer than k allowed experts */
     double total;    /* dual pass: this chunk's sum */
+    int64_t *idx;    /* scratch for row_topk: k+1 entries */
+    double *val;
 } Chunk;
 
 static void assign_rows(Chunk *ch) {
     Ctx *c = ch->c;
-    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
-    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
-    if (!idx || !val) {
-        c->oom = 1;
-        free(idx);
-        free(val);
-        return;
-    }
+    int64_t *idx = ch->idx;
+    double *val = ch->val;
     for (int64_t t = ch->t0; t < ch->t1; t++) {
         int64_t *row = c->experts + t * c->k;
         uint8_t *h = c->held + t * c->E;
@@ -340,20 +338,12 @@ static void assign_rows(Chunk *ch) {
             c->barg[t] = (int32_t)idx[c->k];
         }
     }
-    free(idx);
-    free(val);
 }
 
 static void dual_rows(Chunk *ch) {
     Ctx *c = ch->c;
-    int64_t *idx = malloc(sizeof(int64_t) * (size_t)(c->k + 1));
-    double *val = malloc(sizeof(double) * (size_t)(c->k + 1));
-    if (!idx || !val) {
-        c->oom = 1;
-        free(idx);
-        free(val);
-        return;
-    }
+    int64_t *idx = ch->idx;
+    double *val = ch->val;
     for (int64_t t = ch->t0; t < ch->t1; t++) {
         if (!is_valid(c, t)) continue;
         /* k+1 distinct experts (the held ones and the cached best other) bound the (k+1)-th value */
@@ -368,8 +358,6 @@ static void dual_rows(Chunk *ch) {
         row_topk(c, t, bound, idx, val);
         for (int64_t j = 0; j < c->k; j++) ch->total += val[j];
     }
-    free(idx);
-    free(val);
 }
 
 #define MAX_THREADS 64
@@ -385,11 +373,13 @@ static void *dual_thread(void *arg) {
 }
 #endif
 
-/* runs fn over token chunks, on c->threads threads when the pass is big enough */
-static int64_t split_rows(Ctx *c, Chunk *ch, double rise) {
+/* splits the tokens into chunks, one per thread when the pass is big enough; 0 = no memory */
+static int64_t split_rows(Ctx *c, Chunk *ch, double rise, int64_t **scratch) {
     int64_t n = c->threads < 1 ? 1 : (c->threads > MAX_THREADS ? MAX_THREADS : c->threads);
     if (c->N * c->E < (int64_t)1 << 17) n = 1; /* thread start-up would cost more than it saves */
     if (n > c->N) n = c->N < 1 ? 1 : c->N;
+    *scratch = malloc(sizeof(int64_t) * (size_t)(2 * n * (c->k + 1)));
+    if (!*scratch) return c->oom = 1, 0;
     for (int64_t i = 0; i < n; i++) {
         ch[i].c = c;
         ch[i].t0 = c->N * i / n;
@@ -397,6 +387,8 @@ static int64_t split_rows(Ctx *c, Chunk *ch, double rise) {
         ch[i].rise = rise;
         ch[i].nbad = 0;
         ch[i].total = 0;
+        ch[i].idx = *scratch + 2 * i * (c->k + 1);
+        ch[i].val = (double *)(ch[i].idx + c->k + 1); /* int64 and double have the same size */
     }
     return n;
 }
@@ -431,11 +423,16 @@ static int assign_topk(Ctx *c, double rise, int64_t *bad, int64_t nbad_max, int6
         for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
         memset(c->held, 0, (size_t)(c->N * c->E));
     }
-    int64_t n = split_rows(c, ch, rise);
-    int64_t *loads = calloc((size_t)(n * c->E), sizeof(int64_t));
-    if (!loads) return c->oom = 1, 1;
+    int64_t *scratch, n = split_rows(c, ch, rise, &scratch);
+    int64_t *loads = calloc((size_t)(n * c->E) + 1, sizeof(int64_t));
+    if (!n || !loads) {
+        free(scratch);
+        free(loads);
+        return c->oom = 1, 1;
+    }
     for (int64_t i = 0; i < n; i++) ch[i].loads = loads + i * c->E;
     run_chunks(ch, n, assign_rows, assign_thread);
+    free(scratch);
     *nbad = 0;
     memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
     for (int64_t i = 0; i < n; i++) {
@@ -570,8 +567,9 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
 /* sum over valid tokens of the top-k of s - p: the token part of the dual objective */
 static double dual_token_part(Ctx *c) {
     Chunk ch[MAX_THREADS];
-    int64_t n = split_rows(c, ch, 0);
+    int64_t *scratch, n = split_rows(c, ch, 0, &scratch);
     run_chunks(ch, n, dual_rows, dual_thread);
+    free(scratch);
     double total = 0.0;
     for (int64_t i = 0; i < n; i++) total += ch[i].total;
     return total;
