@@ -113,17 +113,19 @@ static void sift_down(Heap *h, int64_t i) {
     h->a[i] = v;
 }
 
+/* makes room for `need` entries (growing to need + need/4 + 16); 0 and c->oom set on failure */
+static int heap_reserve(Ctx *c, Heap *h, int64_t need) {
+    if (h->cap >= need) return 1;
+    int64_t nc = need + need / 4 + 16;
+    Entry *na = realloc(h->a, sizeof(Entry) * (size_t)nc);
+    if (!na) return c->oom = 1, 0;
+    h->a = na;
+    h->cap = nc;
+    return 1;
+}
+
 static void heap_push(Ctx *c, Heap *h, Entry v) {
-    if (h->n == h->cap) {
-        int64_t nc = h->cap * 2 + 16;
-        Entry *na = realloc(h->a, sizeof(Entry) * (size_t)nc);
-        if (!na) {
-            c->oom = 1;
-            return;
-        }
-        h->a = na;
-        h->cap = nc;
-    }
+    if (!heap_reserve(c, h, h->n + 1)) return;
     int64_t i = h->n++;
     while (i > 0) {
         int64_t up = (i - 1) / 2;
@@ -264,18 +266,8 @@ static void move_token(Ctx *c, int64_t t, int64_t a, int64_t b) {
 /* builds the holder heaps from scratch (O(N k) with heapify) */
 static void build_heaps(Ctx *c) {
     for (int64_t x = 0; x < c->E; x++) {
-        Heap *h = &c->heaps[x];
-        h->n = 0;
-        if (h->cap < c->loads[x]) {
-            int64_t nc = c->loads[x] + c->loads[x] / 4 + 16;
-            Entry *na = realloc(h->a, sizeof(Entry) * (size_t)nc);
-            if (!na) {
-                c->oom = 1;
-                return;
-            }
-            h->a = na;
-            h->cap = nc;
-        }
+        c->heaps[x].n = 0;
+        if (!heap_reserve(c, &c->heaps[x], c->loads[x])) return;
     }
     for (int64_t t = 0; t < c->N; t++)
         for (int64_t j = 0; j < c->k; j++) {
