@@ -111,6 +111,7 @@ def bench_solvers(
     for num_tokens, num_experts, k in sizes:
         for distribution in distributions:
             scores = make_scores(num_tokens, num_experts, distribution)
+            case = dict(num_tokens=num_tokens, num_experts=num_experts, k=k, distribution=distribution)
             topk_ms = median_ms(lambda s=scores, k=k: torch.topk(s, k, dim=1), budget_s)
             optimum = solve(scores, k).score
             runs: list[tuple[str, Callable[[], Assignment]]] = [
@@ -125,10 +126,7 @@ def bench_solvers(
                 ms = median_ms(run, budget_s)
                 rows.append(
                     BenchRow(
-                        num_tokens=num_tokens,
-                        num_experts=num_experts,
-                        k=k,
-                        distribution=distribution,
+                        **case,
                         method=method,
                         ms=ms,
                         ratio_to_topk=ms / topk_ms,
@@ -140,10 +138,7 @@ def bench_solvers(
                 )
             rows.append(
                 BenchRow(
-                    num_tokens=num_tokens,
-                    num_experts=num_experts,
-                    k=k,
-                    distribution=distribution,
+                    **case,
                     method="torch.topk",
                     ms=topk_ms,
                     ratio_to_topk=1.0,
