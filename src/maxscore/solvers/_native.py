@@ -13,6 +13,9 @@ from maxscore.solvers._validate import Problem, _first
 _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
 _MAX_REPORTED = 64
 EXACT, REPAIR = 0, 1
+PRICE_ITERATIONS = 10  # cap on best-response price steps; they stop early once the excess is small
+DAMPING = 0.8
+MOVES_PER_UNIT = 2  # auction budget: token moves per unit (token x k) before the repair takes over
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +40,23 @@ def run_core(
     mode: int = EXACT,
     experts_TK: np.ndarray | None = None,
     prices_E: np.ndarray | None = None,
-    max_moves: int = 0,
-    price_iterations: int = 0,
-    damping: float = 0.8,
+    max_moves: int | None = None,
+    price_iterations: int = PRICE_ITERATIONS,
+    damping: float = DAMPING,
     threads: int | None = None,
 ) -> CoreResult:
     """Runs the core on ``problem`` (or on a sub-problem: other k, scores or capacities).
 
-    mode EXACT solves to optimality from ``prices_E`` (warm start, default 0); mode REPAIR
-    makes ``experts_TK`` (slots may be -1) feasible along cheapest score-loss paths.
+    mode EXACT solves to optimality from ``prices_E`` (warm start, default 0) with at most
+    ``price_iterations`` price steps and ``max_moves`` auction moves (default
+    ``MOVES_PER_UNIT * T * k``); mode REPAIR makes ``experts_TK`` (slots may be -1) feasible
+    along cheapest score-loss paths.
     """
     k = problem.k if k is None else k
     scores = problem.scores_TE if scores_TE is None else scores_TE
     num_tokens, num_experts = scores.shape
+    if max_moves is None:
+        max_moves = MOVES_PER_UNIT * num_tokens * k
     if capacity_E is None:
         capacity_E = np.full(num_experts, problem.capacity, dtype=np.int64)
     prices = np.zeros(num_experts) if prices_E is None else np.array(prices_E, dtype=np.float64)

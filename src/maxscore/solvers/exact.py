@@ -29,18 +29,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers._native import run_core
+from maxscore.solvers._native import PRICE_ITERATIONS, run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
-
-
-def default_max_moves(problem: Problem, k: int | None = None) -> int:
-    """Budget of auction moves (token evictions) before the shortest-path repair takes over."""
-    return 2 * problem.num_tokens * (problem.k if k is None else k)
-
-
-PRICE_ITERATIONS = 10  # best-response price steps; they stop early once the excess is small
-DAMPING = 0.8
 
 
 def solve_exact(
@@ -69,20 +60,15 @@ def solve_exact(
         prices_E = prices.detach().to("cpu", torch.float64).numpy()
         if not np.isfinite(prices_E).all():
             raise ValueError("prices must be finite; pass None for a cold start")
-    if max_moves is None:
-        max_moves = default_max_moves(problem)
-    elif isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0:
-        raise ValueError(f"max_moves must be an int >= 0, got {max_moves!r}")
-    for name, value in (("price_iterations", price_iterations), ("threads", threads)):
+    for name, value in (
+        ("max_moves", max_moves),
+        ("price_iterations", price_iterations),
+        ("threads", threads),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     result = run_core(
-        problem,
-        prices_E=prices_E,
-        max_moves=max_moves,
-        price_iterations=price_iterations,
-        damping=DAMPING,
-        threads=threads,
+        problem, prices_E=prices_E, max_moves=max_moves, price_iterations=price_iterations, threads=threads
     )
     return to_assignment(
         problem,

@@ -26,7 +26,6 @@ import torch
 from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
-from maxscore.solvers.exact import PRICE_ITERATIONS, default_max_moves
 from maxscore.solvers.two_stage import first_stage, without_first
 
 _NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so no inf - inf
@@ -87,8 +86,6 @@ def solve_sinkhorn(
         scores_TE=residual_TE,
         capacity_E=residual_capacity_E,
         prices_E=(-scale * g_E).clamp(max=1e6).numpy(),
-        max_moves=default_max_moves(problem, problem.k - 1),
-        price_iterations=PRICE_ITERATIONS,
     )
     experts_TK = np.concatenate([first_T[:, None], rest.experts_TK], axis=1)
     return to_assignment(

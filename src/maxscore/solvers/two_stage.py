@@ -22,14 +22,12 @@ import torch
 from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
-from maxscore.solvers.exact import PRICE_ITERATIONS, default_max_moves, solve_exact
+from maxscore.solvers.exact import solve_exact
 
 
 def first_stage(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     """Optimal top-1 routing under the capacity: (first expert [T] (-1 = invalid), loads [E])."""
-    result = run_core(
-        problem, k=1, max_moves=default_max_moves(problem, 1), price_iterations=PRICE_ITERATIONS
-    )
+    result = run_core(problem, k=1)
     return result.experts_TK[:, 0], result.loads_E
 
 
@@ -54,8 +52,6 @@ def solve_two_stage(problem: Problem) -> Assignment:
             k=problem.k - 1,
             scores_TE=without_first(problem, first_T),
             capacity_E=residual_capacity_E,
-            max_moves=default_max_moves(problem, problem.k - 1),
-            price_iterations=PRICE_ITERATIONS,
         )
     except ValueError:  # forbidden pairs left stage 2 infeasible: route all units jointly
         joint = solve_exact(problem)
