@@ -297,6 +297,10 @@ typedef struct {
     double total;    /* dual pass: this chunk's sum */
     int64_t *idx;    /* scratch for row_topk: k+1 entries */
     double *val;
+    int64_t e0, e1;  /* gather pass: this chunk's experts, and where their thresholds go */
+    double *buf;
+    const int64_t *off;
+    int64_t *cnt;
 } Chunk;
 
 static void assign_rows(Chunk *ch) {
@@ -354,7 +358,6 @@ static void dual_rows(Chunk *ch) {
 
 #define MAX_THREADS 64
 
-#ifdef HAVE_THREADS
 static void *assign_thread(void *arg) {
     assign_rows(arg);
     return NULL;
@@ -363,12 +366,16 @@ static void *dual_thread(void *arg) {
     dual_rows(arg);
     return NULL;
 }
-#endif
+
+/* threads for a pass over all N x E scores: 1 when thread start-up would cost more than it saves */
+static int64_t pass_threads(const Ctx *c) {
+    int64_t n = c->threads < 1 ? 1 : (c->threads > MAX_THREADS ? MAX_THREADS : c->threads);
+    return c->N * c->E < (int64_t)1 << 17 ? 1 : n;
+}
 
 /* splits the tokens into chunks, one per thread when the pass is big enough; 0 = no memory */
 static int64_t split_rows(Ctx *c, Chunk *ch, double rise, int64_t **scratch) {
-    int64_t n = c->threads < 1 ? 1 : (c->threads > MAX_THREADS ? MAX_THREADS : c->threads);
-    if (c->N * c->E < (int64_t)1 << 17) n = 1; /* thread start-up would cost more than it saves */
+    int64_t n = pass_threads(c);
     if (n > c->N) n = c->N < 1 ? 1 : c->N;
     *scratch = malloc(sizeof(int64_t) * (size_t)(2 * n * (c->k + 1)));
     if (!*scratch) return c->oom = 1, 0;
@@ -495,6 +502,32 @@ static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
     h[i] = v;
 }
 
+/* price-step thresholds of experts [e0, e1) over all tokens (see price_step) */
+static void gather_rows(Chunk *ch) {
+    Ctx *c = ch->c;
+    const int64_t N = c->N, E = c->E;
+    for (int64_t t = 0; t < N; t++) {
+        if (!is_valid(c, t)) continue;
+        const uint8_t *h = c->held + t * E;
+        double bt = c->best[t], kt = c->kth[t];
+        for (int64_t e = ch->e0; e < ch->e1; e++) {
+            int64_t L = c->loads[e], C = c->cap[e];
+            if (L == C) continue;
+            if (h[e]) {
+                if (L > C) ch->buf[ch->off[e] + ch->cnt[e]++] = S(c, t, e) - bt;
+            } else if (L < C) {
+                double v = S(c, t, e);
+                if (v != -INFINITY) dheap_offer(ch->buf + ch->off[e], &ch->cnt[e], C - L + 1, v - kt);
+            }
+        }
+    }
+}
+
+static void *gather_thread(void *arg) {
+    gather_rows(arg);
+    return NULL;
+}
+
 /*
  * One damped best-response (Jacobi) price step for all experts at once.  Expert e's demand
  * at price q counts the tokens whose threshold exceeds q: a holder's threshold is its
@@ -513,21 +546,17 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
         if (c->loads[e] > c->cap[e]) total += c->loads[e];
         else if (c->loads[e] < c->cap[e]) total += c->cap[e] - c->loads[e] + 1;
     }
-    for (int64_t t = 0; t < N; t++) {
-        if (!is_valid(c, t)) continue;
-        const uint8_t *h = c->held + t * E;
-        double bt = c->best[t], kt = c->kth[t];
-        for (int64_t e = 0; e < E; e++) {
-            int64_t L = c->loads[e], C = c->cap[e];
-            if (L == C) continue;
-            if (h[e]) {
-                if (L > C) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
-            } else if (L < C) {
-                double v = S(c, t, e);
-                if (v != -INFINITY) dheap_offer(buf + off[e], &cnt[e], C - L + 1, v - kt);
-            }
-        }
+    Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
+    int64_t n = pass_threads(c) < E ? pass_threads(c) : E;
+    for (int64_t i = 0; i < n; i++) {
+        ch[i].c = c;
+        ch[i].e0 = E * i / n;
+        ch[i].e1 = E * (i + 1) / n;
+        ch[i].buf = buf;
+        ch[i].off = off;
+        ch[i].cnt = cnt;
     }
+    run_chunks(ch, n, gather_rows, gather_thread);
     int moved = 0;
     *rise = 0;
     for (int64_t e = 0; e < E; e++) {
