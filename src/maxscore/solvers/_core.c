@@ -297,9 +297,10 @@ typedef struct {
     double total;    /* dual pass: this chunk's sum */
     int64_t *idx;    /* scratch for row_topk: k+1 entries */
     double *val;
-    int64_t e0, e1;  /* gather pass: this chunk's experts, and where their thresholds go */
+    int64_t e0, e1;  /* gather pass: this chunk's experts, every stride-th token, and */
+    int64_t stride;  /* where the thresholds go (want[e] = size of an entering-price heap) */
     double *buf;
-    const int64_t *off;
+    const int64_t *off, *want;
     int64_t *cnt;
 } Chunk;
 
@@ -506,7 +507,7 @@ static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
 static void gather_rows(Chunk *ch) {
     Ctx *c = ch->c;
     const int64_t N = c->N, E = c->E;
-    for (int64_t t = 0; t < N; t++) {
+    for (int64_t t = 0; t < N; t += ch->stride) {
         if (!is_valid(c, t)) continue;
         const uint8_t *h = c->held + t * E;
         double bt = c->best[t], kt = c->kth[t];
@@ -517,7 +518,7 @@ static void gather_rows(Chunk *ch) {
                 if (L > C) ch->buf[ch->off[e] + ch->cnt[e]++] = S(c, t, e) - bt;
             } else if (L < C) {
                 double v = S(c, t, e);
-                if (v != -INFINITY) dheap_offer(ch->buf + ch->off[e], &ch->cnt[e], C - L + 1, v - kt);
+                if (v != -INFINITY) dheap_offer(ch->buf + ch->off[e], &ch->cnt[e], ch->want[e], v - kt);
             }
         }
     }
@@ -535,16 +536,20 @@ static void *gather_thread(void *arg) {
  * target price puts exactly cap[e] thresholds above it (midpoint of the cap-th and
  * cap+1-th); prices move a fraction alpha of the way.  An overloaded expert selects among
  * its holders; an underloaded one keeps only its C - L + 1 best entering prices in a
- * bounded heap.  O(N E) plus the selections.  Sets *rise to the largest price increase.
+ * bounded heap.  With stride > 1 the same quantiles are estimated on every stride-th token
+ * (cheap early steps while the excess is large; exactness comes from the later phases).
+ * O(N E / stride) plus the selections.  Sets *rise to the largest price increase.
  */
-static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t *off, int64_t *cnt, double *rise) {
-    const int64_t N = c->N, E = c->E;
+static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, double *buf, int64_t *off,
+                      int64_t *want, int64_t *cnt, double *rise) {
+    const int64_t E = c->E;
     int64_t total = 0;
     for (int64_t e = 0; e < E; e++) {
+        int64_t L = c->loads[e], C = c->cap[e];
         off[e] = total;
         cnt[e] = 0;
-        if (c->loads[e] > c->cap[e]) total += c->loads[e];
-        else if (c->loads[e] < c->cap[e]) total += c->cap[e] - c->loads[e] + 1;
+        want[e] = L < C ? (C - L + stride - 1) / stride + 1 : 0;
+        total += L > C ? L : want[e];
     }
     Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
     int64_t n = pass_threads(c) < E ? pass_threads(c) : E;
@@ -552,8 +557,10 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
         ch[i].c = c;
         ch[i].e0 = E * i / n;
         ch[i].e1 = E * (i + 1) / n;
+        ch[i].stride = stride;
         ch[i].buf = buf;
         ch[i].off = off;
+        ch[i].want = want;
         ch[i].cnt = cnt;
     }
     run_chunks(ch, n, gather_rows, gather_thread);
@@ -564,13 +571,14 @@ static int price_step(Ctx *c, double alpha, int floor_zero, double *buf, int64_t
         if (L == C || n == 0) continue;
         double *a = buf + off[e], hi, lo;
         if (L > C) { /* keep C holders: between the (C+1)-th and the C-th leaving price */
-            lo = select_desc(a, n, C);
+            int64_t r = C * n / L; /* C itself when every holder was gathered */
+            lo = select_desc(a, n, r);
             hi = lo;
-            for (int64_t i = 0; i < C; i++) hi = (i == 0 || a[i] < hi) ? a[i] : hi;
-        } else if (n <= C - L) { /* too few other tokens can take e: admit them all */
+            for (int64_t i = 0; i < r; i++) hi = (i == 0 || a[i] < hi) ? a[i] : hi;
+        } else if (n < want[e]) { /* too few other tokens can take e: admit them all */
             hi = a[0];
             lo = -INFINITY;
-        } else { /* heap of the C-L+1 best entering prices: root = (C-L+1)-th, then the C-L-th */
+        } else { /* heap of the want best entering prices: root = want-th, then the (want-1)-th */
             lo = a[0];
             hi = n > 2 ? fmin(a[1], a[2]) : a[1];
         }
@@ -792,15 +800,15 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     /* the price phase pays off on big problems with much excess; small ones go to the auction */
     if (price_iters > 0 && c->N * c->E >= ((int64_t)1 << 16) && total_excess(c) > units / 64) {
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1)), rise;
-        int64_t *off = malloc(sizeof(int64_t) * (size_t)c->E), *cnt = malloc(sizeof(int64_t) * (size_t)c->E);
-        if (!buf || !off || !cnt) c->oom = 1;
+        int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
+        if (!buf || !off) c->oom = 1;
         for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > units / 64; it++) {
-            if (!price_step(c, alpha, slack, buf, off, cnt, &rise)) break;
+            int64_t stride = total_excess(c) > units / 16 ? 4 : 1; /* coarse steps while far off */
+            if (!price_step(c, alpha, slack, stride, buf, off, want, cnt, &rise)) break;
             assign_topk(c, rise, bad, nbad_max, nbad);
         }
         free(buf);
         free(off);
-        free(cnt);
     }
     for (int64_t round = 0; slack && round < c->E; round++) {
         int changed = 0;
