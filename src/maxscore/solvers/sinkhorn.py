@@ -18,8 +18,6 @@ commits first).  Ties: as ``exact``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -32,22 +30,27 @@ _NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so 
 
 
 def sinkhorn_potentials(
-    logits_TE: torch.Tensor, row_mass: float, col_mass_E: torch.Tensor, iterations: int
-) -> tuple[torch.Tensor, float]:
+    logits_TE: torch.Tensor, row_mass: float | torch.Tensor, col_mass_E: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-domain Sinkhorn for rows of mass ``row_mass`` and columns of mass at most ``col_mass_E``.
 
     The column step is the KL projection onto ``column <= capacity``: a column is scaled down
     only where it overflows, so with unbounded capacity the plan keeps each row's order.
-    Returns (column potentials g_E <= 0, largest column overflow relative to the largest capacity).
+    Leading batch dimensions are allowed (``logits [..., T, E]``, ``col_mass [..., E]``,
+    ``row_mass`` a number or [..., T], 0 for a row that takes no mass); no host sync.
+    Returns (column potentials g [..., E] <= 0, largest column overflow relative to the
+    largest capacity, a tensor [...]).
     """
     log_col_E = torch.log(col_mass_E).clamp(min=_NO_ROOM)
+    log_row_T = torch.log(torch.as_tensor(row_mass, dtype=logits_TE.dtype, device=logits_TE.device))
     g_E = torch.zeros_like(col_mass_E)
     for _ in range(iterations):
-        f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
-        g_E = (log_col_E - torch.logsumexp(logits_TE + f_T[:, None], dim=0)).clamp(max=0)
-    f_T = math.log(row_mass) - torch.logsumexp(logits_TE + g_E, dim=1)
-    plan_col_E = torch.exp(torch.logsumexp(logits_TE + f_T[:, None], dim=0) + g_E)
-    return g_E, float((plan_col_E - col_mass_E).clamp(min=0).max()) / max(1.0, float(col_mass_E.max()))
+        f_T = log_row_T - torch.logsumexp(logits_TE + g_E[..., None, :], dim=-1)
+        g_E = (log_col_E - torch.logsumexp(logits_TE + f_T[..., None], dim=-2)).clamp(max=0)
+    f_T = log_row_T - torch.logsumexp(logits_TE + g_E[..., None, :], dim=-1)
+    plan_col_E = torch.exp(torch.logsumexp(logits_TE + f_T[..., None], dim=-2) + g_E)
+    overflow = (plan_col_E - col_mass_E).clamp(min=0).amax(-1)
+    return g_E, overflow / col_mass_E.amax(-1).clamp(min=1.0)
 
 
 def solve_sinkhorn(
@@ -89,5 +92,5 @@ def solve_sinkhorn(
     )
     experts_TK = np.concatenate([first_T[:, None], rest.experts_TK], axis=1)
     return to_assignment(
-        problem, experts_TK, "sinkhorn", loads_E=loads_E + rest.loads_E, converged=error <= tolerance
+        problem, experts_TK, "sinkhorn", loads_E=loads_E + rest.loads_E, converged=float(error) <= tolerance
     )

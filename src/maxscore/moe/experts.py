@@ -1,0 +1,53 @@
+"""Experts as batched SwiGLU weights: ``w_down(silu(x w_gate) * (x w_up))`` for all E at once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU MLPs held as [E, D, F] / [E, F, D] weights.
+
+    ``forward`` runs a static [E, C, D] buffer through one bmm per projection;
+    ``forward_grouped`` runs tokens sorted by expert, one matmul per non-empty expert.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w_gate = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_up = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight, fan_in in ((self.w_gate, self.dim), (self.w_up, self.dim), (self.w_down, self.hidden)):
+            nn.init.normal_(weight, std=fan_in**-0.5)
+
+    def forward(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """[E, C, D] -> [E, C, D]."""
+        h_ECF = nn.functional.silu(torch.bmm(x_ECD, self.w_gate)) * torch.bmm(x_ECD, self.w_up)
+        return torch.bmm(h_ECF, self.w_down)
+
+    def forward_grouped(self, x_PD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by expert, ``counts[e]`` rows for expert e: [P, D] -> [P, D]."""
+        outputs = []
+        for e, rows_PD in enumerate(torch.split(x_PD, counts)):
+            if rows_PD.shape[0]:
+                h_PF = nn.functional.silu(rows_PD @ self.w_gate[e]) * (rows_PD @ self.w_up[e])
+                outputs.append(h_PF @ self.w_down[e])
+        return torch.cat(outputs) if outputs else x_PD.new_zeros(0, self.dim)
+
+
+class SwiGLU(nn.Module):
+    """One dense SwiGLU MLP (the shared expert), [..., D] -> [..., D]."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))

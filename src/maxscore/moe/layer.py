@@ -1,0 +1,136 @@
+"""The MoE layer: route -> dispatch -> experts -> combine.
+
+Capacity routers fill a static [E, C, D] buffer (one bmm per projection, no host sync);
+dropless routings (``dropless``, ``deepseek_v3``, any router in causal mode) take the grouped
+path.  A dropped choice contributes nothing: the layer's output for that token is the weighted
+sum of its other experts (0 if all were dropped), and the model's residual connection carries
+the token, as in GShard.  Padding tokens (``valid`` False) get output 0 and use no capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maxscore.moe.dispatch import capacity_slots, combine, dispatch, sort_by_expert
+from maxscore.moe.experts import SwiGLU, SwiGLUExperts
+from maxscore.routers import Router, RouterOutput, make_router
+from maxscore.routers.stats import RoutingStats
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoEOutput:
+    """``output`` [B, L, D]; ``aux_loss`` float32 scalar (add it to the training loss);
+    ``stats`` the routing statistics; ``routing`` the router's full output."""
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: RoutingStats
+    routing: RouterOutput
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts SwiGLU layer with a pluggable router.
+
+    Args:
+        dim: model dimension D.
+        hidden: hidden size F of each expert.
+        num_experts: E.
+        k: experts per token.
+        router: a name in ``maxscore.routers.ROUTERS`` (default ``"maxscore"``) or a module
+            following the ``Router`` protocol.
+        capacity_factor: capacity per routing group = ``ceil(capacity_factor * k * tokens / E)``.
+        shared_hidden: hidden size of an always-on shared SwiGLU expert (0: none).
+        **router_options: options of the named router (see ``router_options(name)``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        k: int,
+        router: str | nn.Module = "maxscore",
+        capacity_factor: float = 1.0,
+        *,
+        shared_hidden: int = 0,
+        **router_options,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("hidden", hidden, 1), ("shared_hidden", shared_hidden, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(router, str):
+            router = make_router(router, dim, num_experts, k, capacity_factor, **router_options)
+        elif router_options or not isinstance(router, Router):
+            raise ValueError("router must be a router name, or a Router module given without router_options")
+        self.dim, self.num_experts, self.k = dim, num_experts, k
+        self.router = router
+        self.experts = SwiGLUExperts(num_experts, dim, hidden)
+        self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, causal: bool = False) -> MoEOutput:
+        """Routes and runs ``x`` [B, L, D].
+
+        Args:
+            x: float [B, L, D].
+            valid: bool [B, L], False for padding; default all valid.
+            causal: route every token independently of the others (see ``Router``);
+                switched on automatically for single-token steps in eval mode (generation).
+        """
+        batch, length = self._check(x, valid)
+        x_TD = x.reshape(-1, self.dim)
+        valid_T = None if valid is None else valid.reshape(-1)
+        causal = causal or (
+            length == 1 and not self.training and getattr(self.router, "has_causal_mode", False)
+        )
+        routing = self.router(x_TD, valid_T, sequence_length=length, causal=causal)
+        if routing.capacity is None:
+            y_TD = self._run_grouped(x_TD, routing)
+        else:
+            y_TD = self._run_capacity(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        if valid_T is not None:
+            y_TD = y_TD * valid_T[:, None].to(y_TD.dtype)
+        return MoEOutput(
+            output=y_TD.view(batch, length, self.dim),
+            aux_loss=routing.aux_loss,
+            stats=routing.stats,
+            routing=routing,
+        )
+
+    def _run_capacity(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        slots_TK = capacity_slots(routing.experts, self.num_experts, routing.capacity)
+        x_ECD = dispatch(x_TD, slots_TK, self.num_experts, routing.capacity)
+        return combine(self.experts(x_ECD), slots_TK, routing.weights)
+
+    def _run_grouped(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        pairs_P, tokens_P, counts = sort_by_expert(routing.experts, self.num_experts)
+        y_PD = self.experts.forward_grouped(x_TD[tokens_P], counts)
+        weights_P = routing.weights.flatten()[pairs_P].to(y_PD.dtype)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, y_PD * weights_P[:, None])
+
+    def _check(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[int, int]:
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 3
+            or x.shape[2] != self.dim
+            or not x.is_floating_point()
+        ):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a float tensor of shape [B, L, D={self.dim}], got {got}")
+        if x.shape[0] * x.shape[1] == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); pass at least one token")
+        if valid is not None and (
+            not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != x.shape[:2]
+        ):
+            got = (
+                f"{valid.dtype} {tuple(valid.shape)}"
+                if isinstance(valid, torch.Tensor)
+                else type(valid).__name__
+            )
+            raise ValueError(f"valid must be a bool tensor of shape [B, L] = {list(x.shape[:2])}, got {got}")
+        return x.shape[0], x.shape[1]

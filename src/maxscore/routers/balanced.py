@@ -1,0 +1,89 @@
+"""Balanced-assignment routers: BASE and S-BASE.
+
+- ``base`` (Lewis et al., 2021, BASE layers): in training, the balanced linear assignment of
+  tokens to experts maximizing the sum of gate logits (BASE: k = 1 by an auction; here any k,
+  solved exactly by ``solve(method="exact")`` on the logits per group); at evaluation, greedy
+  top-k with no capacity, as in the paper.  Weight: ``sigmoid(logit)`` of the assigned expert.
+- ``sbase`` (Clark et al., 2022, S-BASE): in training, Sinkhorn on the gate logits (entropic
+  OT with token mass k and expert mass at most the capacity) approximates the balanced
+  assignment; each token takes its top-k of the Sinkhorn-normalized logits, and what still
+  overflows the capacity is dropped (GShard order).  At evaluation, greedy top-k with no
+  capacity.  Weight: the router probability (sigmoid for k = 1, softmax otherwise), as in
+  Megatron-Core's Sinkhorn router.  Neither uses a balance loss by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+from maxscore.solvers.greedy import drop_overflow
+from maxscore.solvers.sinkhorn import sinkhorn_potentials
+
+
+class BaseRouter(GatedRouter):
+    """BASE layers: balanced assignment of the gate logits in training, greedy top-k at eval."""
+
+    default_balance_coef = 0.0
+
+    def __init__(self, dim: int, num_experts: int, k: int, capacity_factor: float = 1.0, **options) -> None:
+        options.setdefault("score_function", "sigmoid")
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        if not self.training:
+            return Selection(experts_TK=torch.topk(logits_TE.detach(), self.k, dim=1).indices, dropless=True)
+        experts_TK, assignments, ms = solve_groups(
+            logits_TE, valid_T, groups, self.k, self.capacity_factor, "exact"
+        )
+        return Selection(experts_TK=experts_TK, solver_gap=sum(a.gap for a in assignments), solver_ms=ms)
+
+
+class SBaseRouter(GatedRouter):
+    """S-BASE: Sinkhorn-balanced top-k of the gate logits in training, greedy top-k at eval.
+
+    Args (beyond ``GatedRouter``'s):
+        iterations: Sinkhorn iterations per forward (>= 1).
+    """
+
+    default_balance_coef = 0.0
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        capacity_factor: float = 1.0,
+        *,
+        iterations: int = 10,
+        **options,
+    ) -> None:
+        options.setdefault("score_function", "sigmoid" if k == 1 else "softmax")
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        self.iterations = iterations
+
+    def select(
+        self,
+        scores_TE: torch.Tensor,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        groups: Groups,
+        capacity_G: torch.Tensor,
+    ) -> Selection:
+        logits_TE = logits_TE.detach()
+        if not self.training:
+            return Selection(experts_TK=torch.topk(logits_TE, self.k, dim=1).indices, dropless=True)
+        shape = (groups.count, groups.size)
+        mass_GS = torch.full(shape, float(self.k), device=logits_TE.device)
+        if valid_T is not None:
+            mass_GS = mass_GS * valid_T.view(shape)
+        logits_GSE = logits_TE.view(*shape, self.num_experts)
+        col_mass_GE = capacity_G.float()[:, None].expand(-1, self.num_experts)
+        g_GE, _ = sinkhorn_potentials(logits_GSE, mass_GS, col_mass_GE, self.iterations)
+        choices_GSK = torch.topk(logits_GSE + g_GE[:, None, :], self.k, dim=2).indices
+        if valid_T is not None:
+            choices_GSK = choices_GSK.masked_fill(~valid_T.view(*shape, 1), -1)
+        experts_GSK = drop_overflow(choices_GSK, self.num_experts, capacity_G)
+        return Selection(experts_TK=experts_GSK.view(-1, self.k))

@@ -1,0 +1,329 @@
+"""The router interface (a Protocol), its output, and the spine every built-in router shares.
+
+A router maps hidden states [T, D] to an assignment (experts [T, K], combine weights [T, K]),
+its auxiliary losses and its statistics, all returned; it never dispatches tokens.  The
+built-in routers derive from ``GatedRouter``: a linear gate in float32 (whatever the
+autocast), scores (softmax or sigmoid), a router-specific ``select``, combine weights (SoftTopk
+family), the Switch balance loss and the router z-loss.
+
+Causal mode (``causal=True``): every token is routed from its own scores and the router's
+learned state only, with no capacity (dropless), so its experts cannot depend on other tokens;
+the base rule is plain top-k, MaxScore uses its averaged dual prices.
+
+Routing groups: capacity applies per group, ``group="sequence"`` (one group per sequence, the
+paper's setting) or ``group="batch"`` (the whole local batch).  A group's capacity counts its
+valid tokens only, ``ceil(capacity_factor * k * valid / E)``, so padding uses no capacity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
+from maxscore.routers.losses import load_balancing_loss, router_z_loss
+from maxscore.routers.stats import RoutingStats, routing_stats
+from maxscore.solvers import expert_capacity, solve
+
+GROUPS = ("sequence", "batch")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RouterOutput:
+    """One routing of T tokens.
+
+    Attributes:
+        experts: int64 [T, K] each token's experts in preference order, ``-1`` for none
+            (a dropped choice, a padding token, or, for Expert Choice, no further expert).
+        weights: float32 [T, K] combine weights, 0 where ``experts`` is -1.
+        capacity: slots per expert of the static dispatch buffer (all groups), or ``None`` for
+            a dropless routing (the layer then uses its grouped path).
+        aux_loss: float32 scalar, the weighted sum of ``losses``.
+        losses: the unweighted auxiliary losses by name.
+        stats: routing statistics.
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    capacity: int | None
+    aux_loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What ``MoELayer`` needs of a router (built-in or your own ``nn.Module``)."""
+
+    num_experts: int
+    k: int
+
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+        *,
+        sequence_length: int | None = None,
+        causal: bool = False,
+    ) -> RouterOutput: ...
+
+    def after_optimizer_step(self) -> None:
+        """Advances step-based state (temperature schedules, bias updates)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """Routing groups: ``count`` groups of ``size`` consecutive tokens."""
+
+    count: int
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Selection:
+    """What a router's ``select`` decided: experts [T, K] and whether capacity was enforced."""
+
+    experts_TK: torch.Tensor
+    dropless: bool = False
+    solver_gap: float | None = None
+    solver_ms: float | None = None
+
+
+def group_capacity(
+    num_valid_G: torch.Tensor, num_experts: int, k: int, capacity_factor: float
+) -> torch.Tensor:
+    """``expert_capacity`` for every group at once, on the device (no host sync)."""
+    if capacity_factor == 1:
+        return (k * num_valid_G + num_experts - 1) // num_experts
+    value_G = capacity_factor * k * num_valid_G.double() / num_experts
+    return torch.ceil(value_G - 1e-9 * value_G.clamp(min=1.0)).long()
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_coefficient(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value!r}")
+
+
+class GatedRouter(nn.Module):
+    """Linear gate -> scores -> ``select`` -> SoftTopk-family weights -> losses and stats.
+
+    Subclasses implement ``select`` and may override ``temperature``, ``auxiliary_losses`` and
+    ``after_optimizer_step``.
+
+    Args:
+        dim: model dimension D.
+        num_experts: E.
+        k: experts per token.
+        capacity_factor: capacity per group is ``ceil(capacity_factor * k * valid / E)``.
+        group: ``"sequence"`` or ``"batch"``.
+        balance_coef: weight of the load-balancing loss (0 disables it; default per router).
+        z_coef: weight of the router z-loss (0 disables it).
+        score_function: ``"softmax"`` or ``"sigmoid"``.
+        normalize: renormalize each token's combine weights to sum to 1.
+    """
+
+    default_normalize = False
+    default_balance_coef = 0.01
+    has_causal_mode = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        capacity_factor: float = 1.0,
+        *,
+        group: str = "sequence",
+        balance_coef: float | None = None,
+        z_coef: float = 0.0,
+        score_function: str = "softmax",
+        normalize: bool | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
+            _check_positive_int(name, value)
+        expert_capacity(0, num_experts, k, capacity_factor)  # validates k and capacity_factor
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        if score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+        balance_coef = self.default_balance_coef if balance_coef is None else balance_coef
+        _check_coefficient("balance_coef", balance_coef)
+        _check_coefficient("z_coef", z_coef)
+        self.num_experts, self.k, self.capacity_factor = num_experts, k, float(capacity_factor)
+        self.group, self.score_function = group, score_function
+        self.balance_coef, self.z_coef = float(balance_coef), float(z_coef)
+        self.normalize = self.default_normalize if normalize is None else bool(normalize)
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=dim**-0.5)
+
+    # ---- the spine -------------------------------------------------------------------------
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+        *,
+        sequence_length: int | None = None,
+        causal: bool = False,
+    ) -> RouterOutput:
+        groups = self._groups(x_TD, valid_T, sequence_length)
+        logits_TE = self.logits(x_TD)
+        scores_TE = router_scores(logits_TE, self.score_function)
+        capacity_G = self._capacity(valid_T, groups)
+        if causal:
+            selection = Selection(experts_TK=self.route_causal(scores_TE.detach()), dropless=True)
+        else:
+            selection = self.select(scores_TE, logits_TE, valid_T, groups, capacity_G)
+        experts_TK = selection.experts_TK
+        if valid_T is not None:
+            experts_TK = experts_TK.masked_fill(~valid_T[:, None], -1)
+        weights_TK = self.combine_weights(scores_TE, experts_TK)
+        losses = self.auxiliary_losses(logits_TE, scores_TE, experts_TK, valid_T, groups)
+        aux_loss = sum(
+            (coef * losses[name] for name, coef in self.loss_weights().items()), logits_TE.new_zeros(())
+        )
+        stats = routing_stats(
+            logits_TE=logits_TE,
+            scores_TE=scores_TE,
+            experts_TK=experts_TK,
+            valid_T=valid_T,
+            capacity_G=capacity_G,
+            k=self.k,
+            solver_gap=selection.solver_gap,
+            solver_ms=selection.solver_ms,
+        )
+        static = groups.count * expert_capacity(groups.size, self.num_experts, self.k, self.capacity_factor)
+        capacity = None if selection.dropless else static
+        return RouterOutput(
+            experts=experts_TK,
+            weights=weights_TK,
+            capacity=capacity,
+            aux_loss=aux_loss,
+            losses=losses,
+            stats=stats,
+        )
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """float32 [T, E] gate logits, computed in float32 even under autocast."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
+        _check_finite(logits_TE)
+        return logits_TE
+
+    def select(
+        self,
+        scores_TE: torch.Tensor,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        groups: Groups,
+        capacity_G: torch.Tensor,
+    ) -> Selection:
+        """The routing of one batch, capacity applied per group (router-specific)."""
+        raise NotImplementedError
+
+    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Causal mode: each token routed alone, here to its top-k scores (dropless)."""
+        return torch.topk(scores_TE, self.k, dim=1).indices
+
+    def temperature(self) -> float:
+        """SoftTopk temperature of the combine weights (1: plain scores)."""
+        return 1.0
+
+    def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return soft_topk(scores_TE, experts_TK, self.temperature(), normalize=self.normalize)
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"balance": self.balance_coef, "z": self.z_coef}
+
+    def auxiliary_losses(
+        self,
+        logits_TE: torch.Tensor,
+        scores_TE: torch.Tensor,
+        experts_TK: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        groups: Groups,
+    ) -> dict[str, torch.Tensor]:
+        """Switch balance loss over the batch (f from each token's top-1 score) and the z-loss."""
+        first_T1 = scores_TE.argmax(1, keepdim=True)
+        valid_1T = None if valid_T is None else valid_T[None]
+        balance = load_balancing_loss(scores_TE[None], first_T1[None], valid_1T)
+        return {"balance": balance, "z": router_z_loss(logits_TE, valid_T)}
+
+    def after_optimizer_step(self) -> None:
+        """Called once after every optimizer step; the base router has no step-based state."""
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _groups(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None, sequence_length: int | None
+    ) -> Groups:
+        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
+            got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
+            raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+        num_tokens = x_TD.shape[0]
+        if num_tokens == 0:
+            raise ValueError("x is an empty batch (0 tokens); route at least one token")
+        if valid_T is not None and (valid_T.dtype != torch.bool or valid_T.shape != (num_tokens,)):
+            raise ValueError(
+                f"valid must be a bool tensor of shape [T] = [{num_tokens}], got {valid_T.dtype} "
+                f"{tuple(valid_T.shape)}; use valid.bool()"
+            )
+        if self.group == "batch" or sequence_length is None:
+            return Groups(1, num_tokens)
+        if sequence_length < 1 or num_tokens % sequence_length:
+            raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")
+        return Groups(num_tokens // sequence_length, sequence_length)
+
+    def _capacity(self, valid_T: torch.Tensor | None, groups: Groups) -> torch.Tensor:
+        device = self.gate.weight.device
+        if valid_T is None:
+            full = expert_capacity(groups.size, self.num_experts, self.k, self.capacity_factor)
+            return torch.full((groups.count,), full, dtype=torch.int64, device=device)
+        num_valid_G = valid_T.view(groups.count, groups.size).sum(1)
+        return group_capacity(num_valid_G, self.num_experts, self.k, self.capacity_factor)
+
+
+def _check_finite(logits_TE: torch.Tensor) -> None:
+    message = "router logits contain NaN or inf: the layer input x (or the gate weights) is not finite"
+    finite = torch.isfinite(logits_TE).all()
+    if logits_TE.device.type == "cpu":
+        if not finite:
+            raise ValueError(message)
+    else:  # no host sync on accelerators: a device-side assert
+        torch._assert_async(finite, message)
+
+
+def solve_groups(
+    scores_TE: torch.Tensor,
+    valid_T: torch.Tensor | None,
+    groups: Groups,
+    k: int,
+    capacity_factor: float,
+    method: str,
+    **options,
+) -> tuple[torch.Tensor, list, float]:
+    """Runs ``solve`` on each routing group on the host (one copy each way).
+
+    Returns (experts [T, K] on the scores' device, the per-group ``Assignment``s, milliseconds).
+    """
+    begin = time.perf_counter()
+    host_TE = scores_TE.detach().to("cpu", torch.float32)
+    host_valid_T = None if valid_T is None else valid_T.cpu()
+    assignments = []
+    for g in range(groups.count):
+        rows = slice(g * groups.size, (g + 1) * groups.size)
+        valid = None if host_valid_T is None else host_valid_T[rows]
+        assignments.append(
+            solve(host_TE[rows], k, capacity_factor=capacity_factor, method=method, valid=valid, **options)
+        )
+    experts_TK = torch.cat([a.experts for a in assignments]).to(scores_TE.device)
+    return experts_TK, assignments, (time.perf_counter() - begin) * 1e3

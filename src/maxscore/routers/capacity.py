@@ -1,0 +1,101 @@
+"""Top-k routers of the GShard family: greedy with capacity, rerouting, and dropless.
+
+All run on the device with no host sync except ``iterative`` (its rerouting runs on the host).
+
+- ``gshard`` (Lepikhin et al., 2021): top-k, first choices fill the experts before second
+  choices, token order within a rank, overflow dropped; weights renormalized over the k.
+- ``switch`` (Fedus et al., 2022): top-1 with capacity, overflow dropped; weight = probability.
+- ``softtopk_only`` (ablation): GShard's greedy routing with SoftTopk weights.
+- ``iterative``: Switch-style rerouting, overflowing choices retry their next-best experts
+  until placed (never drops when feasible); weights renormalized.
+- ``dropless`` (MegaBlocks, Gale et al., 2023): plain top-k, no capacity; weights renormalized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
+from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+from maxscore.solvers.greedy import drop_overflow
+
+
+def greedy_select(
+    scores_TE: torch.Tensor, valid_T: torch.Tensor | None, groups: Groups, k: int, capacity_G: torch.Tensor
+) -> torch.Tensor:
+    """Top-k choices with overflow dropped, group by group (GShard's dispatch), on the device."""
+    choices_TK = torch.topk(scores_TE.detach(), k, dim=1).indices
+    if valid_T is not None:
+        choices_TK = choices_TK.masked_fill(~valid_T[:, None], -1)
+    choices_GSK = choices_TK.view(groups.count, groups.size, k)
+    return drop_overflow(choices_GSK, scores_TE.shape[1], capacity_G).view(-1, k)
+
+
+class GShardRouter(GatedRouter):
+    """GShard: top-k greedy with capacity, overflow dropped, weights renormalized over the k."""
+
+    default_normalize = True
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        return Selection(experts_TK=greedy_select(scores_TE, valid_T, groups, self.k, capacity_G))
+
+
+class SwitchRouter(GShardRouter):
+    """Switch Transformer: top-1 with capacity, overflow dropped, weight = router probability."""
+
+    default_normalize = False
+
+    def __init__(
+        self, dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0, **options
+    ) -> None:
+        if k != 1:
+            raise ValueError(
+                f"router='switch' routes each token to 1 expert, got k={k}; use k=1 or router='gshard'"
+            )
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+
+
+class SoftTopkOnlyRouter(GShardRouter):
+    """Ablation "SoftTopk only": GShard's greedy routing with SoftTopk weights (no renormalization)."""
+
+    default_normalize = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        capacity_factor: float = 1.0,
+        *,
+        schedule: TemperatureScheduleConfig | None = None,
+        **options,
+    ) -> None:
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+        self.schedule = TemperatureSchedule(schedule)
+
+    def temperature(self) -> float:
+        return self.schedule.temperature()
+
+    def after_optimizer_step(self) -> None:
+        self.schedule.step()
+
+
+class IterativeRouter(GatedRouter):
+    """Switch-style iterative rerouting (``solve(method="iterative")`` per group), no drops."""
+
+    default_normalize = True
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        experts_TK, _, ms = solve_groups(
+            scores_TE, valid_T, groups, self.k, self.capacity_factor, "iterative"
+        )
+        return Selection(experts_TK=experts_TK, solver_ms=ms)
+
+
+class DroplessRouter(GatedRouter):
+    """Dropless top-k: no capacity, weights renormalized over the k."""
+
+    default_normalize = True
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        return Selection(experts_TK=torch.topk(scores_TE.detach(), self.k, dim=1).indices, dropless=True)

@@ -1,0 +1,111 @@
+"""DeepSeek-V3 routing (DeepSeek-AI, 2024, §2.1.2): sigmoid scores, auxiliary-loss-free bias.
+
+Each token takes the top-k of ``sigmoid(logits) + bias`` (optionally within its best
+``top_groups`` of ``num_groups`` expert groups, group score = sum of its two best biased
+scores); the combine weights are the unbiased sigmoid scores of the chosen experts,
+renormalized and multiplied by ``scaling``.  No capacity: dropless.  After every optimizer
+step each expert's bias moves by ``bias_rate`` toward balance: down for an expert whose load
+since the last step is above the mean, up for one below it (the released MaxScore code has
+this sign reversed; PAPER.md §3).  A small sequence-wise balance loss (``balance_coef``,
+default 1e-4) complements it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.routers.base import GatedRouter, Groups, Selection
+from maxscore.routers.losses import load_balancing_loss, router_z_loss
+
+
+class DeepSeekV3Router(GatedRouter):
+    """Sigmoid scores + bias-adjusted top-k selection; bias updated after each optimizer step.
+
+    Args (beyond ``GatedRouter``'s):
+        bias_rate: bias update speed u (DeepSeek-V3: 0.001).
+        scaling: routed scaling factor of the combine weights.
+        num_groups, top_groups: group-limited routing (1, 1: off).
+    """
+
+    default_normalize = True
+    default_balance_coef = 1e-4
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        capacity_factor: float = 1.0,
+        *,
+        bias_rate: float = 1e-3,
+        scaling: float = 1.0,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        **options,
+    ) -> None:
+        options.setdefault("score_function", "sigmoid")
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+        if not isinstance(bias_rate, (int, float)) or not bias_rate >= 0:
+            raise ValueError(f"bias_rate must be a number >= 0, got {bias_rate!r}")
+        if not isinstance(scaling, (int, float)) or not scaling > 0:
+            raise ValueError(f"scaling must be a number > 0, got {scaling!r}")
+        if num_groups < 1 or num_experts % num_groups or not 1 <= top_groups <= num_groups:
+            raise ValueError(
+                f"num_groups={num_groups} must divide num_experts={num_experts}, "
+                f"and top_groups={top_groups} must be in [1, num_groups]"
+            )
+        if top_groups * (num_experts // num_groups) < k:
+            raise ValueError(
+                f"top_groups={top_groups} groups of {num_experts // num_groups} experts hold fewer than k={k}"
+            )
+        self.bias_rate, self.scaling = float(bias_rate), float(scaling)
+        self.num_groups, self.top_groups = num_groups, top_groups
+        self.register_buffer("bias", torch.zeros(num_experts))
+        self.register_buffer("pending_loads", torch.zeros(num_experts))
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        experts_TK = self.route_causal(scores_TE.detach())
+        if self.training:
+            chosen_TK = (
+                experts_TK if valid_T is None else experts_TK.masked_fill(~valid_T[:, None], self.num_experts)
+            )
+            counts = torch.bincount(chosen_TK.flatten(), minlength=self.num_experts + 1)[: self.num_experts]
+            self.pending_loads += counts
+        return Selection(experts_TK=experts_TK, dropless=True)
+
+    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Top-k of the biased scores: DeepSeek-V3 routes every token alone in every mode."""
+        biased_TE = scores_TE + self.bias
+        if self.num_groups > 1:
+            biased_TE = self._limit_groups(biased_TE)
+        return torch.topk(biased_TE, self.k, dim=1).indices
+
+    def _limit_groups(self, biased_TE: torch.Tensor) -> torch.Tensor:
+        grouped_TGE = biased_TE.view(biased_TE.shape[0], self.num_groups, -1)
+        group_score_TG = grouped_TGE.topk(min(2, grouped_TGE.shape[2]), dim=2).values.sum(2)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score_TG.topk(self.top_groups, dim=1).indices, True)
+        return grouped_TGE.masked_fill(~keep_TG[..., None], -torch.inf).view_as(biased_TE)
+
+    def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return self.scaling * super().combine_weights(scores_TE, experts_TK)
+
+    def auxiliary_losses(
+        self, logits_TE, scores_TE, experts_TK, valid_T, groups: Groups
+    ) -> dict[str, torch.Tensor]:
+        """The complementary sequence-wise balance loss (all k selections, normalized scores)."""
+        shape = (groups.count, groups.size)
+        normalized_TE = scores_TE / scores_TE.sum(1, keepdim=True)
+        balance = load_balancing_loss(
+            normalized_TE.view(*shape, -1),
+            experts_TK.view(*shape, -1),
+            None if valid_T is None else valid_T.view(shape),
+        )
+        return {"balance": balance, "z": router_z_loss(logits_TE, valid_T)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """``bias += bias_rate * sign(mean load - load)`` over the loads since the last step."""
+        loads_E = self.pending_loads
+        self.bias += self.bias_rate * torch.sign(loads_E.mean() - loads_E)
+        loads_E.zero_()

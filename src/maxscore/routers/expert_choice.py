@@ -1,0 +1,48 @@
+"""Expert Choice routing (Zhou et al., 2022): each expert picks its top-C tokens of the group.
+
+Scores are the softmax over experts; every expert takes the C tokens with the highest score
+for it (C = the group capacity, valid tokens only), so loads are exactly C and a token gets
+anywhere from 0 to E experts.  ``experts`` has E columns: a token's experts best first, then
+-1.  The combine weight is the score.  Like MaxScore, a token's experts depend on the other
+tokens of its group (not causal).  Ties: as ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.routers.base import GatedRouter, Selection
+from maxscore.solvers import expert_capacity
+
+
+class ExpertChoiceRouter(GatedRouter):
+    """Each expert takes its top-C tokens; no token-side constraint; balanced by construction."""
+
+    default_balance_coef = 0.0
+    has_causal_mode = False
+
+    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "router='expert_choice' has no causal mode: an expert's choice of a token depends on the other "
+            "tokens of its group; evaluate with causal=False (whole sequences)"
+        )
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        num_experts = self.num_experts
+        ranking_TE = scores_TE.detach()
+        if valid_T is not None:
+            ranking_TE = ranking_TE.masked_fill(~valid_T[:, None], -torch.inf)
+        ranking_GSE = ranking_TE.view(groups.count, groups.size, num_experts)
+        static = min(groups.size, expert_capacity(groups.size, num_experts, self.k, self.capacity_factor))
+        picked_GCE = torch.topk(ranking_GSE, static, dim=1).indices
+        within_GC = torch.arange(static, device=scores_TE.device)[None, :] < capacity_G[:, None]
+        chosen_GSE = torch.zeros_like(ranking_GSE, dtype=torch.bool)
+        chosen_GSE.scatter_(1, picked_GCE, within_GC[..., None].expand_as(picked_GCE))
+        chosen_TE = chosen_GSE.view(-1, num_experts)
+        if valid_T is not None:
+            chosen_TE &= valid_T[:, None]
+        order_TE = (
+            ranking_TE.masked_fill(~chosen_TE, -torch.inf).sort(dim=1, descending=True, stable=True).indices
+        )
+        experts_TE = torch.where(chosen_TE.gather(1, order_TE), order_TE, -1)
+        return Selection(experts_TK=experts_TE)

@@ -1,0 +1,103 @@
+"""MaxScore routing (PAPER.md §2): flow routing of the router scores + SoftTopk weights.
+
+Each routing group is solved on the host by ``solve(method=exact | two_stage | sinkhorn)``
+(every token gets k distinct experts, every expert at most its capacity, total score maximal:
+no drops, and at capacity_factor 1 every expert exactly full).  Combine weights are SoftTopk
+with the scheduled temperature.
+
+Causal mode (PAPER.md §5.4): batch routing lets a token's experts depend on later tokens.  The
+exact solver's dual prices are the per-expert offsets under which independent top-k routing is
+balanced, so the router keeps their running average (buffer ``prices``, saved with the model)
+and, in causal mode, routes each token alone to the top-k of ``score - prices`` (dropless: no
+capacity is enforced, loads are balanced only on average).  The layer switches to causal mode
+by itself for single-token steps (generation).  The averaged prices also warm-start the solver.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
+from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+
+FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
+
+
+class MaxScoreRouter(GatedRouter):
+    """MaxScore: min-cost max-flow routing with SoftTopk weights.
+
+    Args (beyond ``GatedRouter``'s):
+        method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
+        schedule: the SoftTopk temperature schedule (default linear 4 -> 1 over 30000 steps).
+        price_momentum: running-average momentum of the dual prices (exact method only).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        capacity_factor: float = 1.0,
+        *,
+        method: str = "exact",
+        schedule: TemperatureScheduleConfig | None = None,
+        price_momentum: float = 0.99,
+        **options,
+    ) -> None:
+        super().__init__(dim, num_experts, k, capacity_factor, **options)
+        if method not in FLOW_METHODS:
+            raise ValueError(f"method must be one of {FLOW_METHODS}, got {method!r}")
+        if not isinstance(price_momentum, (int, float)) or not 0 <= price_momentum < 1:
+            raise ValueError(f"price_momentum must be in [0, 1), got {price_momentum!r}")
+        self.method, self.price_momentum = method, float(price_momentum)
+        self.schedule = TemperatureSchedule(schedule)
+        self.register_buffer("prices", torch.zeros(num_experts))
+        self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
+
+    def temperature(self) -> float:
+        return self.schedule.temperature()
+
+    def after_optimizer_step(self) -> None:
+        self.schedule.step()
+
+    def select(
+        self,
+        scores_TE: torch.Tensor,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        groups: Groups,
+        capacity_G: torch.Tensor,
+    ) -> Selection:
+        options = {"prices": self.prices.cpu()} if self.method == "exact" else {}
+        experts_TK, assignments, ms = solve_groups(
+            scores_TE, valid_T, groups, self.k, self.capacity_factor, self.method, **options
+        )
+        gaps = [a.gap for a in assignments if a.gap is not None]
+        if self.training and self.method == "exact":
+            self._update_prices(torch.stack([a.prices.float() for a in assignments]))
+        return Selection(experts_TK=experts_TK, solver_gap=sum(gaps) if gaps else None, solver_ms=ms)
+
+    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Each token alone: the top-k of ``scores - prices`` (best first), no capacity."""
+        if self.method != "exact":
+            raise ValueError(
+                "causal routing uses the exact solver's dual prices, but this router uses "
+                f"method={self.method!r}; train with method='exact' to route causally"
+            )
+        adjusted_TE = scores_TE - self.prices.to(scores_TE.device)
+        return torch.topk(adjusted_TE, self.k, dim=1).indices
+
+    @torch.no_grad()
+    def _update_prices(self, prices_GE: torch.Tensor) -> None:
+        # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
+        centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
+        momentum = self.price_momentum if int(self.price_updates) else 0.0
+        self.prices.mul_(momentum).add_((1 - momentum) * centered_E)
+        self.price_updates += 1
+
+
+class FlowOnlyRouter(MaxScoreRouter):
+    """Ablation "flow only": MaxScore's flow routing with plain softmax weights (t = 1 always)."""
+
+    def temperature(self) -> float:
+        return 1.0

@@ -1,0 +1,110 @@
+"""Routing statistics, computed on the device in every forward (a few [T, K] ops, no host sync).
+
+Fields are tensors; the properties and ``as_dict`` read them on the host (one sync) for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingStats:
+    """What one router call did.
+
+    Attributes:
+        loads: int64 [E] tokens routed to each expert.
+        capacity_G: int64 [G] tokens per expert in each routing group (the nominal capacity,
+            also reported for dropless routers, which do not enforce it).
+        dropped_by_rank: float [K] fraction of valid tokens whose i-th choice was dropped.
+        affinity_by_rank: float [K] mean router score of each token's i-th best assigned
+            expert (NaN where no token has an i-th expert).
+        entropy: float [] mean entropy of the router's softmax distribution over valid tokens.
+        solver_gap: duality gap of the exact solver summed over groups (host routers), or None.
+        solver_ms: host time spent in the solver, or None.
+    """
+
+    loads: torch.Tensor
+    capacity_G: torch.Tensor
+    dropped_by_rank: torch.Tensor
+    affinity_by_rank: torch.Tensor
+    entropy: torch.Tensor
+    solver_gap: float | None = None
+    solver_ms: float | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Tokens per expert over the whole batch (sum over routing groups). Host-side."""
+        return int(self.capacity_G.sum())
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Fraction of the valid tokens' k choices that were dropped. Host-side."""
+        return float(self.dropped_by_rank.mean())
+
+    def load_ratio(self) -> torch.Tensor:
+        """float [E]: load / capacity per expert."""
+        return self.loads.float() / self.capacity_G.sum().clamp(min=1)
+
+    def as_dict(self) -> dict[str, float | list[float] | None]:
+        """Plain numbers for a logger: drops, load ratios (mean, min, max, sorted), affinities."""
+        ratio_E = self.load_ratio()
+        dropped_K = self.dropped_by_rank.tolist()
+        return {
+            "dropped_fraction": sum(dropped_K) / len(dropped_K),
+            "dropped_first": dropped_K[0],
+            "dropped_later": sum(dropped_K[1:]) / max(1, len(dropped_K) - 1),
+            "load_ratio_mean": float(ratio_E.mean()),
+            "load_ratio_min": float(ratio_E.min()),
+            "load_ratio_max": float(ratio_E.max()),
+            "load_ratio_sorted": sorted(ratio_E.tolist(), reverse=True),
+            "affinity_by_rank": self.affinity_by_rank.tolist(),
+            "entropy": float(self.entropy),
+            "solver_gap": self.solver_gap,
+            "solver_ms": self.solver_ms,
+        }
+
+
+def routing_stats(
+    *,
+    logits_TE: torch.Tensor,
+    scores_TE: torch.Tensor,
+    experts_TK: torch.Tensor,
+    valid_T: torch.Tensor | None,
+    capacity_G: torch.Tensor,
+    k: int,
+    solver_gap: float | None = None,
+    solver_ms: float | None = None,
+) -> RoutingStats:
+    """Statistics of one routing; ``experts_TK`` holds each token's choices in preference order."""
+    with torch.no_grad():
+        num_experts = scores_TE.shape[1]
+        valid_T = (
+            torch.ones(scores_TE.shape[0], dtype=torch.bool, device=scores_TE.device)
+            if valid_T is None
+            else valid_T
+        )
+        weight_T = valid_T.float()
+        num_valid = weight_T.sum().clamp(min=1)
+        assigned_TK = (experts_TK >= 0) & valid_T[:, None]
+        loads_E = torch.zeros(num_experts, dtype=torch.int64, device=scores_TE.device)
+        loads_E.scatter_add_(0, experts_TK.clamp(min=0).flatten(), assigned_TK.flatten().long())
+        dropped_K = ((~assigned_TK[:, :k]) * weight_T[:, None]).sum(0) / num_valid
+        picked_TK = scores_TE.gather(1, experts_TK.clamp(min=0)).masked_fill(~assigned_TK, -torch.inf)
+        ranked_TK = picked_TK.sort(1, descending=True).values[:, :k]
+        present_TK = torch.isfinite(ranked_TK)
+        affinity_K = ranked_TK.where(present_TK, 0.0).sum(0) / present_TK.sum(0)
+        log_probs_TE = torch.log_softmax(logits_TE.float(), dim=1)
+        entropy_T = -(log_probs_TE.exp() * log_probs_TE).sum(1)
+        entropy = (entropy_T * weight_T).sum() / num_valid
+    return RoutingStats(
+        loads=loads_E,
+        capacity_G=capacity_G,
+        dropped_by_rank=dropped_K,
+        affinity_by_rank=affinity_K,
+        entropy=entropy,
+        solver_gap=solver_gap,
+        solver_ms=solver_ms,
+    )
