@@ -29,7 +29,8 @@ class MaxScoreRouter(GatedRouter):
     Args (beyond ``GatedRouter``'s):
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
         schedule: the SoftTopk temperature schedule (default linear 4 -> 1 over 30000 steps).
-        price_momentum: running-average momentum of the dual prices (exact method only).
+        price_momentum: momentum of the prices' running average (exact method only); the
+            first ``1 / (1 - price_momentum)`` updates are averaged plainly.
     """
 
     def __init__(
@@ -91,7 +92,8 @@ class MaxScoreRouter(GatedRouter):
     def _update_prices(self, prices_GE: torch.Tensor) -> None:
         # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
         centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
-        momentum = self.price_momentum if int(self.price_updates) else 0.0
+        updates = int(self.price_updates)  # a plain mean over the first updates, then the EMA
+        momentum = min(self.price_momentum, updates / (updates + 1))
         self.prices.mul_(momentum).add_((1 - momentum) * centered_E)
         self.price_updates += 1
 

@@ -1,0 +1,284 @@
+"""Router behaviour: hand-made examples, capacity, padding, causality, bias updates, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maxscore
+from maxscore.routers import ROUTERS, make_router, router_options
+from maxscore.routers.base import group_capacity
+from maxscore.solvers import solve
+
+CAPACITY_ROUTERS = (
+    "maxscore",
+    "flow_only",
+    "softtopk_only",
+    "gshard",
+    "switch",
+    "iterative",
+    "sbase",
+    "base",
+)
+
+
+def identity_router(name: str, num_experts: int, k: int, capacity_factor: float = 1.0, **options):
+    """A router whose gate logits equal its input (dim = E), so tests choose the logits."""
+    router = make_router(name, num_experts, num_experts, k, capacity_factor, **options)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(num_experts))
+    return router
+
+
+def k_for(name: str) -> int:
+    return 1 if name == "switch" else 2
+
+
+def biased_logits(batch: int, length: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    bias = torch.linspace(2.0, -2.0, num_experts)  # expert 0 popular, the last one unpopular
+    return torch.randn(batch * length, num_experts, generator=generator) * 2 + bias
+
+
+def test_gshard_hand_example():
+    # E=3, k=2, 6 tokens: capacity ceil(2*6/3) = 4. First choices: t0..t4 -> e0, t5 -> e1;
+    # second choices: t0,t1,t2,t4 -> e1, t3,t5 -> e2.  Rank 1: e0 takes t0..t3, t4 dropped.
+    # Rank 2 (e1 holds t5): t0,t1,t2 fill e1, t3 -> e2, t4 finds e1 full (dropped), t5 -> e2.
+    logits = torch.tensor([[3.0, 2, 0], [3, 2, 0], [3, 2, 0], [3, 0, 2], [3, 2, 0], [0, 3, 2]])
+    router = identity_router("gshard", 3, 2)
+    out = router(logits, sequence_length=6)
+    expected = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 2], [-1, -1], [1, 2]])
+    assert torch.equal(out.experts, expected)
+    assert out.stats.loads.tolist() == [4, 4, 2]
+    assert out.stats.capacity == 4
+    torch.testing.assert_close(out.stats.dropped_by_rank, torch.tensor([1 / 6, 1 / 6]))
+    assert out.stats.dropped_fraction == pytest.approx(1 / 6)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(out.weights[0], probs[0, :2] / probs[0, :2].sum())  # renormalized top-2
+    assert (out.weights[4] == 0).all()
+
+
+def test_switch_top1_drops_in_token_order():
+    logits = torch.tensor([[2.0, 0], [3, 0], [1, 0], [0, 1]])  # capacity ceil(4/2) = 2
+    out = identity_router("switch", 2, 1)(logits, sequence_length=4)
+    assert out.experts.flatten().tolist() == [0, 0, -1, 1]
+    torch.testing.assert_close(
+        out.weights[:, 0],
+        torch.tensor([logits[0].softmax(0)[0], logits[1].softmax(0)[0], 0, logits[3].softmax(0)[1]]),
+    )
+
+
+@pytest.mark.parametrize("method", ["exact", "two_stage", "sinkhorn"])
+@pytest.mark.parametrize(("num_experts", "k", "length"), [(4, 2, 32), (8, 3, 64), (16, 2, 64)])
+def test_maxscore_fills_every_expert_exactly(method, num_experts, k, length):
+    router = identity_router("maxscore", num_experts, k, method=method)
+    out = router(biased_logits(3, length, num_experts), sequence_length=length)
+    capacity = k * length // num_experts
+    assert out.stats.dropped_fraction == 0.0
+    assert (out.experts >= 0).all()
+    per_group = torch.stack(
+        [torch.bincount(g.flatten(), minlength=num_experts) for g in out.experts.view(3, length, k)]
+    )
+    assert (per_group == capacity).all()
+    assert (out.experts.sort(1).values.diff(dim=1) != 0).all()  # distinct experts per token
+    assert out.stats.load_ratio().tolist() == [1.0] * num_experts
+
+
+def test_maxscore_routing_is_the_optimum_per_sequence():
+    logits = biased_logits(2, 32, 8)
+    router = identity_router("maxscore", 8, 2)
+    out = router(logits, sequence_length=32)
+    scores = logits.softmax(-1)
+    for g in range(2):
+        rows = slice(32 * g, 32 * (g + 1))
+        optimum = solve(scores[rows], 2, method="reference").score  # the LP (scipy HiGHS)
+        routed = float(scores[rows].double().gather(1, out.experts[rows]).sum())
+        assert routed == pytest.approx(optimum, abs=1e-6)
+    assert out.stats.solver_gap == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", [*CAPACITY_ROUTERS, "dropless", "deepseek_v3"])
+def test_unbounded_capacity_is_plain_topk(name):
+    num_experts, k = 8, k_for(name)
+    router = identity_router(name, num_experts, k, capacity_factor=num_experts / k)
+    logits = biased_logits(2, 16, num_experts)
+    out = router(logits, sequence_length=16)
+    expected = torch.topk(logits, k, dim=1).indices
+    assert torch.equal(out.experts.sort(1).values, expected.sort(1).values)
+    assert out.stats.dropped_fraction == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_gradients_reach_the_gate(name):
+    k = k_for(name)
+    layer = maxscore.MoELayer(12, 24, 4, k, router=name)
+    out = layer(torch.randn(2, 16, 12))
+    out.output.square().sum().backward()
+    grad = layer.router.gate.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", [*CAPACITY_ROUTERS, "expert_choice"])
+def test_padding_uses_no_capacity(name):
+    """Valid tokens route as if the padding were absent; padding gets no expert."""
+    num_experts, k, length, keep = 8, k_for(name), 32, 20
+    logits = biased_logits(1, length, num_experts, seed=3)
+    valid = torch.arange(length) < keep
+    padded = identity_router(name, num_experts, k)(logits, valid, sequence_length=length)
+    alone = identity_router(name, num_experts, k)(logits[:keep], sequence_length=keep)
+    assert (padded.experts[keep:] == -1).all()
+    assert torch.equal(padded.experts[:keep], alone.experts)
+    assert torch.equal(padded.stats.loads, alone.stats.loads)
+    assert padded.stats.capacity == alone.stats.capacity
+
+
+def test_expert_choice_respects_capacity():
+    num_experts, k, length = 8, 2, 40
+    logits = biased_logits(3, length, num_experts)
+    valid = torch.ones(3 * length, dtype=torch.bool)
+    valid[length + 30 : 2 * length] = False  # the second sequence has 30 valid tokens
+    out = identity_router("expert_choice", num_experts, k)(logits, valid, sequence_length=length)
+    per_group = torch.stack(
+        [torch.bincount(g[g >= 0], minlength=num_experts) for g in out.experts.view(3, -1)]
+    )
+    capacity = [k * length // num_experts, -(-k * 30 // num_experts), k * length // num_experts]
+    assert per_group.tolist() == [[c] * num_experts for c in capacity]
+    assert out.stats.capacity == sum(capacity)
+    scores = logits.softmax(-1)
+    for e in range(num_experts):  # expert e holds its top-C valid tokens of the first sequence
+        chosen = (out.experts[:length] == e).any(1).nonzero().flatten()
+        assert set(chosen.tolist()) == set(torch.topk(scores[:length, e], capacity[0]).indices.tolist())
+
+
+def test_deepseek_bias_moves_load_to_underloaded_expert():
+    num_experts = 4
+    router = identity_router("deepseek_v3", num_experts, 1, bias_rate=0.02)
+    logits = torch.randn(256, num_experts) + torch.tensor([1.5, 0.0, 0.0, -1.5])
+    first = router(logits).stats.loads.clone()
+    router.after_optimizer_step()
+    assert router.bias[0] < 0 < router.bias[3]  # overloaded down, underloaded up
+    for _ in range(60):
+        router(logits)
+        router.after_optimizer_step()
+    last = router(logits).stats.loads
+    assert last[0] < first[0] and last[3] > first[3]
+    assert (last.max() - last.min()) < (first.max() - first.min()) / 2
+    pending = router.pending_loads.clone()
+    router.eval()
+    router(logits)  # evaluation forwards do not count toward the next update
+    assert torch.equal(router.pending_loads, pending)
+
+
+def test_causal_mode_ignores_later_tokens():
+    num_experts, k, length = 8, 2, 32
+    router = identity_router("maxscore", num_experts, k)
+    for seed in range(5):  # training forwards build the averaged prices
+        router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
+    assert router.prices.abs().sum() > 0
+    router.eval()
+    logits = biased_logits(1, length, num_experts, seed=9)
+    changed = logits.clone()
+    changed[20:] = biased_logits(1, length - 20, num_experts, seed=10)
+    causal = router(logits, sequence_length=length, causal=True).experts
+    assert torch.equal(causal[:20], router(changed, sequence_length=length, causal=True).experts[:20])
+    assert torch.equal(causal, torch.topk(logits.softmax(-1) - router.prices, k, dim=1).indices)
+    batch = router(logits, sequence_length=length).experts  # batch routing does see later tokens
+    assert not torch.equal(
+        batch[:20].sort(1).values, router(changed, sequence_length=length).experts[:20].sort(1).values
+    )
+
+
+def test_causal_prices_balance_the_load():
+    """Top-k of score - averaged prices is much closer to balanced than plain top-k."""
+    num_experts, k, length = 8, 2, 64
+    router = identity_router("maxscore", num_experts, k)
+    for seed in range(20):
+        router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
+    router.eval()
+    logits = biased_logits(4, length, num_experts, seed=99)
+    causal = router(logits, sequence_length=length, causal=True).stats.loads.float()
+    plain = torch.bincount(torch.topk(logits, k, dim=1).indices.flatten(), minlength=num_experts).float()
+    assert causal.std() < plain.std() / 3
+
+
+def test_group_capacity_matches_expert_capacity():
+    counts = torch.arange(0, 300)
+    for num_experts, k, factor in [(16, 2, 1.0), (7, 3, 1.1), (64, 8, 1.25), (10, 10, 0.5), (3, 1, 2.0)]:
+        expected = [maxscore.expert_capacity(int(n), num_experts, k, factor) for n in counts]
+        assert group_capacity(counts, num_experts, k, factor).tolist() == expected
+
+
+def test_batch_group_routes_the_whole_batch_at_once():
+    logits = biased_logits(4, 16, 8)
+    router = identity_router("maxscore", 8, 2, group="batch")
+    out = router(logits, sequence_length=16)
+    assert out.stats.capacity == 2 * 64 // 8
+    assert out.capacity == 2 * 64 // 8
+
+
+def test_router_math_is_float32_under_autocast():
+    router = identity_router("maxscore", 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(torch.randn(8, 4).bfloat16(), sequence_length=8)
+    assert out.weights.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+
+
+def test_router_state_round_trips(tmp_path):
+    router = identity_router("maxscore", 4, 2)
+    router(biased_logits(2, 8, 4), sequence_length=8)
+    ds = identity_router("deepseek_v3", 4, 2)
+    ds(biased_logits(2, 8, 4))
+    ds.after_optimizer_step()
+    for module, name in ((router, "prices"), (ds, "bias")):
+        path = tmp_path / f"{name}.pt"
+        torch.save(module.state_dict(), path)
+        fresh = type(module)(4, 4, 2)
+        fresh.load_state_dict(torch.load(path, weights_only=True))
+        assert (
+            torch.equal(getattr(fresh, name), getattr(module, name)) and getattr(fresh, name).abs().sum() > 0
+        )
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: make_router("topk", 8, 4, 2), "router must be one of"),
+        (lambda: make_router("gshard", 8, 4, 2, temperature=2.0), r"unknown option\(s\) \['temperature'\]"),
+        (lambda: make_router("switch", 8, 4, 2), "routes each token to 1 expert"),
+        (lambda: make_router("maxscore", 8, 4, 5), "k must satisfy"),
+        (lambda: make_router("maxscore", 8, 4, 2, 0.0), "capacity_factor must be"),
+        (lambda: make_router("maxscore", 8, 4, 2, method="greedy"), "method must be one of"),
+        (lambda: make_router("maxscore", 8, 4, 2, group="token"), "group must be one of"),
+        (lambda: make_router("gshard", 8, 4, 2, balance_coef=-1.0), "balance_coef must be"),
+        (lambda: make_router("maxscore", 8, 4, 2, price_momentum=1.0), "price_momentum must be"),
+        (lambda: make_router("deepseek_v3", 8, 6, 2, num_groups=4), "num_groups=4 must divide"),
+        (lambda: make_router("sbase", 8, 4, 2, iterations=0), "iterations must be"),
+        (lambda: make_router("gshard", 0, 4, 2), "dim must be an int >= 1"),
+    ],
+)
+def test_router_construction_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_router_input_errors():
+    router = identity_router("maxscore", 4, 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        router(torch.tensor([[float("nan"), 0, 0, 0]] * 2))
+    with pytest.raises(ValueError, match="empty batch"):
+        router(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        router(torch.zeros(4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match="does not divide"):
+        router(torch.zeros(6, 4), sequence_length=4)
+    with pytest.raises(ValueError, match="no causal mode"):
+        identity_router("expert_choice", 4, 2)(torch.zeros(4, 4), causal=True)
+    with pytest.raises(ValueError, match="train with method='exact'"):
+        identity_router("maxscore", 4, 2, method="two_stage")(torch.zeros(4, 4), causal=True)
+
+
+def test_router_options_lists_own_and_shared_options():
+    assert {"method", "schedule", "price_momentum", "balance_coef", "group"} <= set(
+        router_options("maxscore")
+    )
+    assert "bias_rate" in router_options("deepseek_v3") and "bias_rate" not in router_options("gshard")
