@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 
-import torch
-
-from maxscore.bench import DISTRIBUTIONS, QUICK_SIZES, SIZES, bench_solvers, format_table, rows_as_dicts
-
-
-def environment() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"- hardware: {cpu}, {torch.get_num_threads()} torch threads\n"
-        f"- python {platform.python_version()}, torch {torch.__version__}\n"
-        f"- commit {commit}\n"
-        f"- command: `python {' '.join(sys.argv)}`\n"
-    )
+from maxscore.bench import (
+    DISTRIBUTIONS,
+    QUICK_SIZES,
+    SIZES,
+    bench_solvers,
+    environment,
+    format_table,
+    rows_as_dicts,
+)
 
 
 def main() -> int:

@@ -8,7 +8,10 @@ of ``torch.topk`` on the same scores, measured in the same run.
 from __future__ import annotations
 
 import math
+import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -170,3 +173,25 @@ def format_table(rows: Iterable[BenchRow]) -> str:
 
 def rows_as_dicts(rows: Iterable[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def environment() -> str:
+    """Markdown lines with the hardware, versions, commit and command of a benchmark run."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"- hardware: {cpu}, {torch.get_num_threads()} torch threads\n"
+        f"- python {platform.python_version()}, torch {torch.__version__}\n"
+        f"- commit {commit}\n"
+        f"- command: `python {' '.join(sys.argv)}`\n"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maxscore.moe.dispatch import capacity_slots, combine, dispatch, sort_by_expert
+from maxscore.moe.dispatch import capacity_slots, combine, dispatch, slot_table, sort_by_expert
 from maxscore.moe.experts import SwiGLUExperts
 
 
@@ -38,7 +38,8 @@ def test_capacity_path_matches_reference():
     assigned = slots[experts >= 0]
     assert assigned.unique().numel() == assigned.numel()  # one slot per assigned choice
     assert torch.equal(assigned // capacity, experts[experts >= 0])
-    y = combine(module(dispatch(x, slots, num_experts, capacity)), slots, weights)
+    token_S, weight_S = slot_table(slots, weights, num_experts * capacity)
+    y = combine(module(dispatch(x, token_S, num_experts)), token_S, weight_S, num_tokens)
     torch.testing.assert_close(y, reference(x, experts, weights, module), rtol=1e-5, atol=1e-5)
 
 
@@ -60,9 +61,14 @@ def test_dispatch_gradients_match_reference():
     module = SwiGLUExperts(num_experts, 4, 6)
     x = torch.randn(num_tokens, 4, requires_grad=True)
     experts, weights = random_routing(num_tokens, num_experts, k)
+    weights.requires_grad_()
     slots = capacity_slots(experts, num_experts, num_tokens)
-    combine(module(dispatch(x, slots, num_experts, num_tokens)), slots, weights).sum().backward()
-    grad = x.grad.clone()
-    x.grad = None
-    reference(x, experts, weights, module).sum().backward()
-    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
+    token_S, weight_S = slot_table(slots, weights, num_experts * num_tokens)
+    combine(
+        module(dispatch(x, token_S, num_experts)), token_S, weight_S, num_tokens
+    ).square().sum().backward()
+    grads = x.grad.clone(), weights.grad.clone()
+    x.grad = weights.grad = None
+    reference(x, experts, weights, module).square().sum().backward()
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], weights.grad, rtol=1e-5, atol=1e-5)

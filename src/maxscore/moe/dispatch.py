@@ -1,9 +1,11 @@
 """Moving tokens to experts and back: a static capacity path and a grouped (dropless) path.
 
 Capacity path: each assigned (token, choice) gets a slot in its expert's buffer, in token
-order; the buffer [E, C, D] has a static shape, dropped choices point at a spare row that is
-discarded, so there is no host sync.  Grouped path: the (token, choice) pairs sorted by expert
-and split by the per-expert counts (one host sync for the counts).
+order; the slot table (token and weight of every slot) drives a gather into the static
+[E, C, D] buffer and an ``index_add`` back, so the cost is O(E C D) whatever K, and empty or
+dropped slots point at a spare row that is discarded: no host sync.  Grouped path: the
+(token, choice) pairs sorted by expert and split by the per-expert counts (one host sync for
+the counts).
 """
 
 from __future__ import annotations
@@ -27,18 +29,34 @@ def capacity_slots(experts_TK: torch.Tensor, num_experts: int, capacity: int) ->
     return torch.where(assigned_TK, experts_TK * capacity + position_TK, num_experts * capacity)
 
 
-def dispatch(x_TD: torch.Tensor, slots_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """[T, D] -> [E, C, D] buffer (zeros in unused slots)."""
-    k = slots_TK.shape[1]
-    buffer = x_TD.new_zeros(num_experts * capacity + 1, x_TD.shape[1])
-    buffer = buffer.index_copy(0, slots_TK.flatten(), x_TD.repeat_interleave(k, dim=0))
-    return buffer[:-1].view(num_experts, capacity, -1)
+def slot_table(
+    slots_TK: torch.Tensor, weights_TK: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverts ``capacity_slots``: the token (T for an empty slot) and weight of every slot.
+
+    Returns (token [S] int64, weight [S] differentiable), S = ``num_slots`` = E x C.
+    """
+    num_tokens, k = slots_TK.shape
+    tokens_P = torch.arange(num_tokens, device=slots_TK.device).repeat_interleave(k)
+    token_S = torch.full((num_slots + 1,), num_tokens, dtype=torch.int64, device=slots_TK.device)
+    token_S = token_S.scatter(0, slots_TK.flatten(), tokens_P)
+    weight_S = weights_TK.new_zeros(num_slots + 1).scatter(0, slots_TK.flatten(), weights_TK.flatten())
+    return token_S[:num_slots], weight_S[:num_slots]  # the spare slot (dropped choices) goes
 
 
-def combine(y_ECD: torch.Tensor, slots_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def dispatch(x_TD: torch.Tensor, token_S: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, D] -> [E, C, D] buffer (zeros in empty slots); O(E C D), whatever K."""
+    x_padded = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    return x_padded[token_S].view(num_experts, -1, x_TD.shape[1])
+
+
+def combine(
+    y_ECD: torch.Tensor, token_S: torch.Tensor, weight_S: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """Weighted sum of each token's expert outputs: [E, C, D] -> [T, D] (empty slots give 0)."""
-    y_flat = torch.cat([y_ECD.flatten(0, 1), y_ECD.new_zeros(1, y_ECD.shape[2])])
-    return torch.einsum("tkd,tk->td", y_flat[slots_TK], weights_TK.to(y_ECD.dtype))
+    y_SD = y_ECD.flatten(0, 1) * weight_S.to(y_ECD.dtype)[:, None]
+    out = y_SD.new_zeros(num_tokens + 1, y_SD.shape[1]).index_add(0, token_S, y_SD)
+    return out[:num_tokens]
 
 
 def sort_by_expert(

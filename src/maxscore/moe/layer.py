@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maxscore.moe.dispatch import capacity_slots, combine, dispatch, sort_by_expert
+from maxscore.moe.dispatch import capacity_slots, combine, dispatch, slot_table, sort_by_expert
 from maxscore.moe.experts import SwiGLU, SwiGLUExperts
 from maxscore.routers import Router, RouterOutput, make_router
 from maxscore.routers.stats import RoutingStats
@@ -103,9 +103,11 @@ class MoELayer(nn.Module):
         )
 
     def _run_capacity(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        num_slots = self.num_experts * routing.capacity
         slots_TK = capacity_slots(routing.experts, self.num_experts, routing.capacity)
-        x_ECD = dispatch(x_TD, slots_TK, self.num_experts, routing.capacity)
-        return combine(self.experts(x_ECD), slots_TK, routing.weights)
+        token_S, weight_S = slot_table(slots_TK, routing.weights, num_slots)
+        y_ECD = self.experts(dispatch(x_TD, token_S, self.num_experts))
+        return combine(y_ECD, token_S, weight_S, x_TD.shape[0])
 
     def _run_grouped(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         pairs_P, tokens_P, counts = sort_by_expert(routing.experts, self.num_experts)

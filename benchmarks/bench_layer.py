@@ -1,0 +1,164 @@
+"""MoE layer benchmark: forward+backward time of ``MoELayer`` for every router, vs ``gshard``.
+
+    python benchmarks/bench_layer.py [--quick] [--out results.json] [--md results.md]
+
+The paper's smallest configuration (D 768, F 1536, E 16, k 2, 8 sequences x 512 tokens,
+float32, capacity_factor 1, per-sequence routing groups).  Every router runs on the same
+input and the same expert weights; the runs are interleaved round by round so that drift in
+the machine's speed hits every router alike, and each time is the median over the rounds.
+Also reported: the router's own forward time, the dropped fraction and the load spread.
+``paper_hungarian`` is the authors' design (two-stage: exact top-1 under capacity, then a
+Hungarian matching per 512-token sequence on the CPU) with SoftTopk weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from maxscore import MoELayer
+from maxscore.bench import environment, paper_design
+from maxscore.routers import ROUTERS
+from maxscore.routers.base import Selection
+from maxscore.routers.maxscore import MaxScoreRouter
+
+PAPER_DESIGN = "paper_hungarian"
+BASELINE = "gshard"
+
+
+class PaperDesignRouter(MaxScoreRouter):
+    """MaxScore with the authors' two-stage Hungarian design as the solver (k = 2 only)."""
+
+    def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
+        begin = time.perf_counter()
+        routed = paper_design(scores_TE.detach().cpu(), self.k, group=groups.size)
+        return Selection(experts_TK=routed.experts, solver_ms=(time.perf_counter() - begin) * 1e3)
+
+
+def make_layer(name: str, dim: int, hidden: int, num_experts: int, k: int) -> MoELayer:
+    if name == PAPER_DESIGN:
+        return MoELayer(dim, hidden, num_experts, k, router=PaperDesignRouter(dim, num_experts, k))
+    return MoELayer(dim, hidden, num_experts, 1 if name == "switch" else k, router=name)
+
+
+def layer_input(layer: MoELayer, batch: int, length: int, bias: float, seed: int) -> torch.Tensor:
+    """N(0, 1) hidden states plus a shared direction that adds ``bias`` x N(0, 1) to each expert's logit."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, layer.dim, generator=generator)
+    if bias:
+        target_E = torch.randn(layer.num_experts, generator=generator) * bias
+        x += torch.linalg.pinv(layer.router.gate.weight.detach()) @ target_E
+    return x
+
+
+def bench_layer(routers, *, dim, hidden, num_experts, k, batch, length, bias, rounds, seed=0, progress=None):
+    torch.manual_seed(seed)
+    layers = {name: make_layer(name, dim, hidden, num_experts, k) for name in routers}
+    reference = layers[BASELINE]
+    for layer in layers.values():  # the same gate and experts everywhere
+        layer.experts.load_state_dict(reference.experts.state_dict())
+        layer.router.gate.load_state_dict(reference.router.gate.state_dict())
+    x = layer_input(reference, batch, length, bias, seed)
+    x_TD = x.reshape(-1, dim)
+    times = {name: [] for name in routers}
+    router_times = {name: [] for name in routers}
+    last = {}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, layer in layers.items():
+            if progress:
+                progress(f"round {round_index}/{rounds} {name}")
+            begin = time.perf_counter()
+            out = layer(x)
+            (out.output.square().mean() + out.aux_loss).backward()
+            elapsed = time.perf_counter() - begin
+            layer.zero_grad(set_to_none=True)
+            begin = time.perf_counter()
+            with torch.no_grad():
+                layer.router(x_TD, sequence_length=length)
+            router_elapsed = time.perf_counter() - begin
+            if round_index:
+                times[name].append(elapsed * 1e3)
+                router_times[name].append(router_elapsed * 1e3)
+            last[name] = out.stats
+    base_ms = statistics.median(times[BASELINE])
+    rows = []
+    for name in routers:
+        ms = statistics.median(times[name])
+        ratio = last[name].load_ratio()
+        rows.append(
+            {
+                "router": name,
+                "k": layers[name].k,
+                "ms": ms,
+                "ratio_to_gshard": ms / base_ms,
+                "router_ms": statistics.median(router_times[name]),
+                "dropped_fraction": last[name].dropped_fraction,
+                "dropped_later": last[name].as_dict()["dropped_later"],
+                "load_ratio_min": float(ratio.min()),
+                "load_ratio_max": float(ratio.max()),
+            }
+        )
+    return rows
+
+
+def format_table(rows, title: str) -> str:
+    lines = [
+        f"**{title}**",
+        "",
+        "| router | k | fwd+bwd ms | x gshard | router fwd ms | dropped | dropped later "
+        "| load/cap min | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['router']} | {r['k']} | {r['ms']:.0f} | {r['ratio_to_gshard']:.3f} "
+            f"| {r['router_ms']:.1f} | "
+            f"{r['dropped_fraction']:.2%} | {r['dropped_later']:.2%} | {r['load_ratio_min']:.2f} | "
+            f"{r['load_ratio_max']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small configuration, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", help="JSON output")
+    parser.add_argument("--md", help="markdown output with the environment")
+    args = parser.parse_args()
+    config = dict(dim=768, hidden=1536, num_experts=16, k=2, batch=8, length=512)
+    if args.quick:
+        config.update(dim=128, hidden=256, batch=4, length=256)
+    routers = (*ROUTERS, PAPER_DESIGN)
+    results, tables = {}, []
+    for label, bias in (("std1", 0.0), ("std1+bias", 1.0)):
+        rows = bench_layer(
+            routers,
+            **config,
+            bias=bias,
+            rounds=2 if args.quick else args.rounds,
+            progress=lambda m, label=label: print(f"  {label} {m}", file=sys.stderr, flush=True),
+        )
+        results[label] = rows
+        shape = ", ".join(f"{key} {value}" for key, value in config.items())
+        tables.append(format_table(rows, f"{shape}; router logits {label}"))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": config, "results": results}, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"# MoE layer benchmark\n\n{environment()}\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
