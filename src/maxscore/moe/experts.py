@@ -33,10 +33,12 @@ class SwiGLUExperts(nn.Module):
     def forward_grouped(self, x_PD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows sorted by expert, ``counts[e]`` rows for expert e: [P, D] -> [P, D]."""
         outputs = []
-        for e, rows_PD in enumerate(torch.split(x_PD, counts)):
+        # unbind once: indexing a weight per expert would give each its own full-size gradient
+        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
+        for rows_PD, (w_gate, w_up, w_down) in zip(torch.split(x_PD, counts), weights, strict=True):
             if rows_PD.shape[0]:
-                h_PF = nn.functional.silu(rows_PD @ self.w_gate[e]) * (rows_PD @ self.w_up[e])
-                outputs.append(h_PF @ self.w_down[e])
+                h_PF = nn.functional.silu(rows_PD @ w_gate) * (rows_PD @ w_up)
+                outputs.append(h_PF @ w_down)
         return torch.cat(outputs) if outputs else x_PD.new_zeros(0, self.dim)
 
 
