@@ -77,11 +77,17 @@ def test_shared_expert_adds_a_dense_mlp():
     torch.testing.assert_close(layer(x).output, routed(x).output + layer.shared(x))
 
 
-def test_single_token_steps_route_causally_in_eval():
+def trained_maxscore_layer() -> MoELayer:
+    """A MaxScore layer in eval mode whose averaged prices come from three training forwards."""
     layer = MoELayer(8, 16, 4, 2, router="maxscore")
     for _ in range(3):
         layer(torch.randn(4, 16, 8))
-    layer.eval()
+    assert layer.router.price_updates == 3
+    return layer.eval()
+
+
+def test_single_token_steps_route_causally_in_eval():
+    layer = trained_maxscore_layer()
     x = torch.randn(5, 1, 8)
     out = layer(x)
     assert out.routing.capacity is None  # dropless: each token alone
@@ -92,10 +98,7 @@ def test_single_token_steps_route_causally_in_eval():
 
 
 def test_causal_layer_output_ignores_later_tokens():
-    layer = MoELayer(8, 16, 4, 2, router="maxscore")
-    for _ in range(3):
-        layer(torch.randn(4, 16, 8))
-    layer.eval()
+    layer = trained_maxscore_layer()
     x = torch.randn(1, 16, 8)
     changed = x.clone()
     changed[:, 10:] = torch.randn(1, 6, 8)

@@ -176,6 +176,15 @@ class GatedRouter(nn.Module):
         sequence_length: int | None = None,
         causal: bool = False,
     ) -> RouterOutput:
+        """Routes T tokens.
+
+        Args:
+            x_TD: float [T, D] hidden states (any float dtype; the gate runs in float32).
+            valid_T: bool [T], False for padding (no expert, no capacity, no loss).
+            sequence_length: tokens per sequence; with ``group="sequence"`` each sequence is a
+                routing group, without it the whole input is one group.
+            causal: route every token alone (dropless); see the module docstring.
+        """
         groups = self._groups(x_TD, valid_T, sequence_length)
         logits_TE = self.logits(x_TD)
         scores_TE = router_scores(logits_TE, self.score_function)
