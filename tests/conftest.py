@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded random routing instances."""
+"""Shared fixtures: seeded random routing instances, a small corpus on disk, tiny training settings."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from maxscore.train.data import load_corpus
 
 KINDS = ("peaked", "flat", "ties", "forbidden", "padding")
 
@@ -40,3 +42,39 @@ def random_instance(seed: int, num_tokens: int, num_experts: int, kind: str, kee
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# settings for training runs that take seconds on a CPU
+TINY = dict(
+    vocab_size=384,
+    dim=32,
+    layers=2,
+    heads=2,
+    seq_len=32,
+    num_experts=4,
+    k=2,
+    expert_hidden=32,
+    batch_size=4,
+    lr=3e-3,
+    warmup=5,
+    log_every=5,
+    eval_every=10,
+    eval_batches=2,
+    checkpoint_every=10,
+    device="cpu",
+)
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory):
+    """20 documents: the first 8000 characters of the first 20 bundled speeches."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(load_corpus().documents[:20]):
+        (folder / f"doc{i:02d}.txt").write_text(text[:8000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _tokenizer_cache(tmp_path_factory, monkeypatch):
+    """Trained tokenizers are cached in the session's temporary folder, not in the home folder."""
+    monkeypatch.setenv("MAXSCORE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

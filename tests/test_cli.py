@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -28,3 +29,80 @@ def test_unknown_subcommand_exits_with_usage():
     with pytest.raises(SystemExit) as error:
         main(["no-such-command"])
     assert error.value.code == 2
+
+
+TINY_SETTINGS = [
+    "vocab_size=384",
+    "dim=32",
+    "layers=2",
+    "heads=2",
+    "seq_len=32",
+    "num_experts=4",
+    "expert_hidden=32",
+    "batch_size=4",
+    "warmup=2",
+    "log_every=2",
+    "eval_every=4",
+    "eval_batches=1",
+    'device="cpu"',
+]
+
+
+def run_options(data):
+    options = ["--preset", "tiny", "--steps", "6", "--data", str(data), "--quiet"]
+    for setting in TINY_SETTINGS:
+        options += ["--set", setting]
+    return options
+
+
+def test_train_then_eval(tmp_path, capsys, small_corpus_dir):
+    out = tmp_path / "run"
+    args = ["train", *run_options(small_corpus_dir), "--router", "maxscore", "--seed", "3", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6] and all("loss" in row for row in rows)
+    assert (out / "checkpoint.pt").is_file() and (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    for extra in ([], ["--causal"], ["--data", str(small_corpus_dir / "doc03.txt")]):
+        assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert {"loss", "perplexity", "bpc", "tokens"} <= set(result) and result["tokens"] > 0
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
+    out = tmp_path / "cmp"
+    args = ["compare", *run_options(small_corpus_dir), "--routers", "maxscore,gshard,dense", "--seeds", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| maxscore | 2 |" in table and "| gshard | 2 |" in table and "| dense | 2 |" in table
+    for name in ("results.md", "loss.png", "load_ratio.png", "affinity.png", "dropped.png"):
+        assert (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "dense-s0",
+        "dense-s1",
+        "gshard-s0",
+        "gshard-s1",
+        "maxscore-s0",
+        "maxscore-s1",
+    ]
+    report_dir = tmp_path / "report"
+    assert main(["report", str(out / "maxscore-s0"), str(out / "gshard-s0"), "--out", str(report_dir)]) == 0
+    assert "| gshard | 1 |" in (report_dir / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--set", "k=9"], "k=9 must be <= num_experts=4"),
+        (["--router", "top2"], "router must be 'dense' or one of"),
+        (["--data", "/no/such/path"], "does not exist"),
+    ],
+)
+def test_train_bad_settings_exit_2(tmp_path, capsys, small_corpus_dir, extra, match):
+    options = run_options(small_corpus_dir)
+    if "--data" in extra:
+        options[options.index("--data") + 1] = extra[1]
+        extra = []
+    assert main(["train", *options, *extra, "--out", str(tmp_path / "bad")]) == 2
+    assert match in capsys.readouterr().err

@@ -28,6 +28,91 @@ def _solve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, **fixed):
+    from maxscore.train.config import make_config, parse_override
+
+    overrides = dict(parse_override(text) for text in args.set or [])
+    for name in ("steps", "data", "device"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    overrides.update(fixed)
+    return make_config(args.preset, **overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from maxscore.train.loop import train
+
+    final = train(_config(args, router=args.router, seed=args.seed), args.out, progress=not args.quiet)
+    print(json.dumps({key: value for key, value in final.items() if key != "last"}, indent=1))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from maxscore.train.loop import train
+    from maxscore.train.report import write_report
+
+    routers = [name.strip() for name in args.routers.split(",") if name.strip()]
+    configs = {}
+    for router in routers:  # check every setting before the first run starts
+        for seed in range(args.seeds):
+            extra = {"k": 1} if router == "switch" else {}
+            configs[router, seed] = _config(args, router=router, seed=seed, **extra)
+    out = Path(args.out)
+    for (router, seed), config in configs.items():
+        print(f"== {router}, seed {seed}", file=sys.stderr, flush=True)
+        train(config, out / f"{router}-s{seed}", progress=not args.quiet)
+    print(write_report([out / f"{router}-s{seed}" for router, seed in configs], out))
+    print(f"wrote {out / 'results.md'} and the plots", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from maxscore.train.data import load_corpus
+    from maxscore.train.evaluate import evaluate
+    from maxscore.train.loop import resolve_device
+    from maxscore.train.tokenizer import encode
+
+    device = resolve_device(args.device or "auto")
+    from maxscore.train.checkpoint import load_model
+
+    model, checkpoint = load_model(args.checkpoint, device)
+    corpus = load_corpus(args.data if args.data else checkpoint.config.data)
+    documents = list(corpus.documents) if args.data else corpus.split(args.split)
+    stream = encode(checkpoint.tokenizer, documents)
+    with torch.no_grad():
+        result = evaluate(
+            model, stream, batch_size=checkpoint.config.batch_size, causal=args.causal, device=device
+        )
+    split = "all" if args.data else args.split
+    print(json.dumps({**result, "split": split, "causal": args.causal, "step": checkpoint.step}))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from maxscore.train.report import write_report
+
+    print(write_report(args.runs, args.out or args.runs[0]))
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="tiny, small, paper-162m, ... (default tiny)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    parser.add_argument(
+        "--data", help="a text file or a directory of *.txt files (default: the bundled corpus)"
+    )
+    parser.add_argument("--device", help="auto (default), cpu or cuda")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override any setting, e.g. lr=1e-3"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maxscore", description="Maximum Score Routing for Mixture-of-Experts"
@@ -42,12 +127,53 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the rows as JSON to this file")
     bench.add_argument("--no-paper", action="store_true", help="skip the paper's O(T^3) Hungarian design")
     bench.set_defaults(run=_solve_bench)
+
+    train = sub.add_parser(
+        "train", help="train one model", description="Trains (or resumes) one run in --out."
+    )
+    _add_run_options(train)
+    train.add_argument("--router", default="maxscore", help="a router name or 'dense' (default maxscore)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_train)
+
+    compare = sub.add_parser(
+        "compare",
+        help="train several routers x seeds on equal tokens and write a report",
+        description="Trains every router for every seed into --out/<router>-s<seed>, then writes "
+        "--out/results.md and the plots.  'switch' runs with k=1.",
+    )
+    _add_run_options(compare)
+    compare.add_argument(
+        "--routers", default="maxscore,gshard,dense", help="comma-separated routers (and 'dense')"
+    )
+    compare.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    compare.set_defaults(run=_compare)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per character")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    evaluate.add_argument(
+        "--data", help="a text file or directory to evaluate (default: the run's test split)"
+    )
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    evaluate.add_argument("--causal", action="store_true", help="route every token alone (generation mode)")
+    evaluate.add_argument("--device", help="auto (default), cpu or cuda")
+    evaluate.set_defaults(run=_eval)
+
+    report = sub.add_parser("report", help="markdown report and plots from finished runs")
+    report.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    report.add_argument("--out", help="output folder (default: the first argument)")
+    report.set_defaults(run=_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad settings or inputs: one clear line, exit status 2
+        print(f"maxscore {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

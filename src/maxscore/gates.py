@@ -91,8 +91,10 @@ class TemperatureSchedule(nn.Module):
     ``step()`` after each optimizer step (``maxscore.moe.install_step_hook`` does it).
     """
 
-    def __init__(self, config: TemperatureScheduleConfig | None = None) -> None:
+    def __init__(self, config: TemperatureScheduleConfig | dict | None = None) -> None:
         super().__init__()
+        if isinstance(config, dict):  # e.g. from a JSON run configuration
+            config = TemperatureScheduleConfig(**config)
         self.config = config or TemperatureScheduleConfig()
         self.num_steps = 0
 

@@ -67,7 +67,7 @@ class SoftTopkOnlyRouter(GShardRouter):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        schedule: TemperatureScheduleConfig | None = None,
+        schedule: TemperatureScheduleConfig | dict | None = None,
         **options,
     ) -> None:
         super().__init__(dim, num_experts, k, capacity_factor, **options)

@@ -28,7 +28,8 @@ class MaxScoreRouter(GatedRouter):
 
     Args (beyond ``GatedRouter``'s):
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
-        schedule: the SoftTopk temperature schedule (default linear 4 -> 1 over 30000 steps).
+        schedule: the SoftTopk temperature schedule, a config or its fields as a dict
+            (default linear 4 -> 1 over 30000 steps).
         price_momentum: momentum of the prices' running average (exact method only); the
             first ``1 / (1 - price_momentum)`` updates are averaged plainly.
     """
@@ -41,7 +42,7 @@ class MaxScoreRouter(GatedRouter):
         capacity_factor: float = 1.0,
         *,
         method: str = "exact",
-        schedule: TemperatureScheduleConfig | None = None,
+        schedule: TemperatureScheduleConfig | dict | None = None,
         price_momentum: float = 0.99,
         **options,
     ) -> None:

@@ -1,0 +1,247 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, logging, checkpoints, resume.
+
+A run directory holds ``config.json``, ``tokenizer.json``, ``metrics.jsonl`` (one JSON object
+per logged step: ``step``, ``loss``, learning rate, tokens/s, routing statistics, and
+``val_loss`` at evaluation steps), ``checkpoint.pt`` (atomic) and, when the run ends,
+``final.json`` (validation and test loss, perplexity and bpc with batch and causal routing,
+the last routing statistics).  Batches are a function of (seed, step, micro-batch), so a run
+resumed from its checkpoint reproduces the uninterrupted run's losses bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from maxscore.model import DENSE, Decoder
+from maxscore.routers import install_step_hook
+from maxscore.routers.stats import RoutingStats
+from maxscore.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from maxscore.train.config import TrainConfig
+from maxscore.train.data import load_corpus
+from maxscore.train.evaluate import evaluate
+from maxscore.train.tokenizer import encode, save_tokenizer, train_tokenizer
+
+SCHEDULED = ("maxscore", "softtopk_only")  # routers with a SoftTopk temperature schedule
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def with_schedule(config: TrainConfig) -> TrainConfig:
+    """SoftTopk's temperature decays over the whole run unless the router options say otherwise."""
+    model = config.model
+    if model.router not in SCHEDULED or "schedule" in model.router_options:
+        return config
+    options = {**model.router_options, "schedule": {"steps": config.steps}}
+    return dataclasses.replace(config, model=dataclasses.replace(model, router_options=options))
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def batch_generator(config: TrainConfig, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
+
+
+def summarize(stats: list[RoutingStats]) -> dict:
+    """Routing statistics averaged over the MoE layers (host-side)."""
+    if not stats:
+        return {}
+    rows = [s.as_dict() for s in stats]
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    k = len(rows[0]["affinity_by_rank"])
+    summary = {
+        "dropped_fraction": mean("dropped_fraction"),
+        "dropped_first": mean("dropped_first"),
+        "dropped_later": mean("dropped_later"),
+        "load_ratio_mean": mean("load_ratio_mean"),
+        "load_ratio_min": min(r["load_ratio_min"] for r in rows),
+        "load_ratio_max": max(r["load_ratio_max"] for r in rows),
+        "load_ratio_sorted": [
+            sum(r["load_ratio_sorted"][i] for r in rows) / len(rows)
+            for i in range(len(rows[0]["load_ratio_sorted"]))
+        ],
+        "affinity_by_rank": [sum(r["affinity_by_rank"][i] for r in rows) / len(rows) for i in range(k)],
+        "entropy": mean("entropy"),
+    }
+    solver = [r["solver_ms"] for r in rows if r["solver_ms"] is not None]
+    if solver:
+        summary["solver_ms"] = sum(solver)
+    return summary
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one object per logged step; on resume the steps after the checkpoint go."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if resume_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.tensorboard = _tensorboard(path.parent)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, *, progress: bool = True, stop_after: int | None = None
+) -> dict:
+    """Trains (or resumes) the run in ``out_dir``; returns ``final.json``'s content.
+
+    ``stop_after`` ends the process's work after that many steps (the checkpoint is written),
+    as if interrupted; the run resumes from there when called again.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    if resume is not None:
+        config = resume.config
+    config = with_schedule(config)
+    device = resolve_device(config.device)
+    corpus = load_corpus(config.data)
+    tokenizer = resume.tokenizer if resume is not None else train_tokenizer(corpus, config.model.vocab_size)
+    streams = {split: encode(tokenizer, corpus.split(split)) for split in ("train", "validation", "test")}
+    (out / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=1))
+    save_tokenizer(tokenizer, out / "tokenizer.json")
+
+    torch.manual_seed(config.seed)
+    model = Decoder(config.model).to(device)
+    optimizer = make_optimizer(model, config)
+    install_step_hook(optimizer, model)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+        optimizer.load_state_dict(resume.optimizer_state)
+        start = resume.step
+    log = MetricsLog(out / "metrics.jsonl", start)
+    amp = dict(
+        device_type=device.type,
+        dtype=getattr(torch, config.precision),
+        enabled=device.type == "cuda" and config.precision != "float32",
+    )
+    tokens_per_step = config.batch_size * config.accumulation * config.model.seq_len
+    bar = _progress_bar(progress, config.steps, start, out.name)
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    clock = time.perf_counter()
+    for step in range(start, end):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        loss_sum, aux_sum = 0.0, 0.0
+        for micro in range(config.accumulation):
+            batch = (
+                streams["train"]
+                .batch(config.batch_size, config.model.seq_len, batch_generator(config, step, micro))
+                .to(device)
+            )
+            with torch.autocast(**amp):
+                result = model(batch[:, :-1])
+                loss = nn.functional.cross_entropy(
+                    result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
+                )
+            ((loss + result.aux_loss) / config.accumulation).backward()
+            loss_sum += float(loss.detach()) / config.accumulation
+            aux_sum += float(result.aux_loss.detach()) / config.accumulation
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
+            elapsed = time.perf_counter() - clock
+            row = {
+                "step": done,
+                "loss": loss_sum,
+                "aux_loss": aux_sum,
+                "lr": learning_rate(config, step),
+                "tokens": done * tokens_per_step,
+            }
+            row["tokens_per_s"] = tokens_per_step * (done - start) / max(elapsed, 1e-9)
+            row.update(summarize(result.stats))
+            if done % config.eval_every == 0 or done == config.steps:
+                row["val_loss"] = evaluate(
+                    model,
+                    streams["validation"],
+                    batch_size=config.batch_size,
+                    limit=config.eval_batches * config.batch_size,
+                    device=device,
+                )["loss"]
+            log.write(row)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{loss_sum:.3f}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    drop=f"{row.get('dropped_fraction', 0.0):.1%}",
+                )
+        if bar is not None:
+            bar.update(1)
+        if done % config.checkpoint_every == 0 or done == end:
+            save_checkpoint(out / CHECKPOINT, model, optimizer, done, config, tokenizer)
+    if bar is not None:
+        bar.close()
+    if end < config.steps:
+        return {}
+    return finish(model, config, streams, out, device)
+
+
+def finish(model: Decoder, config: TrainConfig, streams: dict, out: Path, device: torch.device) -> dict:
+    """Final evaluation (validation and test, batch and causal routing) written to ``final.json``."""
+    final: dict = {"router": config.model.router, "seed": config.seed, "steps": config.steps}
+    modes = (False,) if config.model.router == DENSE else (False, True)
+    for split in ("validation", "test"):
+        for causal in modes:
+            if causal and config.model.router == "expert_choice":
+                continue
+            key = f"{split}_{'causal' if causal else 'batch'}"
+            final[key] = evaluate(
+                model, streams[split], batch_size=config.batch_size, causal=causal, device=device
+            )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final["last"] = rows[-1] if rows else {}
+    final["parameters"] = model.num_parameters()
+    final["active_parameters"] = model.num_parameters(active=True)
+    (out / "final.json").write_text(json.dumps(final, indent=1))
+    return final
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, label: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True)
