@@ -72,10 +72,18 @@ def test_train_then_eval(tmp_path, capsys, small_corpus_dir):
 
 def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
     out = tmp_path / "cmp"
-    args = ["compare", *run_options(small_corpus_dir), "--routers", "maxscore,gshard,dense", "--seeds", "2"]
+    args = [
+        "compare",
+        *run_options(small_corpus_dir),
+        "--routers",
+        "maxscore,maxscore@two_stage,gshard,dense",
+        "--seeds",
+        "2",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| maxscore | 2 |" in table and "| gshard | 2 |" in table and "| dense | 2 |" in table
+    for label in ("maxscore", "maxscore@two_stage", "gshard", "dense"):
+        assert f"| {label} | 2 |" in table
     for name in ("results.md", "loss.png", "load_ratio.png", "affinity.png", "dropped.png"):
         assert (out / name).stat().st_size > 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
@@ -85,6 +93,8 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
         "gshard-s1",
         "maxscore-s0",
         "maxscore-s1",
+        "maxscore@two_stage-s0",
+        "maxscore@two_stage-s1",
     ]
     report_dir = tmp_path / "report"
     assert main(["report", str(out / "maxscore-s0"), str(out / "gshard-s0"), "--out", str(report_dir)]) == 0

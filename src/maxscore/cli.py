@@ -53,17 +53,20 @@ def _compare(args: argparse.Namespace) -> int:
     from maxscore.train.loop import train
     from maxscore.train.report import write_report
 
-    routers = [name.strip() for name in args.routers.split(",") if name.strip()]
+    names = [name.strip() for name in args.routers.split(",") if name.strip()]
     configs = {}
-    for router in routers:  # check every setting before the first run starts
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major: an interrupted comparison still covers every router
+        for name in names:  # every setting is checked before the first run starts
+            router, _, method = name.partition("@")
             extra = {"k": 1} if router == "switch" else {}
-            configs[router, seed] = _config(args, router=router, seed=seed, **extra)
+            if method:
+                extra["router_options"] = {"method": method}
+            configs[name, seed] = _config(args, router=router, seed=seed, **extra)
     out = Path(args.out)
-    for (router, seed), config in configs.items():
-        print(f"== {router}, seed {seed}", file=sys.stderr, flush=True)
-        train(config, out / f"{router}-s{seed}", progress=not args.quiet)
-    print(write_report([out / f"{router}-s{seed}" for router, seed in configs], out))
+    for (name, seed), config in configs.items():
+        print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
+        train(config, out / f"{name}-s{seed}", progress=not args.quiet)
+    print(write_report([out / f"{name}-s{seed}" for name, seed in configs], out))
     print(f"wrote {out / 'results.md'} and the plots", file=sys.stderr)
     return 0
 
@@ -140,11 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="train several routers x seeds on equal tokens and write a report",
         description="Trains every router for every seed into --out/<router>-s<seed>, then writes "
-        "--out/results.md and the plots.  'switch' runs with k=1.",
+        "--out/results.md and the plots.  'switch' runs with k=1; 'maxscore@two_stage' is MaxScore "
+        "with another solver method (exact, two_stage, sinkhorn).",
     )
     _add_run_options(compare)
     compare.add_argument(
-        "--routers", default="maxscore,gshard,dense", help="comma-separated routers (and 'dense')"
+        "--routers",
+        default="maxscore,gshard,dense",
+        help="comma-separated routers, 'dense', or router@method (default maxscore,gshard,dense)",
     )
     compare.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     compare.set_defaults(run=_compare)

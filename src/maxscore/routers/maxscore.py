@@ -11,6 +11,8 @@ balanced, so the router keeps their running average (buffer ``prices``, saved wi
 and, in causal mode, routes each token alone to the top-k of ``score - prices`` (dropless: no
 capacity is enforced, loads are balanced only on average).  The layer switches to causal mode
 by itself for single-token steps (generation).  The averaged prices also warm-start the solver.
+With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
+forward also runs the exact solver, for the prices only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
 from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
+PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
 
 
 class MaxScoreRouter(GatedRouter):
@@ -30,7 +33,7 @@ class MaxScoreRouter(GatedRouter):
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
         schedule: the SoftTopk temperature schedule, a config or its fields as a dict
             (default linear 4 -> 1 over 30000 steps).
-        price_momentum: momentum of the prices' running average (exact method only); the
+        price_momentum: momentum of the prices' running average; the
             first ``1 / (1 - price_momentum)`` updates are averaged plainly.
     """
 
@@ -55,6 +58,7 @@ class MaxScoreRouter(GatedRouter):
         self.schedule = TemperatureSchedule(schedule)
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
 
     def temperature(self) -> float:
         return self.schedule.temperature()
@@ -75,17 +79,24 @@ class MaxScoreRouter(GatedRouter):
             scores_TE, valid_T, groups, self.k, self.capacity_factor, self.method, **options
         )
         gaps = [a.gap for a in assignments if a.gap is not None]
-        if self.training and self.method == "exact":
-            self._update_prices(torch.stack([a.prices.float() for a in assignments]))
+        if self.training:
+            if self.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
+                _, assignments, _ = solve_groups(
+                    scores_TE,
+                    valid_T,
+                    groups,
+                    self.k,
+                    self.capacity_factor,
+                    "exact",
+                    prices=self.prices.cpu(),
+                )
+            if assignments[0].prices is not None:
+                self._update_prices(torch.stack([a.prices.float() for a in assignments]))
+            self.training_forwards += 1
         return Selection(experts_TK=experts_TK, solver_gap=sum(gaps) if gaps else None, solver_ms=ms)
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Each token alone: the top-k of ``scores - prices`` (best first), no capacity."""
-        if self.method != "exact":
-            raise ValueError(
-                "causal routing uses the exact solver's dual prices, but this router uses "
-                f"method={self.method!r}; train with method='exact' to route causally"
-            )
         adjusted_TE = scores_TE - self.prices.to(scores_TE.device)
         return torch.topk(adjusted_TE, self.k, dim=1).indices
 

@@ -15,7 +15,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 class TrainConfig:
     """One training run.  ``batch_size`` sequences of ``model.seq_len`` tokens per micro-batch,
     ``accumulation`` micro-batches per optimizer step; AdamW with linear warmup then cosine decay
-    to ``min_lr_ratio * lr``; evaluation every ``eval_every`` steps on ``eval_batches`` batches."""
+    to ``min_lr_ratio * lr``; evaluation every ``eval_every`` steps on ``eval_batches`` batches;
+    the final evaluation on at most ``final_eval_windows`` windows per split (None: all)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 300
@@ -31,6 +32,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    final_eval_windows: int | None = None
     checkpoint_every: int = 100
     seed: int = 0
     data: str | None = None
@@ -51,6 +53,14 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.final_eval_windows is not None and (
+            isinstance(self.final_eval_windows, bool)
+            or not isinstance(self.final_eval_windows, int)
+            or self.final_eval_windows < 1
+        ):
+            raise ValueError(
+                f"final_eval_windows must be an int >= 1 or None, got {self.final_eval_windows!r}"
+            )
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
         for name in ("lr", "clip"):
@@ -85,6 +95,7 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=16,
         lr=3e-3,
         warmup=30,
+        final_eval_windows=256,
     ),
     "small": TrainConfig(
         model=_model(vocab_size=8192, dim=256, layers=6, heads=4, seq_len=256, expert_hidden=512),

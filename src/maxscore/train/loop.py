@@ -221,7 +221,9 @@ def train(
 
 def finish(model: Decoder, config: TrainConfig, streams: dict, out: Path, device: torch.device) -> dict:
     """Final evaluation (validation and test, batch and causal routing) written to ``final.json``."""
-    final: dict = {"router": config.model.router, "seed": config.seed, "steps": config.steps}
+    method = config.model.router_options.get("method")
+    label = config.model.router + (f"@{method}" if method else "")
+    final: dict = {"router": label, "seed": config.seed, "steps": config.steps}
     modes = (False,) if config.model.router == DENSE else (False, True)
     for split in ("validation", "test"):
         for causal in modes:
@@ -229,7 +231,12 @@ def finish(model: Decoder, config: TrainConfig, streams: dict, out: Path, device
                 continue
             key = f"{split}_{'causal' if causal else 'batch'}"
             final[key] = evaluate(
-                model, streams[split], batch_size=config.batch_size, causal=causal, device=device
+                model,
+                streams[split],
+                batch_size=config.batch_size,
+                causal=causal,
+                limit=config.final_eval_windows,
+                device=device,
             )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final["last"] = rows[-1] if rows else {}
