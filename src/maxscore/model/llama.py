@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from maxscore._checks import check_int
 from maxscore.moe import MoELayer, SwiGLU
 from maxscore.routers import ROUTERS
 from maxscore.routers.stats import RoutingStats
@@ -41,9 +42,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "layers", "heads", "seq_len", "num_experts", "k", "expert_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(f"dim={self.dim} must be a multiple of 2 x heads={self.heads} (even head size)")
         if self.k > self.num_experts:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from maxscore._checks import check_int
 from maxscore.moe.dispatch import capacity_slots, combine, dispatch, slot_table, sort_by_expert
 from maxscore.moe.experts import SwiGLU, SwiGLUExperts
 from maxscore.routers import Router, RouterOutput, make_router
@@ -60,8 +61,7 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         for name, value, low in (("hidden", hidden, 1), ("shared_hidden", shared_hidden, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(name, value, low)
         if isinstance(router, str):
             router = make_router(router, dim, num_experts, k, capacity_factor, **router_options)
         elif router_options or not isinstance(router, Router):

@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
@@ -104,11 +105,6 @@ def group_capacity(
     return torch.ceil(value_G - 1e-9 * value_G.clamp(min=1.0)).long()
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def _check_coefficient(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value!r}")
@@ -151,7 +147,7 @@ class GatedRouter(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
-            _check_positive_int(name, value)
+            check_int(name, value)
         expert_capacity(0, num_experts, k, capacity_factor)  # validates k and capacity_factor
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from maxscore._checks import check_int
 from maxscore.model import ModelConfig
 
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -50,9 +51,7 @@ class TrainConfig:
             "checkpoint_every",
         )
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.final_eval_windows is not None and (
             isinstance(self.final_eval_windows, bool)
             or not isinstance(self.final_eval_windows, int)
