@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from maxscore.moe.experts import SwiGLUExperts
+from maxscore.routers import RouterOutput
+
 
 def capacity_slots(experts_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """int64 [T, K]: row ``e * capacity + position`` of each assigned choice, ``E * capacity`` if none.
@@ -73,3 +76,25 @@ def sort_by_expert(
     pairs_P = pairs_P[order]
     counts = torch.bincount(flat_P[pairs_P], minlength=num_experts).tolist()
     return pairs_P, pairs_P // experts_TK.shape[1], counts
+
+
+def pair_weights(routing: RouterOutput, pairs_P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float [P, 1]: the combine weight of each (token, choice) pair."""
+    return routing.weights.flatten()[pairs_P].to(dtype)[:, None]
+
+
+class LocalDispatcher:
+    """Runs the routed tokens through experts held in this process (every expert)."""
+
+    def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> torch.Tensor:
+        """[T, D] -> [T, D]: capacity path when ``routing.capacity`` is set, else grouped."""
+        num_experts = experts.num_experts
+        if routing.capacity is not None:
+            slots_TK = capacity_slots(routing.experts, num_experts, routing.capacity)
+            token_S, weight_S = slot_table(slots_TK, routing.weights, num_experts * routing.capacity)
+            y_ECD = experts(dispatch(x_TD, token_S, num_experts))
+            return combine(y_ECD, token_S, weight_S, x_TD.shape[0])
+        pairs_P, tokens_P, counts = sort_by_expert(routing.experts, num_experts)
+        y_PD = experts.forward_grouped(x_TD[tokens_P], counts)
+        weighted_PD = y_PD * pair_weights(routing, pairs_P, y_PD.dtype)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD)

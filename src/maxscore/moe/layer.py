@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from maxscore._checks import check_int
-from maxscore.moe.dispatch import capacity_slots, combine, dispatch, slot_table, sort_by_expert
+from maxscore.moe.dispatch import LocalDispatcher
 from maxscore.moe.experts import SwiGLU, SwiGLUExperts
 from maxscore.routers import Router, RouterOutput, make_router
 from maxscore.routers.stats import RoutingStats
@@ -70,6 +70,8 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = SwiGLUExperts(num_experts, dim, hidden)
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
+        # moves tokens to the experts and back; maxscore.parallel swaps in an all-to-all one
+        self.dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, causal: bool = False) -> MoEOutput:
         """Routes and runs ``x`` [B, L, D].
@@ -87,10 +89,7 @@ class MoELayer(nn.Module):
             length == 1 and not self.training and getattr(self.router, "has_causal_mode", False)
         )
         routing = self.router(x_TD, valid_T, sequence_length=length, causal=causal)
-        if routing.capacity is None:
-            y_TD = self._run_grouped(x_TD, routing)
-        else:
-            y_TD = self._run_capacity(x_TD, routing)
+        y_TD = self.dispatcher(x_TD, routing, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         if valid_T is not None:
@@ -101,19 +100,6 @@ class MoELayer(nn.Module):
             stats=routing.stats,
             routing=routing,
         )
-
-    def _run_capacity(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        num_slots = self.num_experts * routing.capacity
-        slots_TK = capacity_slots(routing.experts, self.num_experts, routing.capacity)
-        token_S, weight_S = slot_table(slots_TK, routing.weights, num_slots)
-        y_ECD = self.experts(dispatch(x_TD, token_S, self.num_experts))
-        return combine(y_ECD, token_S, weight_S, x_TD.shape[0])
-
-    def _run_grouped(self, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        pairs_P, tokens_P, counts = sort_by_expert(routing.experts, self.num_experts)
-        y_PD = self.experts.forward_grouped(x_TD[tokens_P], counts)
-        weights_P = routing.weights.flatten()[pairs_P].to(y_PD.dtype)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, y_PD * weights_P[:, None])
 
     def _check(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[int, int]:
         if (

@@ -11,8 +11,10 @@ learned state only, with no capacity (dropless), so its experts cannot depend on
 the base rule is plain top-k, MaxScore uses its averaged dual prices.
 
 Routing groups: capacity applies per group, ``group="sequence"`` (one group per sequence, the
-paper's setting) or ``group="batch"`` (the whole local batch).  A group's capacity counts its
-valid tokens only, ``ceil(capacity_factor * k * valid / E)``, so padding uses no capacity.
+paper's setting), ``group="batch"`` (the whole local batch) or, for MaxScore,
+``group="global"`` (the tokens of every rank of a process group, see ``maxscore.parallel``).
+A group's capacity counts its valid tokens only, ``ceil(capacity_factor * k * valid / E)``, so
+padding uses no capacity.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class GatedRouter(nn.Module):
     default_normalize = False
     default_balance_coef = 0.01
     has_causal_mode = True
+    supported_groups = GROUPS
 
     def __init__(
         self,
@@ -149,8 +152,10 @@ class GatedRouter(nn.Module):
         for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
             check_int(name, value)
         expert_capacity(0, num_experts, k, capacity_factor)  # validates k and capacity_factor
-        if group not in GROUPS:
-            raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        if group not in self.supported_groups:
+            raise ValueError(
+                f"group must be one of {self.supported_groups} for {type(self).__name__}, got {group!r}"
+            )
         if score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
         balance_coef = self.default_balance_coef if balance_coef is None else balance_coef
@@ -282,7 +287,7 @@ class GatedRouter(nn.Module):
                 f"valid must be a bool tensor of shape [T] = [{num_tokens}], got {valid_T.dtype} "
                 f"{tuple(valid_T.shape)}; use valid.bool()"
             )
-        if self.group == "batch" or sequence_length is None:
+        if self.group != "sequence" or sequence_length is None:
             return Groups(1, num_tokens)
         if sequence_length < 1 or num_tokens % sequence_length:
             raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")

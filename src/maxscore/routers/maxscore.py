@@ -13,14 +13,22 @@ capacity is enforced, loads are balanced only on average).  The layer switches t
 by itself for single-token steps (generation).  The averaged prices also warm-start the solver.
 With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
 forward also runs the exact solver, for the prices only.
+
+Global routing (``group="global"``, exact only): one optimal routing of the tokens of every
+rank of ``process_group`` (default: the world; set by ``maxscore.parallel.parallelize_moe``)
+with global capacities, by ``maxscore.parallel.solve_global``; per-rank loads then vary, so
+the layer takes its variable-size (grouped) path.  Its prices are global, identical on every rank.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
-from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+from maxscore.parallel.global_routing import solve_global
+from maxscore.routers.base import GROUPS, GatedRouter, Groups, Selection, solve_groups
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
@@ -37,6 +45,8 @@ class MaxScoreRouter(GatedRouter):
             first ``1 / (1 - price_momentum)`` updates are averaged plainly.
     """
 
+    supported_groups = GROUPS + ("global",)
+
     def __init__(
         self,
         dim: int,
@@ -52,6 +62,8 @@ class MaxScoreRouter(GatedRouter):
         super().__init__(dim, num_experts, k, capacity_factor, **options)
         if method not in FLOW_METHODS:
             raise ValueError(f"method must be one of {FLOW_METHODS}, got {method!r}")
+        if self.group == "global" and method != "exact":
+            raise ValueError(f"group='global' routes with the exact solver only; got method={method!r}")
         if not isinstance(price_momentum, (int, float)) or not 0 <= price_momentum < 1:
             raise ValueError(f"price_momentum must be in [0, 1), got {price_momentum!r}")
         self.method, self.price_momentum = method, float(price_momentum)
@@ -59,6 +71,12 @@ class MaxScoreRouter(GatedRouter):
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
+        self.process_group = None  # of group="global"; None: the world (or a single process)
+
+    @property
+    def fills_capacity(self) -> bool:
+        """True when every rank's routing fills a static [E, C] buffer (local routing groups)."""
+        return self.group != "global"
 
     def temperature(self) -> float:
         return self.schedule.temperature()
@@ -74,6 +92,8 @@ class MaxScoreRouter(GatedRouter):
         groups: Groups,
         capacity_G: torch.Tensor,
     ) -> Selection:
+        if self.group == "global":
+            return self._select_global(scores_TE, valid_T)
         options = {"prices": self.prices.cpu()} if self.method == "exact" else {}
         experts_TK, assignments, ms = solve_groups(
             scores_TE, valid_T, groups, self.k, self.capacity_factor, self.method, **options
@@ -94,6 +114,27 @@ class MaxScoreRouter(GatedRouter):
                 self._update_prices(torch.stack([a.prices.float() for a in assignments]))
             self.training_forwards += 1
         return Selection(experts_TK=experts_TK, solver_gap=sum(gaps) if gaps else None, solver_ms=ms)
+
+    def _select_global(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> Selection:
+        begin = time.perf_counter()
+        result = solve_global(
+            scores_TE.detach(),
+            self.k,
+            capacity_factor=self.capacity_factor,
+            valid=valid_T,
+            prices=self.prices,
+            group=self.process_group,
+        )
+        assignment = result.assignment
+        if self.training:
+            self._update_prices(assignment.prices.float()[None])
+            self.training_forwards += 1
+        return Selection(
+            experts_TK=assignment.experts.to(scores_TE.device),
+            dropless=True,  # global capacities: no static per-rank buffer
+            solver_gap=assignment.gap,
+            solver_ms=(time.perf_counter() - begin) * 1e3,
+        )
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Each token alone: the top-k of ``scores - prices`` (best first), no capacity."""

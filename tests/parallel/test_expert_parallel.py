@@ -1,0 +1,96 @@
+"""Expert parallelism: spawned gloo ranks equal the single-process layer on the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from maxscore import MoELayer
+from maxscore.parallel import expert_parameter_names, parallelize_moe
+from maxscore.parallel.launch import spawn
+
+DIM, HIDDEN, EXPERTS, K = 16, 24, 8, 2
+BATCH, LENGTH = 3, 20  # per rank
+
+
+def _inputs(world_size: int):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH * world_size, LENGTH, DIM, generator=generator)
+    probe = torch.randn(BATCH * world_size, LENGTH, DIM, generator=generator)
+    valid = torch.rand(BATCH * world_size, LENGTH, generator=generator) > 0.2
+    return x, probe, valid
+
+
+def _layer(router: str, group: str) -> MoELayer:
+    torch.manual_seed(0)
+    return MoELayer(DIM, HIDDEN, EXPERTS, K, router=router, group=group)
+
+
+def _run(layer: MoELayer, x, probe, valid):
+    x = x.clone().requires_grad_()
+    out = layer(x, valid)
+    (out.output * probe).sum().backward()  # the balance losses are per-rank batch means: left out
+    return out.output.detach(), x.grad
+
+
+def _rank(rank, world_size, router, group, padded, out_dir):
+    x, probe, valid = _inputs(world_size)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    layer = parallelize_moe(_layer(router, group))
+    static = layer.dispatcher.static
+    output, x_grad = _run(layer, x[rows], probe[rows], valid[rows] if padded else None)
+    gate_grad = layer.router.gate.weight.grad.clone()
+    dist.all_reduce(gate_grad)  # what data parallelism does for the non-expert parameters
+    experts = {name: p.grad for name, p in layer.named_parameters() if name in expert_parameter_names(layer)}
+    torch.save(
+        {"output": output, "x_grad": x_grad, "gate_grad": gate_grad, "experts": experts, "static": static},
+        f"{out_dir}/rank{rank}.pt",
+    )
+
+
+CASES = [  # router, group (global routing's single-process twin routes the whole batch)
+    ("maxscore", "sequence"),  # static exchange
+    ("maxscore", "global"),  # variable exchange, one routing over all ranks
+    ("gshard", "sequence"),  # drops: variable exchange
+    ("dropless", "sequence"),  # no capacity: variable exchange
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("world_size", "router", "group", "padded"),
+    [(2, r, g, False) for r, g in CASES]
+    + [(4, "maxscore", "sequence", True), (4, "maxscore", "global", True)],
+)
+def test_expert_parallel_layer_equals_single_process(world_size, router, group, padded, tmp_path):
+    spawn(_rank, world_size, router, group, padded, str(tmp_path))
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    x, probe, valid = _inputs(world_size)
+    single = _layer(router, "batch" if group == "global" else group)
+    output, x_grad = _run(single, x, probe, valid if padded else None)
+    torch.testing.assert_close(torch.cat([p["output"] for p in parts]), output, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]), x_grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts[0]["gate_grad"], single.router.gate.weight.grad, atol=1e-5, rtol=1e-4)
+    local = EXPERTS // world_size
+    for rank, part in enumerate(parts):
+        assert part["static"] == (router == "maxscore" and group == "sequence")
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(single.experts, name).grad[rank * local : (rank + 1) * local]
+            torch.testing.assert_close(part["experts"][f"experts.{name}"], full, atol=1e-5, rtol=1e-4)
+
+
+def _indivisible(rank, world_size):
+    torch.manual_seed(0)
+    parallelize_moe(MoELayer(DIM, HIDDEN, 6, K))  # 6 experts over 4 ranks
+
+
+@pytest.mark.distributed
+def test_experts_not_divisible_by_group_size_raise():
+    with pytest.raises(Exception, match="num_experts=6 is not divisible by the expert-parallel size 4"):
+        spawn(_indivisible, 4)
+
+
+def test_parallelize_needs_a_process_group():
+    with pytest.raises(ValueError, match="initialized process group"):
+        parallelize_moe(MoELayer(DIM, HIDDEN, EXPERTS, K))
