@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,9 +41,72 @@ def _config(args: argparse.Namespace, **fixed):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from maxscore.parallel.launch import launched_by_torchrun
+
+    config = _config(args, router=args.router, seed=args.seed)
+    if args.nproc is not None:
+        return _train_spawned(args, config)
+    if not launched_by_torchrun():
+        return _print_final(_run_train(config, args.out, not args.quiet))
+    from maxscore.parallel.launch import destroy_process_group, init_process_group
+
+    init_process_group(timeout_s=args.dist_timeout)
+    try:
+        final = _run_train(config, args.out, not args.quiet, args.dist_timeout)
+    finally:
+        destroy_process_group()
+    return _print_final(final) if int(os.environ["RANK"]) == 0 else 0
+
+
+def _run_train(config, out: str, progress: bool, timeout_s: float | None = None) -> dict:
     from maxscore.train.loop import train
 
-    final = train(_config(args, router=args.router, seed=args.seed), args.out, progress=not args.quiet)
+    try:
+        return train(config, out, progress=progress)
+    except RuntimeError as error:  # a collective gave up: name the likely cause
+        if timeout_s is None or "timeout" not in str(error).lower().replace(" ", ""):
+            raise
+        raise RuntimeError(
+            f"a collective timed out after {timeout_s:g} s waiting for the other ranks: another rank "
+            f"failed or stalled (see its output); raise --dist-timeout for slow steps. ({error})"
+        ) from error
+
+
+def _train_rank(rank: int, world_size: int, config_json: str, out: str, progress: bool, timeout_s: float):
+    from maxscore.train.config import TrainConfig
+
+    final = _run_train(TrainConfig.from_json(config_json), out, progress and rank == 0, timeout_s)
+    if rank == 0:
+        _print_final(final)
+
+
+def _train_spawned(args: argparse.Namespace, config) -> int:
+    import torch.multiprocessing as mp
+
+    from maxscore.parallel.launch import default_backend, spawn
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    backend = default_backend() if config.device != "cpu" else "gloo"
+    try:
+        spawn(
+            _train_rank,
+            args.nproc,
+            config.to_json(),
+            args.out,
+            not args.quiet,
+            args.dist_timeout,
+            backend=backend,
+            timeout_s=args.dist_timeout,
+        )
+    except mp.ProcessRaisedException as error:
+        text = str(error).strip().splitlines()
+        print(f"maxscore train: a rank failed:\n{text[-1] if text else error}", file=sys.stderr)
+        return 2 if text and text[-1].startswith("ValueError") else 1
+    return 0
+
+
+def _print_final(final: dict) -> int:
     print(json.dumps({key: value for key, value in final.items() if key != "last"}, indent=1))
     return 0
 
@@ -137,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(train)
     train.add_argument("--router", default="maxscore", help="a router name or 'dense' (default maxscore)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--nproc",
+        type=int,
+        help="start N local processes (gloo on CPU, NCCL on GPUs): experts sharded over them, "
+        "the rest data parallel; or launch with torchrun --nproc_per_node=N -m maxscore train ...",
+    )
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits for the others in a collective before it stops (default 300)",
+    )
     train.set_defaults(run=_train)
 
     compare = sub.add_parser(

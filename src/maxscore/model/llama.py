@@ -17,6 +17,7 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.moe import MoELayer, SwiGLU
+from maxscore.moe.experts import SwiGLUExperts
 from maxscore.routers import ROUTERS
 from maxscore.routers.stats import RoutingStats
 
@@ -172,10 +173,11 @@ class Decoder(nn.Module):
         return ModelOutput(logits=logits, aux_loss=aux_loss, stats=stats)
 
     def num_parameters(self, active: bool = False) -> int:
-        """All parameters, or those one token uses (k of E experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active or self.config.router == DENSE:
-            return total
+        """All parameters, or those one token uses (k of E experts); experts sharded over ranks
+        count in full."""
+        shards = [m for m in self.modules() if isinstance(m, SwiGLUExperts)]
+        local = sum(p.numel() for m in shards for p in m.parameters())
+        shared = sum(p.numel() for p in self.parameters()) - local
         cfg = self.config
-        expert = 3 * cfg.dim * cfg.expert_hidden
-        return total - cfg.layers * (cfg.num_experts - cfg.k) * expert
+        experts = cfg.k if active else cfg.num_experts
+        return shared + len(shards) * experts * 3 * cfg.dim * cfg.expert_hidden

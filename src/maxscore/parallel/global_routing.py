@@ -4,7 +4,8 @@ Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation 
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
 scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduce``:
 
-1. **Prices** (``price_iterations`` all-reduces of 2E values): every rank routes its tokens to
+1. **Prices** (at most ``price_iterations`` all-reduces of 2E values; they stop once the total
+   overload is at most E units or stops falling): every rank routes its tokens to
    their top-k of ``scores - prices`` and computes, per expert, the price at which its share
    ``C * N_rank / N`` of the capacity would want that expert (a local best response); the
    token-weighted mean of the local responses, damped, is the next global price vector.
@@ -39,8 +40,9 @@ import torch.distributed as dist
 from maxscore.solvers import Assignment, expert_capacity
 from maxscore.solvers._validate import make_problem
 
-PRICE_ITERATIONS = 10
+PRICE_ITERATIONS = 30
 DAMPING = 0.8
+STALL_LIMIT = 3  # price steps without a lower total overload before the repair takes over
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,14 +63,18 @@ class _Reducer:
         self.group = group
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
         self.rank = dist.get_rank(group) if self.distributed else 0
+        # NCCL reduces device tensors only: the summaries make a round trip to the GPU
+        self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"
         self.calls = self.bytes = 0
 
     def __call__(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.distributed:
-            self.calls += 1
-            self.bytes += tensor.numel() * tensor.element_size()
-            dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor
+        if not self.distributed:
+            return tensor
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=op, group=self.group)
+        return moved.cpu()
 
 
 def solve_global(
@@ -127,8 +133,9 @@ def solve_global(
         )
     prices_E = _initial_prices(prices, num_experts, reduce)
     prices_E = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, reduce)
-    held_NE, prices_E, loads_E = _zero_slack_prices(scores_NE, k, capacity, prices_E, reduce)
-    augmentations = _repair(scores_NE, held_NE, loads_E, capacity, reduce)
+    prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
+    held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
+    augmentations = _repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
     prices_E = _certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
     experts_NK = _ranked(scores_NE, held_NE, k)
     picked = scores_NE.gather(1, experts_NK).sum()
@@ -192,6 +199,11 @@ def _price_steps(
     if k == num_experts or total == 0:
         return prices_E
     share = capacity * num_tokens / total  # this rank's share of each expert's capacity
+    best_prices, best_overload, stalled = prices_E, math.inf, 0
+    # prices are >= 0 (the dual of "load <= capacity"); with no slack at all (every expert must be
+    # exactly full) only price differences matter, and letting unwanted experts go below the
+    # others' prices is what brings tokens to them
+    floor = -math.inf if capacity * num_experts == k * total else 0.0
     for _ in range(iterations):
         adjusted_NE = scores_NE - prices_E
         top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
@@ -202,26 +214,25 @@ def _price_steps(
         if num_tokens:
             ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
             position = min(int(share), num_tokens - 1)
-            response_E = ranked_NE[position].clamp(min=0) * num_tokens
+            response_E = ranked_NE[position].clamp(min=floor) * num_tokens
         summary = reduce(torch.cat([held_NE.sum(0).double(), response_E]))
         loads_E, response_E = summary[:num_experts], summary[num_experts:] / total
-        if (loads_E <= capacity).all():
+        overload = float((loads_E - capacity).clamp(min=0).sum())
+        if overload < best_overload:
+            best_prices, best_overload, stalled = prices_E, overload, 0
+        else:
+            stalled += 1
+        # a few units are cheaper to repair than further all-reduce rounds
+        if overload <= num_experts or stalled == STALL_LIMIT:
             break
         prices_E = prices_E + DAMPING * (response_E - prices_E)
-    return prices_E
+    return best_prices
 
 
-def _zero_slack_prices(
-    scores_NE: torch.Tensor, k: int, capacity: int, prices_E: torch.Tensor, reduce: _Reducer
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Routes to the top-k of ``scores - prices`` with price 0 on every expert below capacity."""
-    while True:
-        held_NE = _top_k_mask(scores_NE - prices_E, k)
-        loads_E = reduce(held_NE.sum(0).double()).long()
-        slack_E = (loads_E < capacity) & (prices_E > 0)
-        if not slack_E.any():
-            return held_NE, prices_E, loads_E
-        prices_E = prices_E.masked_fill(slack_E, 0.0)
+def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: _Reducer):
+    """Every token on its top-k of ``scores - prices``: (held [N, E], global loads [E])."""
+    held_NE = _top_k_mask(scores_NE - prices_E, k)
+    return held_NE, reduce(held_NE.sum(0).double()).long()
 
 
 def _move_costs(
@@ -274,30 +285,59 @@ def _shortest_paths(cost_EE: torch.Tensor, sources_E: torch.Tensor) -> tuple[tor
 
 
 def _repair(
-    scores_NE: torch.Tensor, held_NE: torch.Tensor, loads_E: torch.Tensor, capacity: int, reduce: _Reducer
+    scores_NE: torch.Tensor,
+    held_NE: torch.Tensor,
+    loads_E: torch.Tensor,
+    prices_E: torch.Tensor,
+    capacity: int,
+    units: int,
+    reduce: _Reducer,
 ) -> int:
-    """Successive shortest paths until no expert is over capacity (updates held and loads)."""
+    """Successive shortest paths on the experts plus a sink node S (updates held and loads).
+
+    Each expert e sends ``sent[e]`` units to S (at most ``capacity``): ``capacity`` when its
+    price is positive (complementary slackness), else ``min(load, capacity)``.  Expert e has
+    excess ``load - sent`` (negative: a deficit), S has excess ``sum(sent) - units``.  With
+    prices as potentials every residual arc has reduced cost >= 0 (token moves: top-k; f -> S
+    only when ``sent < capacity``, i.e. price 0; S -> g costs price >= 0), so shortest paths
+    from excess to deficit nodes keep the flow optimal, and the last one leaves
+    ``sent == load <= capacity`` everywhere.
+    """
+    num_experts = len(loads_E)
+    sink = num_experts
+    sent_E = torch.where(prices_E > 0, capacity, loads_E.clamp(max=capacity))
     augmentations = 0
-    while (over_E := loads_E > capacity).any():
+    while True:
+        excess_V = torch.cat([loads_E - sent_E, (sent_E.sum() - units).view(1)])
+        if not (excess_V != 0).any():
+            return augmentations
         cost_EE, owner_EE, token_EE = _move_costs(scores_NE, held_NE, reduce, owners=True)
-        dist_E, pred_E = _shortest_paths(cost_EE, over_E)
-        dist_E = torch.where(loads_E < capacity, dist_E, math.inf)
-        target = int(dist_E.argmin())
-        if not math.isfinite(dist_E[target]):
+        cost_VV = torch.full((num_experts + 1, num_experts + 1), math.inf, dtype=torch.float64)
+        cost_VV[:num_experts, :num_experts] = cost_EE
+        cost_VV[:num_experts, sink] = torch.where(sent_E < capacity, 0.0, math.inf)
+        cost_VV[sink, :num_experts] = torch.where(sent_E > 0, 0.0, math.inf)
+        dist_V, pred_V = _shortest_paths(cost_VV, excess_V > 0)
+        dist_V = torch.where(excess_V < 0, dist_V, math.inf)
+        target = int(dist_V.argmin())
+        if not math.isfinite(dist_V[target]):
             raise RuntimeError("global routing: no augmenting path although capacity is feasible")
         node = target
-        for _ in range(len(loads_E)):
-            if pred_E[node] < 0:
+        for _ in range(num_experts + 1):
+            if pred_V[node] < 0:
                 break
-            source = int(pred_E[node])
-            if int(owner_EE[source, node]) == reduce.rank:
-                token = int(token_EE[source, node])
-                held_NE[token, source], held_NE[token, node] = False, True
+            source = int(pred_V[node])
+            if node == sink:
+                sent_E[source] += 1
+            elif source == sink:
+                sent_E[node] -= 1
+            else:
+                loads_E[source] -= 1
+                loads_E[node] += 1
+                if int(owner_EE[source, node]) == reduce.rank:
+                    token = int(token_EE[source, node])
+                    held_NE[token, source], held_NE[token, node] = False, True
             node = source
-        loads_E[node] -= 1
-        loads_E[target] += 1
         augmentations += 1
-    return augmentations
 
 
 def _certificate_prices(

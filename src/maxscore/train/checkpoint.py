@@ -2,6 +2,11 @@
 
 A checkpoint is self-contained: model and optimizer state, the step, the run's settings and its
 tokenizer (as JSON strings), so ``maxscore eval`` needs nothing else.
+
+A multi-process run writes one file per rank, ``checkpoint.rank<R>.pt`` (the rank's expert
+shard and optimizer state with the shared parameters), resumable on the same world size;
+when the run ends rank 0 also writes ``checkpoint.pt`` with the experts gathered (no optimizer
+state), which ``maxscore eval`` and single-process code read like any other.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from maxscore.model import Decoder
+from maxscore.parallel.expert_parallel import expert_parameter_names
+from maxscore.parallel.topology import Topology
 from maxscore.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -26,6 +34,7 @@ class Checkpoint:
     step: int
     model_state: dict
     optimizer_state: dict | None
+    world_size: int = 1
 
 
 def save_checkpoint(
@@ -35,6 +44,7 @@ def save_checkpoint(
     step: int,
     config: TrainConfig,
     tokenizer: Tokenizer,
+    world_size: int = 1,
 ) -> None:
     payload = {
         "format": 1,
@@ -42,12 +52,64 @@ def save_checkpoint(
         "config": config.to_json(),
         "tokenizer": tokenizer.to_str(),
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "world_size": world_size,
     }
+    _write(path, payload)
+
+
+def _write(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(payload, temporary)
     os.replace(temporary, path)
+
+
+def checkpoint_path(out: Path, topology: Topology) -> Path:
+    """This rank's resumable checkpoint in run directory ``out``."""
+    return out / (f"checkpoint.rank{topology.rank}.pt" if topology.distributed else CHECKPOINT)
+
+
+def save_run_checkpoint(
+    out: Path,
+    model: Decoder,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    tokenizer: Tokenizer,
+    topology: Topology,
+) -> None:
+    """Every rank writes its own file (one file on a single process); ranks then wait for each other."""
+    save_checkpoint(
+        checkpoint_path(out, topology), model, optimizer, step, config, tokenizer, topology.world_size
+    )
+    if topology.distributed:
+        dist.barrier()
+
+
+def consolidated_state(model: Decoder, topology: Topology) -> dict:
+    """The model's state with every expert shard gathered over the expert group (collective)."""
+    state = model.state_dict()
+    for name in sorted(expert_parameter_names(model)):
+        shard = state[name].contiguous()
+        parts = [torch.empty_like(shard) for _ in range(topology.expert_size)]
+        dist.all_gather(parts, shard, group=topology.expert_group)
+        state[name] = torch.cat(parts).cpu()
+    return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in state.items()}
+
+
+def write_consolidated(out: Path, state: dict, config: TrainConfig, tokenizer: Tokenizer, step: int) -> None:
+    """``out/checkpoint.pt`` with the gathered model (rank 0 of a multi-process run)."""
+    payload = {
+        "format": 1,
+        "step": step,
+        "config": config.to_json(),
+        "tokenizer": tokenizer.to_str(),
+        "model": state,
+        "optimizer": None,
+        "world_size": 1,
+    }
+    _write(out / CHECKPOINT, payload)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -71,6 +133,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         step=int(payload["step"]),
         model_state=payload["model"],
         optimizer_state=payload.get("optimizer"),
+        world_size=int(payload.get("world_size", 1)),
     )
 
 

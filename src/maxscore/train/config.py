@@ -17,7 +17,9 @@ class TrainConfig:
     """One training run.  ``batch_size`` sequences of ``model.seq_len`` tokens per micro-batch,
     ``accumulation`` micro-batches per optimizer step; AdamW with linear warmup then cosine decay
     to ``min_lr_ratio * lr``; evaluation every ``eval_every`` steps on ``eval_batches`` batches;
-    the final evaluation on at most ``final_eval_windows`` windows per split (None: all)."""
+    the final evaluation on at most ``final_eval_windows`` windows per split (None: all).
+    Multi-process runs: ``batch_size`` is the global batch, shared equally by the ranks; the
+    experts are sharded over ``expert_parallel`` ranks (0: all ranks)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 300
@@ -39,6 +41,7 @@ class TrainConfig:
     data: str | None = None
     device: str = "auto"
     precision: str = "bfloat16"
+    expert_parallel: int = 0
 
     def __post_init__(self) -> None:
         positive = (
@@ -59,6 +62,14 @@ class TrainConfig:
         ):
             raise ValueError(
                 f"final_eval_windows must be an int >= 1 or None, got {self.final_eval_windows!r}"
+            )
+        if (
+            isinstance(self.expert_parallel, bool)
+            or not isinstance(self.expert_parallel, int)
+            or self.expert_parallel < 0
+        ):
+            raise ValueError(
+                f"expert_parallel must be an int >= 0 (0: all ranks), got {self.expert_parallel!r}"
             )
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")

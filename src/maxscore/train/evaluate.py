@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from maxscore.model import Decoder
@@ -29,6 +30,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     windows = stream.windows(model.config.seq_len, limit)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:  # each rank takes an equal share (the last windows % world are left out)
+        share = windows.shape[0] // world
+        if share == 0:
+            raise ValueError(f"{windows.shape[0]} evaluation windows cannot be shared by {world} ranks")
+        windows = windows[dist.get_rank() * share : (dist.get_rank() + 1) * share]
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
@@ -38,6 +45,10 @@ def evaluate(
         )
         count += chunk[:, 1:].numel()
     model.train(was_training)
+    if world > 1:
+        summed = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        total, count = float(summed[0]), int(summed[1])
     loss = total / count
     characters = count * stream.characters / stream.tokens.numel()
     return {

@@ -10,6 +10,7 @@ resumed from its checkpoint reproduces the uninterrupted run's losses bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,9 +21,24 @@ import torch
 from torch import nn
 
 from maxscore.model import DENSE, Decoder
+from maxscore.parallel.data_parallel import (
+    average_buffers,
+    clip_grad_norm,
+    data_parallel,
+    finish_expert_gradients,
+)
+from maxscore.parallel.expert_parallel import parallelize_moe
+from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
 from maxscore.routers import install_step_hook
 from maxscore.routers.stats import RoutingStats
-from maxscore.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from maxscore.train.checkpoint import (
+    CHECKPOINT,
+    checkpoint_path,
+    consolidated_state,
+    load_checkpoint,
+    save_run_checkpoint,
+    write_consolidated,
+)
 from maxscore.train.config import TrainConfig
 from maxscore.train.data import load_corpus
 from maxscore.train.evaluate import evaluate
@@ -126,38 +142,55 @@ def train(
     """Trains (or resumes) the run in ``out_dir``; returns ``final.json``'s content.
 
     ``stop_after`` ends the process's work after that many steps (the checkpoint is written),
-    as if interrupted; the run resumes from there when called again.
+    as if interrupted; the run resumes from there when called again.  Under an initialized
+    process group (``torchrun``, or ``maxscore train --nproc``) every rank calls it: each takes
+    its share of every batch (``batch_size`` is the global batch), the experts are sharded over
+    ``config.expert_parallel`` ranks and the rest is data parallel; rank 0 writes the logs.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    topology = make_topology(config.expert_parallel)
+    resume = _load_resume(out, topology)
     if resume is not None:
         config = resume.config
     config = with_schedule(config)
+    check_same_on_all_ranks("training configuration", config.to_json())
+    if config.batch_size % topology.world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} (the global batch) must be divisible by the world size "
+            f"{topology.world_size}"
+        )
     device = resolve_device(config.device)
+    if device.type == "cuda" and topology.distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
     corpus = load_corpus(config.data)
-    tokenizer = resume.tokenizer if resume is not None else train_tokenizer(corpus, config.model.vocab_size)
+    tokenizer = resume.tokenizer if resume is not None else _shared_tokenizer(corpus, config, topology)
     streams = {split: encode(tokenizer, corpus.split(split)) for split in ("train", "validation", "test")}
-    (out / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=1))
-    save_tokenizer(tokenizer, out / "tokenizer.json")
+    if topology.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=1))
+        save_tokenizer(tokenizer, out / "tokenizer.json")
 
     torch.manual_seed(config.seed)
     model = Decoder(config.model).to(device)
+    runner = _parallelize(model, topology)
     optimizer = make_optimizer(model, config)
     install_step_hook(optimizer, model)
     start = 0
     if resume is not None:
         model.load_state_dict(resume.model_state)
-        optimizer.load_state_dict(resume.optimizer_state)
+        if resume.optimizer_state is not None:  # None: a finished run's consolidated model
+            optimizer.load_state_dict(resume.optimizer_state)
         start = resume.step
-    log = MetricsLog(out / "metrics.jsonl", start)
+    log = MetricsLog(out / "metrics.jsonl", start) if topology.is_main else None
     amp = dict(
         device_type=device.type,
         dtype=getattr(torch, config.precision),
         enabled=device.type == "cuda" and config.precision != "float32",
     )
     tokens_per_step = config.batch_size * config.accumulation * config.model.seq_len
-    bar = _progress_bar(progress, config.steps, start, out.name)
+    share = config.batch_size // topology.world_size
+    rows = slice(topology.rank * share, (topology.rank + 1) * share)
+    bar = _progress_bar(progress and topology.is_main, config.steps, start, out.name)
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     clock = time.perf_counter()
     for step in range(start, end):
@@ -167,22 +200,28 @@ def train(
         for micro in range(config.accumulation):
             batch = (
                 streams["train"]
-                .batch(config.batch_size, config.model.seq_len, batch_generator(config, step, micro))
+                .batch(config.batch_size, config.model.seq_len, batch_generator(config, step, micro))[rows]
                 .to(device)
             )
-            with torch.autocast(**amp):
-                result = model(batch[:, :-1])
+            last = micro == config.accumulation - 1
+            with _no_sync(runner, last), torch.autocast(**amp):
+                result = runner(batch[:, :-1])
                 loss = nn.functional.cross_entropy(
                     result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
                 )
-            ((loss + result.aux_loss) / config.accumulation).backward()
+                ((loss + result.aux_loss) / config.accumulation).backward()
             loss_sum += float(loss.detach()) / config.accumulation
             aux_sum += float(result.aux_loss.detach()) / config.accumulation
-        nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        if topology.distributed:
+            finish_expert_gradients(model, topology.world_size, topology.replica_group)
+        clip_grad_norm(model, config.clip, topology.expert_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if topology.distributed:
+            average_buffers(model)
         done = step + 1
         if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
+            loss_sum, aux_sum = mean_over_ranks([loss_sum, aux_sum], device)
             elapsed = time.perf_counter() - clock
             row = {
                 "step": done,
@@ -201,7 +240,8 @@ def train(
                     limit=config.eval_batches * config.batch_size,
                     device=device,
                 )["loss"]
-            log.write(row)
+            if log is not None:
+                log.write(row)
             if bar is not None:
                 bar.set_postfix(
                     loss=f"{loss_sum:.3f}",
@@ -211,16 +251,73 @@ def train(
         if bar is not None:
             bar.update(1)
         if done % config.checkpoint_every == 0 or done == end:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, done, config, tokenizer)
+            save_run_checkpoint(out, model, optimizer, done, config, tokenizer, topology)
     if bar is not None:
         bar.close()
     if end < config.steps:
         return {}
-    return finish(model, config, streams, out, device)
+    return finish(model, config, streams, out, device, topology, tokenizer)
 
 
-def finish(model: Decoder, config: TrainConfig, streams: dict, out: Path, device: torch.device) -> dict:
-    """Final evaluation (validation and test, batch and causal routing) written to ``final.json``."""
+def _load_resume(out: Path, topology: Topology):
+    path = checkpoint_path(out, topology)
+    if not path.exists():
+        if topology.distributed and (out / CHECKPOINT).exists() and not (out / "final.json").exists():
+            raise ValueError(
+                f"{out} holds a single-process checkpoint; resume it without torchrun (world size 1)"
+            )
+        if not topology.distributed and (out / "checkpoint.rank0.pt").exists():
+            raise ValueError(
+                f"{out} holds a multi-process checkpoint; resume it with its world size "
+                "(torchrun --nproc_per_node=N or maxscore train --nproc N)"
+            )
+        return None
+    resume = load_checkpoint(path)
+    if resume.world_size != topology.world_size:
+        raise ValueError(
+            f"{path} was saved by a run of world size {resume.world_size}; resume it with the same "
+            f"world size (torchrun --nproc_per_node={resume.world_size}), not {topology.world_size}"
+        )
+    return resume
+
+
+def _shared_tokenizer(corpus, config: TrainConfig, topology: Topology):
+    """Rank 0 trains (or reads) the cached tokenizer first; the others then read the cache."""
+    if topology.is_main:
+        tokenizer = train_tokenizer(corpus, config.model.vocab_size)
+    if topology.distributed:
+        torch.distributed.barrier()
+    return tokenizer if topology.is_main else train_tokenizer(corpus, config.model.vocab_size)
+
+
+def _parallelize(model: Decoder, topology: Topology) -> nn.Module:
+    """Experts sharded over the expert-parallel group, the rest wrapped in DDP (multi-process)."""
+    if not topology.distributed:
+        return model
+    if model.config.router != DENSE:
+        parallelize_moe(model, expert_group=topology.expert_group)
+    return data_parallel(model)
+
+
+def _no_sync(runner: nn.Module, last: bool):
+    """DDP reduces gradients on the last micro-batch of a step only."""
+    if last or not hasattr(runner, "no_sync"):
+        return contextlib.nullcontext()
+    return runner.no_sync()
+
+
+def finish(
+    model: Decoder,
+    config: TrainConfig,
+    streams: dict,
+    out: Path,
+    device: torch.device,
+    topology: Topology | None = None,
+    tokenizer=None,
+) -> dict:
+    """Final evaluation (validation and test, batch and causal routing) written to ``final.json``
+    (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
+    topology = topology or Topology()
     method = config.model.router_options.get("method")
     label = config.model.router + (f"@{method}" if method else "")
     final: dict = {"router": label, "seed": config.seed, "steps": config.steps}
@@ -238,10 +335,17 @@ def finish(model: Decoder, config: TrainConfig, streams: dict, out: Path, device
                 limit=config.final_eval_windows,
                 device=device,
             )
+    if topology.distributed:
+        state = consolidated_state(model, topology)
+    if not topology.is_main:
+        return final
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final["last"] = rows[-1] if rows else {}
     final["parameters"] = model.num_parameters()
     final["active_parameters"] = model.num_parameters(active=True)
+    if topology.distributed:
+        final["world_size"] = topology.world_size
+        write_consolidated(out, state, config, tokenizer, config.steps)
     (out / "final.json").write_text(json.dumps(final, indent=1))
     return final
 
