@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -59,17 +60,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_train(config, out: str, progress: bool, timeout_s: float | None = None) -> dict:
+    from maxscore.parallel.launch import explain_timeouts
     from maxscore.train.loop import train
 
-    try:
+    with explain_timeouts(timeout_s) if timeout_s is not None else contextlib.nullcontext():
         return train(config, out, progress=progress)
-    except RuntimeError as error:  # a collective gave up: name the likely cause
-        if timeout_s is None or "timeout" not in str(error).lower().replace(" ", ""):
-            raise
-        raise RuntimeError(
-            f"a collective timed out after {timeout_s:g} s waiting for the other ranks: another rank "
-            f"failed or stalled (see its output); raise --dist-timeout for slow steps. ({error})"
-        ) from error
 
 
 def _train_rank(rank: int, world_size: int, config_json: str, out: str, progress: bool, timeout_s: float):

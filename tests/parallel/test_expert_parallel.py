@@ -94,3 +94,42 @@ def test_experts_not_divisible_by_group_size_raise():
 def test_parallelize_needs_a_process_group():
     with pytest.raises(ValueError, match="initialized process group"):
         parallelize_moe(MoELayer(DIM, HIDDEN, EXPERTS, K))
+
+
+def _replicated_rank(rank, world_size, out_dir):
+    from maxscore.parallel.data_parallel import clip_grad_norm, finish_expert_gradients
+    from maxscore.parallel.topology import make_topology
+
+    topology = make_topology(expert_parallel=2)  # 4 ranks: 2 shards, each held twice
+    x, probe, _ = _inputs(world_size)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    layer = parallelize_moe(_layer("maxscore", "sequence"), expert_group=topology.expert_group)
+    _run(layer, x[rows], probe[rows], None)
+    finish_expert_gradients(layer, world_size, topology.replica_group)
+    for p in layer.parameters():  # what DDP does for the shared parameters: the mean
+        if p.grad is not None and p.dim() == 2:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+    norm = clip_grad_norm(layer, 1e-3, topology.expert_group)
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    torch.save({"grads": grads, "norm": norm}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_replicated_experts_get_the_mean_gradient_and_a_global_clip(tmp_path):
+    spawn(_replicated_rank, 4, str(tmp_path))
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
+    x, probe, _ = _inputs(4)
+    single = _layer("maxscore", "sequence")
+    _run(single, x, probe, None)
+    for p in single.parameters():
+        p.grad /= 4  # the gradient of the mean of the 4 ranks' losses
+    norm = torch.nn.utils.clip_grad_norm_(single.parameters(), 1e-3)
+    local = EXPERTS // 2
+    for rank, part in enumerate(parts):
+        torch.testing.assert_close(part["norm"].float(), norm, rtol=1e-4, atol=0)
+        block = slice((rank % 2) * local, (rank % 2 + 1) * local)
+        for name in ("w_gate", "w_up", "w_down"):
+            expected = getattr(single.experts, name).grad[block]
+            torch.testing.assert_close(part["grads"][f"experts.{name}"], expected, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(part["grads"]["router.gate.weight"], single.router.gate.weight.grad)

@@ -155,7 +155,8 @@ def parallelize_moe(
         if layer.num_experts % size:
             raise ValueError(
                 f"num_experts={layer.num_experts} is not divisible by the expert-parallel size {size}; "
-                f"use a number of experts divisible by {size} or a smaller expert_group"
+                f"use num_experts divisible by {size}, or a smaller expert-parallel group (expert_group=, "
+                "or expert_parallel=N in the training settings)"
             )
         if isinstance(layer.dispatcher, ExpertParallelDispatcher):
             raise ValueError("parallelize_moe: the model is already parallelized")

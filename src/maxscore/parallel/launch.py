@@ -6,9 +6,10 @@ instead of waiting forever in a collective.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -46,13 +47,24 @@ def init_process_group(
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank if rank is not None else 0))
         torch.cuda.set_device(local % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    where = {} if rank is None else {"rank": rank, "world_size": world_size, "init_method": init_method}
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **where)
+
+
+@contextlib.contextmanager
+def explain_timeouts(timeout_s: float) -> Iterator[None]:
+    """Re-raises a collective's timeout as an error that says what probably happened."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).lower()
+        if "timed out" not in text and "timeout" not in text:
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RuntimeError(
+            f"rank {rank}: a collective timed out after {timeout_s:g} s waiting for the other ranks: "
+            f"another rank failed or stalled (see its output); raise the timeout for slow steps. ({error})"
+        ) from error
 
 
 def destroy_process_group() -> None:
