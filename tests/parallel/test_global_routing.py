@@ -28,7 +28,7 @@ def test_single_process_equals_reference_optimum(kind, num_tokens, num_experts, 
     assert assignment.capacity == reference.capacity
     assert math.isclose(assignment.score, reference.score, rel_tol=1e-9, abs_tol=1e-9)
     assert abs(assignment.gap) < 1e-7
-    assert result.all_reduces == 0  # nothing to exchange on one process
+    assert result.collectives == 0  # nothing to exchange on one process
 
 
 def _split(num_tokens: int, world_size: int) -> list[int]:
@@ -48,7 +48,7 @@ def _global_rank(rank, world_size, scores, valid, k, capacity_factor, out):
     )
     a = result.assignment
     summary = torch.tensor(
-        [a.score, a.gap, a.capacity, result.all_reduces, result.bytes_reduced], dtype=torch.float64
+        [a.score, a.gap, a.capacity, result.collectives, result.bytes_sent], dtype=torch.float64
     )
     torch.save({"experts": a.experts, "loads": a.loads, "summary": summary}, f"{out}/rank{rank}.pt")
 

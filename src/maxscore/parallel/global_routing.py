@@ -4,18 +4,19 @@ Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation 
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
 scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduce``:
 
-1. **Prices** (at most ``price_iterations`` all-reduces of 2E values; they stop once the total
-   overload is at most E units or stops falling): every rank routes its tokens to
-   their top-k of ``scores - prices`` and computes, per expert, the price at which its share
-   ``C * N_rank / N`` of the capacity would want that expert (a local best response); the
-   token-weighted mean of the local responses, damped, is the next global price vector.
+1. **Prices** (at most ``price_iterations`` steps of two [E] all-reduces; they stop once the
+   total overload is at most E units or stops falling): every rank routes its tokens to their
+   top-k of ``scores - prices``; the global loads are summed; each rank computes, per expert,
+   the price at which it would shed (or take) its token share of the expert's global excess
+   (a local best response); the token-weighted mean of the local responses, damped, is the
+   next global price vector.  On one process this is the exact best response.
 2. **Slack** (at most E + 1 all-reduces of E loads): an expert below capacity must have price 0
    for optimality, so such prices are set to 0 and the tokens re-routed.  Now every token
    holds its top-k of ``scores - prices``: the routing is optimal for its own loads.
-3. **Repair** (two [E, E] all-reduces per unit of overload): successive shortest paths on the
-   E-node expert graph.  Edge ``e -> f`` costs the cheapest move of one token from e to f,
-   ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank (an
-   all-reduce MIN; a second one names the lowest rank that owns the minimum).  Every rank
+3. **Repair** (one all-gather of [E, E] costs per unit moved): successive shortest paths on
+   the expert graph.  Edge ``e -> f`` costs the cheapest move of one token from e to f,
+   ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank (every
+   rank's [E, E] minima are gathered; the lowest rank holding the minimum owns the edge).  Every rank
    runs the same Bellman-Ford from the overloaded experts to the nearest expert with spare
    capacity; the owner of each edge on the path moves its token.  A shortest augmenting path
    keeps the routing optimal for its loads, and each one removes one unit of overload, so
@@ -24,7 +25,9 @@ scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduc
    distances to the experts with spare capacity, and the duality gap
    ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks (0 up to rounding).
 
-Every rank ends with its own tokens' experts; loads, score, prices and gap are global and
+The counters of ``GlobalAssignment`` say how many collectives (all-reduces and all-gathers)
+ran and how many bytes this rank contributed to them.  Every rank ends with its own tokens'
+experts; loads, score, prices and gap are global and
 identical on every rank.  Ties: lower expert index first in the top-k; among equal moves,
 the lowest token index on the lowest rank.  All arithmetic is float64 on the host.
 """
@@ -51,8 +54,8 @@ class GlobalAssignment:
     are global.  The counters say what crossed the process group."""
 
     assignment: Assignment
-    all_reduces: int
-    bytes_reduced: int
+    collectives: int
+    bytes_sent: int
     augmentations: int
 
 
@@ -75,6 +78,18 @@ class _Reducer:
         moved = tensor.to(self.device)
         dist.all_reduce(moved, op=op, group=self.group)
         return moved.cpu()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[W, *shape]: every rank's ``tensor`` (just ``tensor[None]`` on a single process)."""
+        if not self.distributed:
+            return tensor[None]
+        world = dist.get_world_size(self.group)
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        moved = tensor.to(self.device).contiguous()
+        out = moved.new_empty((world * moved.shape[0],) + tuple(moved.shape[1:]))
+        dist.all_gather_into_tensor(out, moved, group=self.group)
+        return out.cpu().view((world,) + tuple(tensor.shape))
 
 
 def solve_global(
@@ -160,8 +175,8 @@ def solve_global(
     )
     return GlobalAssignment(
         assignment=assignment,
-        all_reduces=reduce.calls,
-        bytes_reduced=reduce.bytes,
+        collectives=reduce.calls,
+        bytes_sent=reduce.bytes,
         augmentations=augmentations,
     )
 
@@ -198,7 +213,6 @@ def _price_steps(
     num_tokens, num_experts = scores_NE.shape
     if k == num_experts or total == 0:
         return prices_E
-    share = capacity * num_tokens / total  # this rank's share of each expert's capacity
     best_prices, best_overload, stalled = prices_E, math.inf, 0
     # prices are >= 0 (the dual of "load <= capacity"); with no slack at all (every expert must be
     # exactly full) only price differences matter, and letting unwanted experts go below the
@@ -206,17 +220,9 @@ def _price_steps(
     floor = -math.inf if capacity * num_experts == k * total else 0.0
     for _ in range(iterations):
         adjusted_NE = scores_NE - prices_E
-        top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
         held_NE = _top_k_mask(adjusted_NE, k)
-        # the price at which token t stops wanting e (holders) or starts wanting it (others)
-        threshold_NE = scores_NE - torch.where(held_NE, top_NK[:, k : k + 1], top_NK[:, k - 1 : k])
-        response_E = torch.zeros(num_experts, dtype=torch.float64)
-        if num_tokens:
-            ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
-            position = min(int(share), num_tokens - 1)
-            response_E = ranked_NE[position].clamp(min=floor) * num_tokens
-        summary = reduce(torch.cat([held_NE.sum(0).double(), response_E]))
-        loads_E, response_E = summary[:num_experts], summary[num_experts:] / total
+        local_E = held_NE.sum(0).double()
+        loads_E = reduce(local_E.clone())
         overload = float((loads_E - capacity).clamp(min=0).sum())
         if overload < best_overload:
             best_prices, best_overload, stalled = prices_E, overload, 0
@@ -225,6 +231,17 @@ def _price_steps(
         # a few units are cheaper to repair than further all-reduce rounds
         if overload <= num_experts or stalled == STALL_LIMIT:
             break
+        response_E = torch.zeros(num_experts, dtype=torch.float64)
+        if num_tokens:
+            # the price at which token t stops wanting e (holders) or starts wanting it (others)
+            top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
+            threshold_NE = scores_NE - torch.where(held_NE, top_NK[:, k : k + 1], top_NK[:, k - 1 : k])
+            ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
+            # this rank's best response: shed (or take) its share of each expert's global excess
+            position_E = (local_E - (loads_E - capacity) * num_tokens / total).round()
+            position_E = position_E.clamp(0, num_tokens - 1).long()
+            response_E = ranked_NE.gather(0, position_E[None])[0].clamp(min=floor) * num_tokens
+        response_E = reduce(response_E) / total  # the token-weighted mean over the ranks
         prices_E = prices_E + DAMPING * (response_E - prices_E)
     return best_prices
 
@@ -258,13 +275,14 @@ def _move_costs(
             tokens = torch.arange(num_tokens).repeat_interleave(k * num_experts)
             candidate = torch.where(is_min, tokens, num_tokens)
             token_EE.fill_(num_tokens).scatter_reduce_(0, edge_NKE.flatten(), candidate, "amin")
-    global_EE = reduce(local_EE.clone(), dist.ReduceOp.MIN)
-    if not owners:
-        return global_EE.view(num_experts, num_experts), None, None
-    world = dist.get_world_size(reduce.group) if reduce.distributed else 1
-    mine = (local_EE == global_EE) & (local_EE < inf)
-    owner_EE = reduce(torch.where(mine, reduce.rank, world).long(), dist.ReduceOp.MIN)
     shape = (num_experts, num_experts)
+    if not owners:
+        return reduce(local_EE.clone(), dist.ReduceOp.MIN).view(shape), None, None
+    # one all-gather of every rank's [E, E] costs: the minimum and the lowest rank that owns it
+    every_WX = reduce.gather(local_EE)
+    global_EE = every_WX.min(0).values
+    ranks_W = torch.arange(every_WX.shape[0])[:, None]
+    owner_EE = torch.where(every_WX == global_EE, ranks_W, every_WX.shape[0]).min(0).values
     return global_EE.view(shape), owner_EE.view(shape), token_EE.view(shape)
 
 

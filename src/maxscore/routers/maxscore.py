@@ -72,6 +72,7 @@ class MaxScoreRouter(GatedRouter):
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
         self.process_group = None  # of group="global"; None: the world (or a single process)
+        self.last_global = None  # the last GlobalAssignment (its exchange counters) of group="global"
 
     @property
     def fills_capacity(self) -> bool:
@@ -125,7 +126,7 @@ class MaxScoreRouter(GatedRouter):
             prices=self.prices,
             group=self.process_group,
         )
-        assignment = result.assignment
+        assignment, self.last_global = result.assignment, result
         if self.training:
             self._update_prices(assignment.prices.float()[None])
             self.training_forwards += 1

@@ -1,0 +1,186 @@
+"""Expert-parallel training throughput and the cost of global routing.
+
+    python benchmarks/bench_parallel.py [--presets tiny,small] [--worlds 1,2] [--steps 5]
+                                        [--device cpu|cuda] [--out results.json] [--md results.md]
+
+For each preset (its model and global batch), routing (``sequence``: each rank solves its own
+sequences, the paper's option A; ``global``: one exact routing over all ranks' tokens, option
+B) and world size: training steps (forward, backward, gradient reduction, clipping, AdamW) on
+random tokens, with the experts sharded over all ranks and the rest data parallel (DDP).
+Reported: median step time, tokens/s, the ratio to world size 1 of the same routing, and for
+global routing the collectives (all-reduces of [E] or [E, E] summaries, one all-gather of
+[E, E] costs per augmenting path) and bytes per step it adds on each rank (every MoE layer's
+``solve_global``, summed) and its augmenting paths.  World size 1 uses every core in one process; world size W
+uses W processes of (cores / W) threads, gloo on the CPU, NCCL on GPUs (one GPU per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from maxscore.bench import environment
+from maxscore.model import Decoder
+from maxscore.parallel.data_parallel import (
+    average_buffers,
+    clip_grad_norm,
+    data_parallel,
+    finish_expert_gradients,
+)
+from maxscore.parallel.expert_parallel import parallelize_moe
+from maxscore.parallel.launch import spawn
+from maxscore.parallel.topology import make_topology
+from maxscore.routers.maxscore import MaxScoreRouter
+from maxscore.train.config import make_config
+from maxscore.train.loop import make_optimizer
+
+WARMUP = 3  # steps left out: the routers' averaged prices (the warm start) settle
+
+
+def run_steps(preset: str, group: str, steps: int, device: str) -> dict:
+    """Times training steps in this process (one rank of the current process group, or alone)."""
+    config = make_config(preset, router_options={"group": group}, device=device, precision="float32")
+    topology = make_topology()
+    if device == "cuda" and topology.distributed:
+        device = f"cuda:{torch.cuda.current_device()}"
+    torch.manual_seed(0)
+    model = Decoder(config.model).to(device)
+    runner = model
+    if topology.distributed:
+        parallelize_moe(model, expert_group=topology.expert_group)
+        runner = data_parallel(model)
+    optimizer = make_optimizer(model, config)
+    share = config.batch_size // topology.world_size
+    rows = slice(topology.rank * share, (topology.rank + 1) * share)
+    routers = [m for m in model.modules() if isinstance(m, MaxScoreRouter)]
+    times, reduces, sent, augmentations = [], [], [], []
+    for step in range(WARMUP + steps):
+        generator = torch.Generator().manual_seed(step)
+        shape = (config.batch_size, config.model.seq_len + 1)
+        batch = torch.randint(0, config.model.vocab_size, shape, generator=generator)[rows].to(device)
+        _sync(device)
+        begin = time.perf_counter()
+        result = runner(batch[:, :-1])
+        loss = nn.functional.cross_entropy(result.logits.flatten(0, 1), batch[:, 1:].flatten())
+        (loss + result.aux_loss).backward()
+        if topology.distributed:
+            finish_expert_gradients(model, topology.world_size, topology.replica_group)
+        clip_grad_norm(model, config.clip, topology.expert_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if topology.distributed:
+            average_buffers(model)
+        _sync(device)
+        if step >= WARMUP:
+            times.append(time.perf_counter() - begin)
+            solves = [r.last_global for r in routers if r.last_global is not None]
+            reduces.append(sum(s.collectives for s in solves))
+            sent.append(sum(s.bytes_sent for s in solves))
+            augmentations.append(sum(s.augmentations for s in solves))
+    step_s = statistics.median(times)
+    return {
+        "preset": preset,
+        "routing": group,
+        "world_size": topology.world_size,
+        "threads_per_rank": torch.get_num_threads(),
+        "device": device,
+        "tokens_per_step": config.batch_size * config.model.seq_len,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": config.batch_size * config.model.seq_len / step_s,
+        "collectives_per_step": statistics.mean(reduces),
+        "bytes_per_step": statistics.mean(sent),
+        "augmentations_per_step": statistics.mean(augmentations),
+        "step_ms_all": [t * 1e3 for t in times],
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rank(
+    rank: int, world_size: int, preset: str, group: str, steps: int, device: str, threads: int, out: str
+):
+    torch.set_num_threads(threads)
+    row = run_steps(preset, group, steps, device)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(row, f)
+
+
+def measure(preset: str, group: str, world_size: int, steps: int, device: str, cores: int) -> dict:
+    if world_size == 1:
+        torch.set_num_threads(cores)
+        return run_steps(preset, group, steps, device)
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "row.json")
+        backend = "nccl" if device == "cuda" else "gloo"
+        threads = max(1, cores // world_size)
+        spawn(_rank, world_size, preset, group, steps, device, threads, out, backend=backend)
+        with open(out) as f:
+            return json.load(f)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| preset | routing | world | threads/rank | step ms | tokens/s | x world 1 | collectives/step "
+        "| KiB sent/step | augmenting paths/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["preset"], r["routing"]): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
+    for r in rows:
+        ratio = (
+            r["tokens_per_s"] / base[r["preset"], r["routing"]]
+            if (r["preset"], r["routing"]) in base
+            else None
+        )
+        lines.append(
+            f"| {r['preset']} | {r['routing']} | {r['world_size']} | {r['threads_per_rank']} | "
+            f"{r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            f"{r['collectives_per_step']:.0f} | {r['bytes_per_step'] / 1024:.1f} | "
+            f"{r['augmentations_per_step']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="tiny,small")
+    parser.add_argument("--worlds", default="1,2")
+    parser.add_argument("--routings", default="sequence,global")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--cores", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks"
+    )
+    parser.add_argument("--out", help="write the rows as JSON")
+    parser.add_argument("--md", help="write a markdown report")
+    args = parser.parse_args(argv)
+    rows = []
+    for preset in args.presets.split(","):
+        for group in args.routings.split(","):
+            for world_size in (int(w) for w in args.worlds.split(",")):
+                print(f"  running {preset} {group} world {world_size} ...", file=sys.stderr, flush=True)
+                rows.append(measure(preset, group, world_size, args.steps, args.device, args.cores))
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"# Expert-parallel training throughput\n\n{environment()}\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
