@@ -4,8 +4,9 @@ Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation 
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
 scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduce``:
 
-1. **Prices** (at most ``price_iterations`` steps of two [E] all-reduces; they stop once the
-   total overload is at most E units or stops falling): every rank routes its tokens to their
+1. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
+   once the total overload is at most E units; a step that raises it is undone and the step
+   size halved): every rank routes its tokens to their
    top-k of ``scores - prices``; the global loads are summed; each rank computes, per expert,
    the price at which it would shed (or take) its token share of the expert's global excess
    (a local best response); the token-weighted mean of the local responses, damped, is the
@@ -45,7 +46,7 @@ from maxscore.solvers._validate import make_problem
 
 PRICE_ITERATIONS = 30
 DAMPING = 0.8
-STALL_LIMIT = 3  # price steps without a lower total overload before the repair takes over
+MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,7 +214,7 @@ def _price_steps(
     num_tokens, num_experts = scores_NE.shape
     if k == num_experts or total == 0:
         return prices_E
-    best_prices, best_overload, stalled = prices_E, math.inf, 0
+    best_prices, best_response, best_overload, step = prices_E, prices_E, math.inf, DAMPING
     # prices are >= 0 (the dual of "load <= capacity"); with no slack at all (every expert must be
     # exactly full) only price differences matter, and letting unwanted experts go below the
     # others' prices is what brings tokens to them
@@ -224,12 +225,14 @@ def _price_steps(
         local_E = held_NE.sum(0).double()
         loads_E = reduce(local_E.clone())
         overload = float((loads_E - capacity).clamp(min=0).sum())
-        if overload < best_overload:
-            best_prices, best_overload, stalled = prices_E, overload, 0
-        else:
-            stalled += 1
-        # a few units are cheaper to repair than further all-reduce rounds
-        if overload <= num_experts or stalled == STALL_LIMIT:
+        if overload >= best_overload:  # overshot (the prices interact): smaller step from the best
+            step /= 2
+            if step < MIN_STEP:
+                break
+            prices_E = best_prices + step * (best_response - best_prices)
+            continue
+        best_prices, best_overload = prices_E, overload
+        if overload <= num_experts:  # a few units are cheaper to repair than more rounds
             break
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
@@ -241,8 +244,8 @@ def _price_steps(
             position_E = (local_E - (loads_E - capacity) * num_tokens / total).round()
             position_E = position_E.clamp(0, num_tokens - 1).long()
             response_E = ranked_NE.gather(0, position_E[None])[0].clamp(min=floor) * num_tokens
-        response_E = reduce(response_E) / total  # the token-weighted mean over the ranks
-        prices_E = prices_E + DAMPING * (response_E - prices_E)
+        best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
+        prices_E = prices_E + step * (best_response - prices_E)
     return best_prices
 
 

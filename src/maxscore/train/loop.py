@@ -204,11 +204,12 @@ def train(
                 .to(device)
             )
             last = micro == config.accumulation - 1
-            with _no_sync(runner, last), torch.autocast(**amp):
-                result = runner(batch[:, :-1])
-                loss = nn.functional.cross_entropy(
-                    result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
-                )
+            with _no_sync(runner, last):  # forward and backward: DDP reduces on the last one
+                with torch.autocast(**amp):
+                    result = runner(batch[:, :-1])
+                    loss = nn.functional.cross_entropy(
+                        result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
+                    )
                 ((loss + result.aux_loss) / config.accumulation).backward()
             loss_sum += float(loss.detach()) / config.accumulation
             aux_sum += float(result.aux_loss.detach()) / config.accumulation
