@@ -40,7 +40,8 @@ class PaperDesignRouter(MaxScoreRouter):
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         begin = time.perf_counter()
         routed = paper_design(scores_TE.detach().cpu(), self.k, group=groups.size)
-        return Selection(experts_TK=routed.experts, solver_ms=(time.perf_counter() - begin) * 1e3)
+        experts_TK = routed.experts.to(scores_TE.device)
+        return Selection(experts_TK=experts_TK, solver_ms=(time.perf_counter() - begin) * 1e3)
 
 
 def make_layer(name: str, dim: int, hidden: int, num_experts: int, k: int) -> MoELayer:
@@ -59,14 +60,18 @@ def layer_input(layer: MoELayer, batch: int, length: int, bias: float, seed: int
     return x
 
 
-def bench_layer(routers, *, dim, hidden, num_experts, k, batch, length, bias, rounds, seed=0, progress=None):
+def bench_layer(
+    routers, *, dim, hidden, num_experts, k, batch, length, bias, rounds, seed=0, progress=None, device="cpu"
+):
     torch.manual_seed(seed)
     layers = {name: make_layer(name, dim, hidden, num_experts, k) for name in routers}
     reference = layers[BASELINE]
     for layer in layers.values():  # the same gate and experts everywhere
         layer.experts.load_state_dict(reference.experts.state_dict())
         layer.router.gate.load_state_dict(reference.router.gate.state_dict())
-    x = layer_input(reference, batch, length, bias, seed)
+    x = layer_input(reference, batch, length, bias, seed).to(device)
+    for layer in layers.values():
+        layer.to(device)
     x_TD = x.reshape(-1, dim)
     times = {name: [] for name in routers}
     router_times = {name: [] for name in routers}
@@ -75,14 +80,17 @@ def bench_layer(routers, *, dim, hidden, num_experts, k, batch, length, bias, ro
         for name, layer in layers.items():
             if progress:
                 progress(f"round {round_index}/{rounds} {name}")
+            _sync(device)
             begin = time.perf_counter()
             out = layer(x)
             (out.output.square().mean() + out.aux_loss).backward()
+            _sync(device)
             elapsed = time.perf_counter() - begin
             layer.zero_grad(set_to_none=True)
             begin = time.perf_counter()
             with torch.no_grad():
                 layer.router(x_TD, sequence_length=length)
+            _sync(device)
             router_elapsed = time.perf_counter() - begin
             if round_index:
                 times[name].append(elapsed * 1e3)
@@ -114,6 +122,11 @@ def bench_layer(routers, *, dim, hidden, num_experts, k, batch, length, bias, ro
     return rows
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def format_table(rows, title: str) -> str:
     lines = [
         f"**{title}**",
@@ -140,6 +153,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", help="JSON output")
     parser.add_argument("--md", help="markdown output with the environment")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     config = dict(dim=768, hidden=1536, num_experts=16, k=2, batch=8, length=512)
     if args.quick:
@@ -152,6 +166,7 @@ def main() -> int:
             **config,
             bias=bias,
             rounds=2 if args.quick else args.rounds,
+            device=args.device,
             progress=lambda m, label=label: print(f"  {label} {m}", file=sys.stderr, flush=True),
         )
         results[label] = rows
@@ -164,7 +179,7 @@ def main() -> int:
             json.dump({"config": config, "results": results}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# MoE layer benchmark\n\n{environment()}\n{text}\n")
+            f.write(f"# MoE layer benchmark ({args.device})\n\n{environment()}\n{text}\n")
     return 0
 
 
