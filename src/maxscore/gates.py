@@ -86,9 +86,11 @@ class TemperatureScheduleConfig:
 class TemperatureSchedule(nn.Module):
     """The SoftTopk temperature, advanced once per optimizer step.
 
-    The step count is module state (saved in ``state_dict`` as extra state); forward passes never
-    move it, so evaluation and gradient accumulation leave the schedule where it is.  Call
-    ``step()`` after each optimizer step (``maxscore.moe.install_step_hook`` does it).
+    The step count is module state: the buffer ``step_count`` (saved in ``state_dict`` and by
+    ``save_pretrained``) mirrored by a host int that ``temperature()`` reads, so routing needs
+    no device sync; loading a state dict re-reads the buffer.  Forward passes never move it,
+    so evaluation and gradient accumulation leave the schedule where it is.  Call ``step()``
+    after each optimizer step (``maxscore.moe.install_step_hook`` does it).
     """
 
     def __init__(self, config: TemperatureScheduleConfig | dict | None = None) -> None:
@@ -96,7 +98,22 @@ class TemperatureSchedule(nn.Module):
         if isinstance(config, dict):  # e.g. from a JSON run configuration
             config = TemperatureScheduleConfig(**config)
         self.config = config or TemperatureScheduleConfig()
-        self.num_steps = 0
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+        self._num_steps = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module.sync())
+
+    @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self._num_steps = int(value)
+        self.step_count.fill_(self._num_steps)
+
+    def sync(self) -> None:
+        """Re-reads the step count from the buffer (host-side: after loading weights)."""
+        self._num_steps = int(self.step_count)
 
     def temperature(self) -> float:
         """The current temperature (host float; no device sync)."""
@@ -111,13 +128,8 @@ class TemperatureSchedule(nn.Module):
         return float(cfg.start + (cfg.end - cfg.start) * progress)
 
     def step(self) -> None:
-        self.num_steps += 1
-
-    def get_extra_state(self) -> dict:
-        return {"num_steps": self.num_steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
+        self._num_steps += 1
+        self.step_count.add_(1)  # no host sync on accelerators
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -1,0 +1,95 @@
+"""MaxScore routing swapped into HF MoE models: format kept, loads at capacity, no drops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from maxscore.hf import load_swapped, swap_router  # noqa: E402
+from tests.hf.test_upcycle import SMALL, tokens  # noqa: E402
+
+MODELS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=32)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, eos_token_id=1, pad_token_id=0)),
+}
+
+
+def moe_model(name: str):
+    config_name, model_name, extra = MODELS[name]
+    config = getattr(transformers, config_name)(
+        **SMALL, **extra, num_experts_per_tok=2, output_router_logits=True
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config)
+
+
+def _record_indices(model) -> list:
+    seen = []
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.register_forward_hook(lambda _m, _a, out: seen.append(out[2].detach()))
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_swapped_model_keeps_formats_fills_capacity_and_trains(name):
+    model = moe_model(name)
+    ids = tokens(length=16)
+    before = model(ids, labels=ids)
+    swap_router(model, capacity_factor=1.0)
+    seen = _record_indices(model)
+    after = model(ids, labels=ids)
+    assert after.logits.shape == before.logits.shape
+    assert after.aux_loss.shape == before.aux_loss.shape
+    assert len(after.router_logits) == len(before.router_logits)
+    assert after.router_logits[0].shape == before.router_logits[0].shape
+    assert len(seen) == SMALL["num_hidden_layers"]
+    capacity = 2 * ids.numel() // 4  # k * tokens / E: every expert exactly full
+    for indices in seen:
+        assert (indices >= 0).all()  # no token dropped
+        assert torch.bincount(indices.flatten(), minlength=4).tolist() == [capacity] * 4
+        assert (indices.sort(1).values.diff(dim=1) != 0).all()  # distinct experts per token
+    after.loss.backward()
+    gates = [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "weight")]
+    assert all(g.weight.grad.abs().sum() > 0 for g in gates)
+
+
+def test_plain_top_k_differs_from_maxscore_where_top_k_overloads():
+    model = moe_model("mixtral")
+    ids = tokens(length=16)
+    plain = _record_indices(model)
+    model(ids)
+    swap_router(model)
+    swapped = _record_indices(model)
+    model(ids)
+    plain_loads = torch.bincount(plain[0].flatten(), minlength=4)
+    assert plain_loads.max() > 16  # plain top-k overloads an expert on this batch
+    assert torch.bincount(swapped[-1].flatten(), minlength=4).max() == 16
+
+
+def test_save_swap_and_reload(tmp_path):
+    model = moe_model("qwen3_moe")
+    swap_router(model, soft_topk=True, schedule={"steps": 10})
+    ids = tokens(length=16)
+    model.train()
+    model(ids, labels=ids)  # prices move
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_swapped(tmp_path).eval()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_unsupported_architecture_and_double_swap_raise():
+    with pytest.raises(ValueError, match=r"supports \['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"):
+        swap_router(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
+    model = swap_router(moe_model("olmoe"))
+    with pytest.raises(ValueError, match="already MaxScore"):
+        swap_router(model)
