@@ -34,7 +34,7 @@ def _config(args: argparse.Namespace, **fixed):
     from maxscore.train.config import make_config, parse_override
 
     overrides = dict(parse_override(text) for text in args.set or [])
-    for name in ("steps", "data", "device"):
+    for name in ("steps", "data", "device", "hf_model"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     overrides.update(fixed)
@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(train)
     train.add_argument("--router", default="maxscore", help="a router name or 'dense' (default maxscore)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--hf-model",
+        help="train an upcycled HF model: a dense Llama/Qwen2/Mistral directory (weights are upcycled) "
+        "or its config.json (fresh weights); needs pip install 'maxscore[hf]'",
+    )
     train.add_argument(
         "--nproc",
         type=int,

@@ -61,10 +61,11 @@ class MaxScoreMLP(nn.Module):
         self.causal_routing = bool(config.causal_routing)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
+        self.last_stats = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.moe(hidden_states, causal=self.causal_routing)
-        self.last_aux_loss = out.aux_loss
+        self.last_aux_loss, self.last_stats = out.aux_loss, out.stats
         self.last_logits = self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
         return out.output.to(hidden_states.dtype)
 

@@ -23,6 +23,7 @@ from maxscore.model import Decoder
 from maxscore.parallel.expert_parallel import expert_parameter_names
 from maxscore.parallel.topology import Topology
 from maxscore.train.config import TrainConfig
+from maxscore.train.models import hf_config_json, make_model
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -35,6 +36,7 @@ class Checkpoint:
     model_state: dict
     optimizer_state: dict | None
     world_size: int = 1
+    hf_config: str | None = None  # the HF model's config (JSON) of an ``hf_model`` run
 
 
 def save_checkpoint(
@@ -54,6 +56,7 @@ def save_checkpoint(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "world_size": world_size,
+        "hf_config": hf_config_json(model),
     }
     _write(path, payload)
 
@@ -98,7 +101,9 @@ def consolidated_state(model: Decoder, topology: Topology) -> dict:
     return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in state.items()}
 
 
-def write_consolidated(out: Path, state: dict, config: TrainConfig, tokenizer: Tokenizer, step: int) -> None:
+def write_consolidated(
+    out: Path, state: dict, config: TrainConfig, tokenizer: Tokenizer, step: int, hf_config: str | None = None
+) -> None:
     """``out/checkpoint.pt`` with the gathered model (rank 0 of a multi-process run)."""
     payload = {
         "format": 1,
@@ -108,6 +113,7 @@ def write_consolidated(out: Path, state: dict, config: TrainConfig, tokenizer: T
         "model": state,
         "optimizer": None,
         "world_size": 1,
+        "hf_config": hf_config,
     }
     _write(out / CHECKPOINT, payload)
 
@@ -134,12 +140,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model_state=payload["model"],
         optimizer_state=payload.get("optimizer"),
         world_size=int(payload.get("world_size", 1)),
+        hf_config=payload.get("hf_config"),
     )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decoder, Checkpoint]:
     """The trained model of a checkpoint, in eval mode, and the checkpoint."""
     checkpoint = load_checkpoint(path, map_location=device)
-    model = Decoder(checkpoint.config.model).to(device)
+    model = make_model(checkpoint.config, checkpoint.hf_config).to(device)
     model.load_state_dict(checkpoint.model_state)
     return model.eval(), checkpoint

@@ -19,7 +19,8 @@ class TrainConfig:
     to ``min_lr_ratio * lr``; evaluation every ``eval_every`` steps on ``eval_batches`` batches;
     the final evaluation on at most ``final_eval_windows`` windows per split (None: all).
     Multi-process runs: ``batch_size`` is the global batch, shared equally by the ranks; the
-    experts are sharded over ``expert_parallel`` ranks (0: all ranks)."""
+    experts are sharded over ``expert_parallel`` ranks (0: all ranks).  ``hf_model``: train an
+    upcycled HF model instead of the built-in decoder (see ``maxscore.hf.training``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 300
@@ -42,6 +43,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "bfloat16"
     expert_parallel: int = 0
+    hf_model: str | None = None
 
     def __post_init__(self) -> None:
         positive = (

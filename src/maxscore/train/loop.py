@@ -42,6 +42,7 @@ from maxscore.train.checkpoint import (
 from maxscore.train.config import TrainConfig
 from maxscore.train.data import load_corpus
 from maxscore.train.evaluate import evaluate
+from maxscore.train.models import hf_config_json, make_model
 from maxscore.train.tokenizer import encode, save_tokenizer, train_tokenizer
 
 SCHEDULED = ("maxscore", "softtopk_only")  # routers with a SoftTopk temperature schedule
@@ -171,7 +172,7 @@ def train(
         save_tokenizer(tokenizer, out / "tokenizer.json")
 
     torch.manual_seed(config.seed)
-    model = Decoder(config.model).to(device)
+    model = make_model(config, resume.hf_config if resume is not None else None).to(device)
     runner = _parallelize(model, topology)
     optimizer = make_optimizer(model, config)
     install_step_hook(optimizer, model)
@@ -283,12 +284,22 @@ def _load_resume(out: Path, topology: Topology):
 
 
 def _shared_tokenizer(corpus, config: TrainConfig, topology: Topology):
-    """Rank 0 trains (or reads) the cached tokenizer first; the others then read the cache."""
+    """Rank 0 trains (or reads) the cached tokenizer first; the others then read the cache.
+
+    An ``hf_model`` directory with a ``tokenizer.json`` brings its own tokenizer."""
+    vocab_size = config.model.vocab_size
+    if config.hf_model is not None:
+        from maxscore.hf.training import hf_tokenizer, hf_vocab_size
+
+        own = hf_tokenizer(config.hf_model)
+        if own is not None:
+            return own
+        vocab_size = hf_vocab_size(config.hf_model)
     if topology.is_main:
-        tokenizer = train_tokenizer(corpus, config.model.vocab_size)
+        tokenizer = train_tokenizer(corpus, vocab_size)
     if topology.distributed:
         torch.distributed.barrier()
-    return tokenizer if topology.is_main else train_tokenizer(corpus, config.model.vocab_size)
+    return tokenizer if topology.is_main else train_tokenizer(corpus, vocab_size)
 
 
 def _parallelize(model: Decoder, topology: Topology) -> nn.Module:
@@ -346,7 +357,7 @@ def finish(
     final["active_parameters"] = model.num_parameters(active=True)
     if topology.distributed:
         final["world_size"] = topology.world_size
-        write_consolidated(out, state, config, tokenizer, config.steps)
+        write_consolidated(out, state, config, tokenizer, config.steps, hf_config_json(model))
     (out / "final.json").write_text(json.dumps(final, indent=1))
     return final
 

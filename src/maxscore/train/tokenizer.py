@@ -50,10 +50,11 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
 
 
 def encode(tokenizer: Tokenizer, documents: list[str]) -> TokenStream:
-    """Documents as one token stream, each followed by the end-of-text token."""
-    end = tokenizer.token_to_id(END_OF_TEXT)
+    """Documents as one token stream, each followed by the end-of-text token (if the tokenizer has it)."""
+    end = tokenizer.token_to_id(END_OF_TEXT)  # None for a foreign tokenizer: no separator
     ids: list[int] = []
     for encoding in tokenizer.encode_batch(documents):
         ids.extend(encoding.ids)
-        ids.append(end)
+        if end is not None:
+            ids.append(end)
     return TokenStream(torch.tensor(ids, dtype=torch.int64), sum(len(d) for d in documents))
