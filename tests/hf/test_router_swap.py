@@ -19,14 +19,30 @@ MODELS = {
     ),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=32)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, eos_token_id=1, pad_token_id=0)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            n_routed_experts=4,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            moe_intermediate_size=32,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            num_key_value_heads=4,
+        ),
+    ),
 }
 
 
 def moe_model(name: str):
     config_name, model_name, extra = MODELS[name]
-    config = getattr(transformers, config_name)(
-        **SMALL, **extra, num_experts_per_tok=2, output_router_logits=True
-    )
+    settings = {**SMALL, **extra, "num_experts_per_tok": 2, "output_router_logits": True}
+    config = getattr(transformers, config_name)(**settings)
     torch.manual_seed(0)
     return getattr(transformers, model_name)(config)
 
@@ -34,7 +50,7 @@ def moe_model(name: str):
 def _record_indices(model) -> list:
     seen = []
     for module in model.modules():
-        if type(module).__name__.endswith("TopKRouter"):
+        if type(module).__name__.lower().endswith("topkrouter"):
             module.register_forward_hook(lambda _m, _a, out: seen.append(out[2].detach()))
     return seen
 
@@ -48,7 +64,9 @@ def test_swapped_model_keeps_formats_fills_capacity_and_trains(name):
     seen = _record_indices(model)
     after = model(ids, labels=ids)
     assert after.logits.shape == before.logits.shape
-    assert after.aux_loss.shape == before.aux_loss.shape
+    assert (after.aux_loss is None) == (before.aux_loss is None)  # DeepSeek-V3 has none
+    if before.aux_loss is not None:
+        assert after.aux_loss.shape == before.aux_loss.shape
     assert len(after.router_logits) == len(before.router_logits)
     assert after.router_logits[0].shape == before.router_logits[0].shape
     assert len(seen) == SMALL["num_hidden_layers"]
@@ -88,7 +106,9 @@ def test_save_swap_and_reload(tmp_path):
 
 
 def test_unsupported_architecture_and_double_swap_raise():
-    with pytest.raises(ValueError, match=r"supports \['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"):
+    with pytest.raises(
+        ValueError, match=r"supports \['deepseek_v3', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"
+    ):
         swap_router(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
     model = swap_router(moe_model("olmoe"))
     with pytest.raises(ValueError, match="already MaxScore"):

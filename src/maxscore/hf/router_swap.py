@@ -1,4 +1,4 @@
-"""MaxScore routing inside existing HF MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+"""MaxScore routing inside existing HF MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3).
 
 These models' sparse blocks call a top-k router module (``gate``: ``weight`` [E, D]; returns
 router logits, top-k weights and top-k indices) and then their experts.  ``swap_router``
@@ -11,7 +11,9 @@ when the model renormalizes.  The experts, ``aux_loss`` and ``router_logits`` ke
 formats.  Single-token steps in eval (generation with a KV cache) route causally from the
 averaged dual prices.  The dual prices and the schedule live in ``gate.router`` (buffers,
 saved with the model's state dict); the settings are recorded in ``config.maxscore_routing``
-and ``load_swapped`` restores a saved swapped model.
+and ``load_swapped`` restores a saved swapped model.  DeepSeek-V3: sigmoid scores and its
+``routed_scaling_factor`` are kept; its group-limited selection and its bias-based balancing
+are replaced (MaxScore balances by capacity and chooses among all experts).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SUPPORTED = {  # model_type -> the router module's class name
     "qwen2_moe": "Qwen2MoeTopKRouter",
     "qwen3_moe": "Qwen3MoeTopKRouter",
     "olmoe": "OlmoeTopKRouter",
+    "deepseek_v3": "DeepseekV3TopkRouter",
 }
 _SWAPPED: dict[type, type] = {}
 
@@ -37,8 +40,9 @@ def _gate_forward(self, hidden_states: torch.Tensor):
     x_TD = hidden_states.reshape(-1, self.hidden_dim)
     causal = self.causal_routing or (not self.training and self.sequence_length == 1)
     routing = self.router(x_TD, causal=causal)
-    router_logits = F.linear(x_TD, self.weight)
-    return router_logits, routing.weights.to(router_logits.dtype), routing.experts
+    router_logits = F.linear(x_TD.to(self.weight.dtype), self.weight)
+    weights_TK = routing.weights * getattr(self, "routed_scaling_factor", 1.0)
+    return router_logits, weights_TK.to(router_logits.dtype), routing.experts
 
 
 def _swapped_class(cls: type) -> type:
@@ -63,7 +67,7 @@ def swap_router(
     schedule: dict | None = None,
     causal_routing: bool = False,
 ) -> nn.Module:
-    """Replaces the top-k routing of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE model with MaxScore.
+    """Replaces the top-k routing of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model.
 
     Args:
         model: the HF model (``*ForCausalLM`` or its base model), modified in place.
@@ -121,6 +125,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
         group="batch",
         balance_coef=0.0,
         normalize=normalize,
+        score_function="sigmoid" if hasattr(gate, "e_score_correction_bias") else "softmax",
         **options,
     ).to(gate.weight.device)
     del router.gate  # the router reads the model's own gate weight: one parameter, original key
