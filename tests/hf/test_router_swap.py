@@ -64,9 +64,10 @@ def test_swapped_model_keeps_formats_fills_capacity_and_trains(name):
     seen = _record_indices(model)
     after = model(ids, labels=ids)
     assert after.logits.shape == before.logits.shape
-    assert (after.aux_loss is None) == (before.aux_loss is None)  # DeepSeek-V3 has none
-    if before.aux_loss is not None:
-        assert after.aux_loss.shape == before.aux_loss.shape
+    aux_before, aux_after = getattr(before, "aux_loss", None), getattr(after, "aux_loss", None)
+    assert (aux_after is None) == (aux_before is None)  # DeepSeek-V3 has none
+    if aux_before is not None:
+        assert aux_after.shape == aux_before.shape
     assert len(after.router_logits) == len(before.router_logits)
     assert after.router_logits[0].shape == before.router_logits[0].shape
     assert len(seen) == SMALL["num_hidden_layers"]
@@ -113,3 +114,16 @@ def test_unsupported_architecture_and_double_swap_raise():
     model = swap_router(moe_model("olmoe"))
     with pytest.raises(ValueError, match="already MaxScore"):
         swap_router(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swapped_model_on_cuda_fills_capacity():
+    model = moe_model("mixtral").cuda()
+    swap_router(model)
+    seen = _record_indices(model)
+    ids = tokens(length=16).cuda()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert seen[0].device.type == "cuda"
+    assert torch.bincount(seen[0].flatten(), minlength=4).tolist() == [16] * 4

@@ -97,3 +97,13 @@ def test_unsupported_architecture_names_the_supported_ones():
     config = transformers.MixtralConfig(**SMALL, num_local_experts=4)
     with pytest.raises(ValueError, match=r"\['llama', 'mistral', 'qwen2'\].*swap_router"):
         upcycle(config, num_experts=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_upcycled_model_generates_on_cuda():
+    moe = upcycle(dense_model("llama"), num_experts=4, k=2, noise=0.05, causal_routing=True).cuda().eval()
+    prompt = tokens(batch=1, length=5).cuda()
+    with_cache = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    without = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
