@@ -29,12 +29,7 @@ from torch import nn
 
 from maxscore.bench import environment
 from maxscore.model import Decoder
-from maxscore.parallel.data_parallel import (
-    average_buffers,
-    clip_grad_norm,
-    data_parallel,
-    finish_expert_gradients,
-)
+from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.launch import spawn
 from maxscore.parallel.topology import make_topology
@@ -71,13 +66,7 @@ def run_steps(preset: str, group: str, steps: int, device: str) -> dict:
         result = runner(batch[:, :-1])
         loss = nn.functional.cross_entropy(result.logits.flatten(0, 1), batch[:, 1:].flatten())
         (loss + result.aux_loss).backward()
-        if topology.distributed:
-            finish_expert_gradients(model, topology.world_size, topology.replica_group)
-        clip_grad_norm(model, config.clip, topology.expert_group)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if topology.distributed:
-            average_buffers(model)
+        optimizer_step(model, optimizer, config.clip, topology)
         _sync(device)
         if step >= WARMUP:
             times.append(time.perf_counter() - begin)

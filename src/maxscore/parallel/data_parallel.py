@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from maxscore.parallel.expert_parallel import expert_parameter_names
+from maxscore.parallel.topology import Topology
 
 
 def data_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> DistributedDataParallel:
@@ -99,3 +100,18 @@ def average_buffers(model: nn.Module, group: dist.ProcessGroup | None = None) ->
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, topology: Topology
+) -> torch.Tensor:
+    """After the backward passes of a step: expert gradients finished (multi-process), global
+    clipping, the optimizer step, gradients cleared, router buffers averaged.  Returns the norm."""
+    if topology.distributed:
+        finish_expert_gradients(model, topology.world_size, topology.replica_group)
+    norm = clip_grad_norm(model, max_norm, topology.expert_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if topology.distributed:
+        average_buffers(model)
+    return norm

@@ -48,17 +48,32 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     world_size: int = 1,
 ) -> None:
-    payload = {
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    payload = _payload(
+        step, config, tokenizer, model.state_dict(), optimizer_state, world_size, hf_config_json(model)
+    )
+    _write(path, payload)
+
+
+def _payload(
+    step: int,
+    config: TrainConfig,
+    tokenizer: Tokenizer,
+    model_state: dict,
+    optimizer_state: dict | None,
+    world_size: int,
+    hf_config: str | None,
+) -> dict:
+    return {
         "format": 1,
         "step": step,
         "config": config.to_json(),
         "tokenizer": tokenizer.to_str(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "world_size": world_size,
-        "hf_config": hf_config_json(model),
+        "hf_config": hf_config,
     }
-    _write(path, payload)
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -105,16 +120,7 @@ def write_consolidated(
     out: Path, state: dict, config: TrainConfig, tokenizer: Tokenizer, step: int, hf_config: str | None = None
 ) -> None:
     """``out/checkpoint.pt`` with the gathered model (rank 0 of a multi-process run)."""
-    payload = {
-        "format": 1,
-        "step": step,
-        "config": config.to_json(),
-        "tokenizer": tokenizer.to_str(),
-        "model": state,
-        "optimizer": None,
-        "world_size": 1,
-        "hf_config": hf_config,
-    }
+    payload = _payload(step, config, tokenizer, state, None, 1, hf_config)
     _write(out / CHECKPOINT, payload)
 
 

@@ -21,12 +21,7 @@ import torch
 from torch import nn
 
 from maxscore.model import DENSE, Decoder
-from maxscore.parallel.data_parallel import (
-    average_buffers,
-    clip_grad_norm,
-    data_parallel,
-    finish_expert_gradients,
-)
+from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
 from maxscore.routers import install_step_hook
@@ -214,13 +209,7 @@ def train(
                 ((loss + result.aux_loss) / config.accumulation).backward()
             loss_sum += float(loss.detach()) / config.accumulation
             aux_sum += float(result.aux_loss.detach()) / config.accumulation
-        if topology.distributed:
-            finish_expert_gradients(model, topology.world_size, topology.replica_group)
-        clip_grad_norm(model, config.clip, topology.expert_group)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if topology.distributed:
-            average_buffers(model)
+        optimizer_step(model, optimizer, config.clip, topology)
         done = step + 1
         if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
             loss_sum, aux_sum = mean_over_ranks([loss_sum, aux_sum], device)
