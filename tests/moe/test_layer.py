@@ -117,6 +117,26 @@ def test_bfloat16_autocast_keeps_router_float32():
     torch.testing.assert_close(out.output.float(), layer(x).output, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize(
+    ("router", "options", "causal"),
+    [
+        ("dropless", {}, False),
+        ("deepseek_v3", {}, False),
+        ("maxscore", {}, True),
+        ("maxscore", {"group": "global"}, False),
+    ],
+)
+def test_bfloat16_autocast_on_the_grouped_path(router, options, causal):
+    layer = MoELayer(8, 16, 4, 2, router=router, **options)
+    x = torch.randn(2, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, causal=causal)
+    assert out.routing.capacity is None  # the grouped (dropless) path
+    out.output.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out.output.float(), layer(x, causal=causal).output, rtol=0.05, atol=0.05)
+
+
 def test_layer_stats_and_aux_loss():
     layer = MoELayer(8, 16, 4, 2, router="maxscore", balance_coef=0.01, z_coef=0.001)
     out = layer(torch.randn(2, 16, 8))

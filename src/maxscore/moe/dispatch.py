@@ -97,4 +97,4 @@ class LocalDispatcher:
         pairs_P, tokens_P, counts = sort_by_expert(routing.experts, num_experts)
         y_PD = experts.forward_grouped(x_TD[tokens_P], counts)
         weighted_PD = y_PD * pair_weights(routing, pairs_P, y_PD.dtype)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD.to(x_TD.dtype))

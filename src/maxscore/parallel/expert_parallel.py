@@ -101,7 +101,7 @@ class ExpertParallelDispatcher:
         y_PD = y_PD[torch.argsort(order)]
         returned = all_to_all(y_PD, input_splits, output_splits, self.group)
         weighted_PD = returned * pair_weights(routing, pairs_P, returned.dtype)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD.to(x_TD.dtype))
 
 
 def _expert_major(counts_RL: torch.Tensor) -> torch.Tensor:
