@@ -68,8 +68,14 @@ def test_swapped_model_keeps_formats_fills_capacity_and_trains(name):
     assert (aux_after is None) == (aux_before is None)  # DeepSeek-V3 has none
     if aux_before is not None:
         assert aux_after.shape == aux_before.shape
-    assert len(after.router_logits) == len(before.router_logits)
-    assert after.router_logits[0].shape == before.router_logits[0].shape
+    logits_before, logits_after = (
+        getattr(before, "router_logits", None),
+        getattr(after, "router_logits", None),
+    )
+    assert (logits_after is None) == (logits_before is None)  # older DeepSeek-V3 outputs have none
+    if logits_before is not None:
+        assert len(logits_after) == len(logits_before)
+        assert logits_after[0].shape == logits_before[0].shape
     assert len(seen) == SMALL["num_hidden_layers"]
     capacity = 2 * ids.numel() // 4  # k * tokens / E: every expert exactly full
     for indices in seen:
