@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from maxscore.hf.upcycle import MaxScoreMLP, upcycle
 from maxscore.model import ModelConfig, ModelOutput
+from maxscore.moe.experts import count_parameters
 
 
 class HFDecoder(nn.Module):
@@ -53,12 +54,8 @@ class HFDecoder(nn.Module):
 
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or those one token uses (k of E experts); sharded experts count in full."""
-        mlps = self._mlps()
-        local = sum(p.numel() for m in mlps for p in m.moe.experts.parameters())
-        shared = sum(p.numel() for p in self.parameters()) - local
         cfg = self.hf.config
-        experts = cfg.num_experts_per_tok if active else cfg.num_experts
-        return shared + len(mlps) * experts * 3 * cfg.hidden_size * cfg.intermediate_size
+        return count_parameters(self, cfg.num_experts, cfg.num_experts_per_tok, active)
 
     def hf_config_json(self) -> str:
         return self.hf.config.to_json_string()

@@ -62,11 +62,13 @@ class MaxScoreMLP(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.last_stats = None
+        self.record_logits = False  # set per forward by the model (output_router_logits)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.moe(hidden_states, causal=self.causal_routing)
         self.last_aux_loss, self.last_stats = out.aux_loss, out.stats
-        self.last_logits = self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
+        if self.record_logits:  # a second [T, E] gate product, only when the caller asks for it
+            self.last_logits = self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
         return out.output.to(hidden_states.dtype)
 
 
@@ -99,8 +101,10 @@ def _family(family: str):
             return model
 
         def forward(self, *args, labels=None, output_router_logits: bool | None = None, **kwargs):
-            out = super().forward(*args, labels=labels, **kwargs)
             mlps = [layer.mlp for layer in self.model.layers]
+            for m in mlps:
+                m.record_logits = bool(output_router_logits)
+            out = super().forward(*args, labels=labels, **kwargs)
             aux_loss = sum(m.last_aux_loss for m in mlps) * self.config.router_aux_loss_coef
             loss = None if out.loss is None else out.loss + aux_loss.to(out.loss.dtype)
             logits = tuple(m.last_logits for m in mlps) if output_router_logits else None

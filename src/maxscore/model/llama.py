@@ -17,7 +17,7 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.moe import MoELayer, SwiGLU
-from maxscore.moe.experts import SwiGLUExperts
+from maxscore.moe.experts import count_parameters
 from maxscore.routers import ROUTERS
 from maxscore.routers.stats import RoutingStats
 
@@ -175,9 +175,4 @@ class Decoder(nn.Module):
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or those one token uses (k of E experts); experts sharded over ranks
         count in full."""
-        shards = [m for m in self.modules() if isinstance(m, SwiGLUExperts)]
-        local = sum(p.numel() for m in shards for p in m.parameters())
-        shared = sum(p.numel() for p in self.parameters()) - local
-        cfg = self.config
-        experts = cfg.k if active else cfg.num_experts
-        return shared + len(shards) * experts * 3 * cfg.dim * cfg.expert_hidden
+        return count_parameters(self, self.config.num_experts, self.config.k, active)

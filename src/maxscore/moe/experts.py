@@ -53,3 +53,13 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def count_parameters(module: nn.Module, num_experts: int, k: int, active: bool = False) -> int:
+    """Parameters of ``module``, every ``SwiGLUExperts`` in it counted with ``num_experts``
+    experts (``k`` when ``active``: those one token uses), also when only a shard is local."""
+    shards = [m for m in module.modules() if isinstance(m, SwiGLUExperts)]
+    local = sum(p.numel() for m in shards for p in m.parameters())
+    shared = sum(p.numel() for p in module.parameters()) - local
+    per_expert = sum(3 * m.dim * m.hidden for m in shards)
+    return shared + per_expert * (k if active else num_experts)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from maxscore.parallel.topology import world_size
 from maxscore.solvers import Assignment, expert_capacity
 from maxscore.solvers._validate import make_problem
 
@@ -65,7 +66,7 @@ class _Reducer:
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        self.distributed = world_size(group) > 1
         self.rank = dist.get_rank(group) if self.distributed else 0
         # NCCL reduces device tensors only: the summaries make a round trip to the GPU
         self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"

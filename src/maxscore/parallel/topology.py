@@ -31,6 +31,11 @@ class Topology:
         return self.rank == 0
 
 
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (default: the world); 1 without an initialized process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
 def make_topology(expert_parallel: int = 0) -> Topology:
     """The topology of the initialized process group (a single process without one).
 
@@ -38,7 +43,7 @@ def make_topology(expert_parallel: int = 0) -> Topology:
         expert_parallel: expert-parallel size P (0: every rank, P = W).  Collective: every rank
             must call it with the same value.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return Topology()
     world, rank = dist.get_world_size(), dist.get_rank()
     size = expert_parallel or world
@@ -57,7 +62,7 @@ def make_topology(expert_parallel: int = 0) -> Topology:
 
 def check_same_on_all_ranks(name: str, text: str) -> None:
     """Raises on every rank when ``text`` (e.g. a config as JSON) differs between ranks."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -74,7 +79,7 @@ def check_same_on_all_ranks(name: str, text: str) -> None:
 
 def mean_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
     """The mean of each value over all ranks (the values themselves on a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)

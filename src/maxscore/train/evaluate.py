@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from maxscore.model import Decoder
+from maxscore.parallel.topology import world_size
 from maxscore.train.data import TokenStream
 
 
@@ -30,7 +31,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     windows = stream.windows(model.config.seq_len, limit)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world > 1:  # each rank takes an equal share (the last windows % world are left out)
         share = windows.shape[0] // world
         if share == 0:
