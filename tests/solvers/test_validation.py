@@ -17,7 +17,7 @@ from maxscore import expert_capacity
     [
         (dict(scores=np.ones((4, 2)), k=1), "scores must be a torch.Tensor"),
         (dict(scores=torch.ones(8), k=1), r"scores must have shape \[N, E\]"),
-        (dict(scores=torch.ones(2, 2, 2), k=1), r"scores must have shape \[N, E\]"),
+        (dict(scores=torch.ones(2, 2, 2, 2), k=1), r"shape \[N, E\] \(one problem\) or \[G, N, E\]"),
         (
             dict(scores=torch.ones(4, 2, dtype=torch.int64), k=1),
             "scores must be float16/bfloat16/float32/float64",

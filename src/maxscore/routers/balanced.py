@@ -33,10 +33,7 @@ class BaseRouter(GatedRouter):
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         if not self.training:
             return Selection(experts_TK=torch.topk(logits_TE.detach(), self.k, dim=1).indices, dropless=True)
-        experts_TK, assignments, ms = solve_groups(
-            logits_TE, valid_T, groups, self.k, self.capacity_factor, "exact"
-        )
-        return Selection(experts_TK=experts_TK, solver_gap=sum(a.gap for a in assignments), solver_ms=ms)
+        return Selection.of(solve_groups(logits_TE, valid_T, groups, self.k, capacity_G, "exact"))
 
 
 class SBaseRouter(GatedRouter):

@@ -31,7 +31,8 @@ from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
-from maxscore.solvers import expert_capacity, solve
+from maxscore.solvers import Assignment, expert_capacity, solve
+from maxscore.solvers._validate import group_capacity
 
 GROUPS = ("sequence", "batch")
 
@@ -93,18 +94,20 @@ class Selection:
 
     experts_TK: torch.Tensor
     dropless: bool = False
-    solver_gap: float | None = None
+    solver_gap: float | torch.Tensor | None = None
     solver_ms: float | None = None
+    solver_fallbacks: int | torch.Tensor | None = None
 
-
-def group_capacity(
-    num_valid_G: torch.Tensor, num_experts: int, k: int, capacity_factor: float
-) -> torch.Tensor:
-    """``expert_capacity`` for every group at once, on the device (no host sync)."""
-    if capacity_factor == 1:
-        return (k * num_valid_G + num_experts - 1) // num_experts
-    value_G = capacity_factor * k * num_valid_G.double() / num_experts
-    return torch.ceil(value_G - 1e-9 * value_G.clamp(min=1.0)).long()
+    @classmethod
+    def of(cls, solved: Solved) -> Selection:
+        """The selection of one batched solve: its experts, summed gap, time and fallbacks."""
+        a = solved.assignment
+        return cls(
+            experts_TK=solved.experts_TK,
+            solver_gap=None if a.gap is None else a.gap.sum(),
+            solver_ms=solved.ms,
+            solver_fallbacks=a.fallback.sum() if a.method == "exact" else None,
+        )
 
 
 def _check_coefficient(name: str, value: float) -> None:
@@ -211,6 +214,7 @@ class GatedRouter(nn.Module):
             k=self.k,
             solver_gap=selection.solver_gap,
             solver_ms=selection.solver_ms,
+            solver_fallbacks=selection.solver_fallbacks,
         )
         static = groups.count * expert_capacity(groups.size, self.num_experts, self.k, self.capacity_factor)
         capacity = None if selection.dropless else static
@@ -312,28 +316,39 @@ def _check_finite(logits_TE: torch.Tensor) -> None:
         torch._assert_async(finite, message)
 
 
+@dataclass(frozen=True, slots=True)
+class Solved:
+    """One batched solve of a layer's routing groups."""
+
+    experts_TK: torch.Tensor
+    assignment: Assignment
+    ms: float
+
+
 def solve_groups(
     scores_TE: torch.Tensor,
     valid_T: torch.Tensor | None,
     groups: Groups,
     k: int,
-    capacity_factor: float,
+    capacity_G: torch.Tensor,
     method: str,
     **options,
-) -> tuple[torch.Tensor, list, float]:
-    """Runs ``solve`` on each routing group on the host (one copy each way).
+) -> Solved:
+    """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device.
 
-    Returns (experts [T, K] on the scores' device, the per-group ``Assignment``s, milliseconds).
+    Returns the experts [T, K] on the scores' device, the batched ``Assignment`` and the time
+    of the call in milliseconds (for CUDA scores, the time until the device engine's one host
+    round trip, not the device work queued after it).
     """
     begin = time.perf_counter()
-    host_TE = scores_TE.detach().to("cpu", torch.float32)
-    host_valid_T = None if valid_T is None else valid_T.cpu()
-    assignments = []
-    for g in range(groups.count):
-        rows = slice(g * groups.size, (g + 1) * groups.size)
-        valid = None if host_valid_T is None else host_valid_T[rows]
-        assignments.append(
-            solve(host_TE[rows], k, capacity_factor=capacity_factor, method=method, valid=valid, **options)
-        )
-    experts_TK = torch.cat([a.experts for a in assignments]).to(scores_TE.device)
-    return experts_TK, assignments, (time.perf_counter() - begin) * 1e3
+    shape = (groups.count, groups.size)
+    assignment = solve(
+        scores_TE.detach().view(*shape, -1),
+        k,
+        capacity=capacity_G,
+        method=method,
+        valid=None if valid_T is None else valid_T.view(shape),
+        **options,
+    )
+    experts_TK = assignment.experts.reshape(-1, k)
+    return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3)

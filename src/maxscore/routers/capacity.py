@@ -86,10 +86,7 @@ class IterativeRouter(GatedRouter):
     default_normalize = True
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
-        experts_TK, _, ms = solve_groups(
-            scores_TE, valid_T, groups, self.k, self.capacity_factor, "iterative"
-        )
-        return Selection(experts_TK=experts_TK, solver_ms=ms)
+        return Selection.of(solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, "iterative"))
 
 
 class DroplessRouter(GatedRouter):

@@ -1,7 +1,8 @@
 """MaxScore routing (PAPER.md §2): flow routing of the router scores + SoftTopk weights.
 
-Each routing group is solved on the host by ``solve(method=exact | two_stage | sinkhorn)``
-(every token gets k distinct experts, every expert at most its capacity, total score maximal:
+All routing groups of a layer are solved in one batched call of ``solve(method=exact |
+two_stage | sinkhorn)``, on the scores' device (the compiled core on the CPU, the device engine
+on CUDA; every token gets k distinct experts, every expert at most its capacity, total score maximal:
 no drops, and at capacity_factor 1 every expert exactly full).  Combine weights are SoftTopk
 with the scheduled temperature.
 
@@ -10,7 +11,8 @@ exact solver's dual prices are the per-expert offsets under which independent to
 balanced, so the router keeps their running average (buffer ``prices``, saved with the model)
 and, in causal mode, routes each token alone to the top-k of ``score - prices`` (dropless: no
 capacity is enforced, loads are balanced only on average).  The layer switches to causal mode
-by itself for single-token steps (generation).  The averaged prices also warm-start the solver.
+by itself for single-token steps (generation).  The averaged prices also warm-start every
+group of the solver.
 With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
 forward also runs the exact solver, for the prices only.
 
@@ -95,26 +97,16 @@ class MaxScoreRouter(GatedRouter):
     ) -> Selection:
         if self.group == "global":
             return self._select_global(scores_TE, valid_T)
-        options = {"prices": self.prices.cpu()} if self.method == "exact" else {}
-        experts_TK, assignments, ms = solve_groups(
-            scores_TE, valid_T, groups, self.k, self.capacity_factor, self.method, **options
-        )
-        gaps = [a.gap for a in assignments if a.gap is not None]
+        options = {"prices": self.prices} if self.method == "exact" else {}
+        solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.method, **options)
         if self.training:
+            priced = solved
             if self.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
-                _, assignments, _ = solve_groups(
-                    scores_TE,
-                    valid_T,
-                    groups,
-                    self.k,
-                    self.capacity_factor,
-                    "exact",
-                    prices=self.prices.cpu(),
-                )
-            if assignments[0].prices is not None:
-                self._update_prices(torch.stack([a.prices.float() for a in assignments]))
+                priced = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices)
+            if priced.assignment.prices is not None:
+                self._update_prices(priced.assignment.prices.float())
             self.training_forwards += 1
-        return Selection(experts_TK=experts_TK, solver_gap=sum(gaps) if gaps else None, solver_ms=ms)
+        return Selection.of(solved)
 
     def _select_global(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> Selection:
         begin = time.perf_counter()

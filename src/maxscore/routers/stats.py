@@ -22,8 +22,11 @@ class RoutingStats:
         affinity_by_rank: float [K] mean router score of each token's i-th best assigned
             expert (NaN where no token has an i-th expert).
         entropy: float [] mean entropy of the router's softmax distribution over valid tokens.
-        solver_gap: duality gap of the exact solver summed over groups (host routers), or None.
-        solver_ms: host time spent in the solver, or None.
+        solver_gap: duality gap of the exact solver summed over groups (a float or a scalar
+            tensor on the device), or None.
+        solver_ms: host time spent in the solver call, or None.
+        solver_fallbacks: groups the device engine handed to the host solver (an int or a
+            scalar tensor), or None where no exact solve ran.
     """
 
     loads: torch.Tensor
@@ -31,8 +34,9 @@ class RoutingStats:
     dropped_by_rank: torch.Tensor
     affinity_by_rank: torch.Tensor
     entropy: torch.Tensor
-    solver_gap: float | None = None
+    solver_gap: float | torch.Tensor | None = None
     solver_ms: float | None = None
+    solver_fallbacks: int | torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -62,8 +66,9 @@ class RoutingStats:
             "load_ratio_sorted": sorted(ratio_E.tolist(), reverse=True),
             "affinity_by_rank": self.affinity_by_rank.tolist(),
             "entropy": float(self.entropy),
-            "solver_gap": self.solver_gap,
+            "solver_gap": None if self.solver_gap is None else float(self.solver_gap),
             "solver_ms": self.solver_ms,
+            "solver_fallbacks": None if self.solver_fallbacks is None else int(self.solver_fallbacks),
         }
 
 
@@ -75,8 +80,9 @@ def routing_stats(
     valid_T: torch.Tensor | None,
     capacity_G: torch.Tensor,
     k: int,
-    solver_gap: float | None = None,
+    solver_gap: float | torch.Tensor | None = None,
     solver_ms: float | None = None,
+    solver_fallbacks: int | torch.Tensor | None = None,
 ) -> RoutingStats:
     """Statistics of one routing; ``experts_TK`` holds each token's choices in preference order."""
     with torch.no_grad():
@@ -107,4 +113,5 @@ def routing_stats(
         entropy=entropy,
         solver_gap=solver_gap,
         solver_ms=solver_ms,
+        solver_fallbacks=solver_fallbacks,
     )

@@ -24,9 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from maxscore.solvers._validate import Problem, expert_capacity, make_problem
-from maxscore.solvers.assignment import Assignment
-from maxscore.solvers.exact import solve_exact
+from maxscore.solvers._validate import Problem, Problems, expert_capacity, make_problem, make_problems
+from maxscore.solvers.assignment import Assignment, stack_assignments
+from maxscore.solvers.device import solve_exact_device
+from maxscore.solvers.exact import ENGINES, solve_exact, solve_exact_groups
 from maxscore.solvers.greedy import solve_greedy
 from maxscore.solvers.iterative import solve_iterative
 from maxscore.solvers.reference import solve_reference
@@ -58,7 +59,7 @@ def solve(
     scores: torch.Tensor,
     k: int,
     *,
-    capacity: int | None = None,
+    capacity: int | torch.Tensor | None = None,
     capacity_factor: float = 1.0,
     method: str = "exact",
     valid: torch.Tensor | None = None,
@@ -67,19 +68,24 @@ def solve(
     """Routes every valid token to k distinct experts, each expert holding at most ``capacity``.
 
     Args:
-        scores: float [T, E] (float16/bfloat16/float32/float64, CPU or CUDA); higher is better,
-            ``-inf`` forbids a token-expert pair.  CUDA inputs are solved on a host copy and the
-            result is returned on the input's device.
+        scores: float [N, E], or [G, N, E] for G independent routing groups
+            (float16/bfloat16/float32/float64, CPU or CUDA); higher is better, ``-inf`` forbids
+            a token-expert pair.
         k: experts per token, 1 <= k <= E.
-        capacity: tokens per expert; default ``expert_capacity(valid tokens, E, k, capacity_factor)``.
+        capacity: tokens per expert: an int, or (for [G, N, E]) an int64 [G] tensor; default
+            ``expert_capacity(valid tokens, E, k, capacity_factor)`` per group.
         capacity_factor: used when ``capacity`` is None.
         method: one of ``METHODS`` (default ``"exact"``).
-        valid: bool [T]; invalid (padding) tokens get no expert and use no capacity.
-        **options: method options, e.g. ``prices=`` (warm start) for ``exact``; see
-            ``method_options(method)``.
+        valid: bool [N] (or [G, N]); invalid (padding) tokens get no expert and use no capacity.
+        **options: method options, see ``method_options(method)``; for ``exact``: ``prices=``
+            (warm start, [E] or [G, E]) and ``engine="auto" | "host" | "device"``: ``auto``
+            runs CUDA scores on the device engine (``maxscore.solvers.device``) and CPU scores on
+            the compiled host core.
 
     Returns:
-        An ``Assignment``; ``experts`` is int64 [T, K] with -1 for unassigned slots.
+        An ``Assignment`` on the scores' device; ``experts`` is int64 [N, K] (or [G, N, K]) with -1
+        for unassigned slots.  G groups are solved in one call (the host core spreads them over
+        threads; the other methods loop), and equal G separate solves.
 
     Raises:
         ValueError: bad shapes or dtypes, NaN/+inf scores, k out of range, infeasible capacity or
@@ -92,10 +98,32 @@ def solve(
         raise ValueError(
             f"unknown option(s) {unknown} for method={method!r}; it accepts {list(method_options(method))}"
         )
-    problem = make_problem(
-        scores, k, capacity, capacity_factor, valid, require_feasible=method not in CAPACITY_OPTIONAL
-    )
+    require_feasible = method not in CAPACITY_OPTIONAL
+    if method == "exact" and _engine(options.pop("engine", "auto"), scores) == "device":
+        return solve_exact_device(
+            scores, k, capacity=capacity, capacity_factor=capacity_factor, valid=valid, **options
+        )
+    if isinstance(scores, torch.Tensor) and scores.dim() == 3:
+        problems = make_problems(
+            scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible
+        )
+        if method == "exact":
+            return solve_exact_groups(problems, **options)
+        groups = [METHODS[method](problems.group(g), **options) for g in range(problems.num_groups)]
+        return stack_assignments(groups, problems.capacity_G)
+    if isinstance(capacity, torch.Tensor):
+        raise ValueError("capacity must be an int for [N, E] scores (an int64 [G] tensor is for [G, N, E])")
+    problem = make_problem(scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible)
     return METHODS[method](problem, **options)
 
 
-__all__ = ["METHODS", "Assignment", "Problem", "expert_capacity", "method_options", "solve"]
+def _engine(engine: str, scores: torch.Tensor) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        on_cuda = isinstance(scores, torch.Tensor) and scores.device.type == "cuda"
+        return "device" if on_cuda else "host"
+    return engine
+
+
+__all__ = ["METHODS", "Assignment", "Problem", "Problems", "expert_capacity", "method_options", "solve"]

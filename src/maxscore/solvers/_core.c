@@ -1056,6 +1056,123 @@ fail_s:
     return NULL;
 }
 
+/* G independent groups of one shape: each solved single-threaded, groups spread over threads */
+typedef struct {
+    const char *scores;
+    int is_double;
+    int64_t G, N, E, k, nbad_max, max_moves, price_iters, g0, stride;
+    const uint8_t *valid;
+    const int64_t *cap;
+    double *p, alpha, *stats;
+    int64_t *experts, *loads, *bad, *nbad;
+    int32_t *status;
+    int mode;
+} Batch;
+
+static void solve_batch_range(Batch *b) {
+    const size_t item = b->is_double ? sizeof(double) : sizeof(float);
+    for (int64_t g = b->g0; g < b->G; g += b->stride) {
+        Ctx c;
+        memset(&c, 0, sizeof c);
+        c.N = b->N;
+        c.E = b->E;
+        c.k = b->k;
+        const void *s = b->scores + (size_t)(g * b->N * b->E) * item;
+        if (b->is_double)
+            c.s64 = s;
+        else
+            c.s32 = s;
+        c.valid = b->valid ? b->valid + g * b->N : NULL;
+        c.cap = b->cap + g * b->E;
+        c.p = b->p + g * b->E;
+        c.experts = b->experts + g * b->N * b->k;
+        c.loads = b->loads + g * b->E;
+        b->nbad[g] = 0;
+        b->status[g] = solve(&c, b->mode, b->max_moves, b->price_iters, b->alpha, 1,
+                             b->bad + g * (b->nbad_max + b->E), b->nbad_max, &b->nbad[g], b->stats + 9 * g);
+    }
+}
+
+static void *solve_batch_thread(void *arg) {
+    solve_batch_range(arg);
+    return NULL;
+}
+
+/*
+ * solve_batch(scores, is_double, G, N, E, k, valid|None, cap, prices, experts, loads, bad, status,
+ *             nbad, stats, mode, max_moves, price_iters, alpha, threads) -> None
+ * Per group g: scores [G,N,E], valid [G,N] (uint8), cap/prices/loads [G,E], experts [G,N,k],
+ * bad [G, nbad_max + E] (as in solve), status int32 [G], nbad int64 [G], stats float64 [G,9]
+ * (score, gap, raises, augmentations, moves, ms prepare, auction, repair, certificate).
+ * The groups are spread over `threads` threads with the GIL released.
+ */
+static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    int is_double, mode, threads;
+    long long G, N, E, k, max_moves, price_iters;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "OpLLLLOOOOOOOOOiLLdi", &o[0], &is_double, &G, &N, &E, &k, &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &mode, &max_moves, &price_iters, &alpha,
+                          &threads))
+        return NULL;
+    if (G < 1 || N < 0 || E < 1 || k < 1 || k > E) {
+        PyErr_SetString(PyExc_ValueError, "_core: bad sizes");
+        return NULL;
+    }
+    const Py_ssize_t need[10] = {(Py_ssize_t)(G * N * E * (is_double ? 8 : 4)), (Py_ssize_t)(G * N),
+                                 (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * N * k * 8),
+                                 (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * (E + 1) * 8), (Py_ssize_t)(G * 4),
+                                 (Py_ssize_t)(G * 8), (Py_ssize_t)(G * 9 * 8)};
+    const int writable[10] = {0, 0, 0, 1, 1, 1, 1, 1, 1, 1};
+    const char *names[10] = {"scores", "valid", "cap", "prices", "experts", "loads", "bad", "status", "nbad", "stats"};
+    Py_buffer b[10];
+    int got = 0, oom = 0;
+    for (; got < 10; got++) {
+        if (got == 1 && o[1] == Py_None) continue;
+        if (get_buf(o[got], &b[got], writable[got], need[got], names[got]) < 0) break;
+    }
+    if (got == 10) {
+        Batch batch = {
+            .scores = b[0].buf, .is_double = is_double, .G = G, .N = N, .E = E, .k = k,
+            .nbad_max = (int64_t)(b[6].len / 8 / G) - E, .max_moves = max_moves, .price_iters = price_iters,
+            .valid = o[1] == Py_None ? NULL : b[1].buf, .cap = b[2].buf, .p = b[3].buf, .alpha = alpha,
+            .stats = b[9].buf, .experts = b[4].buf, .loads = b[5].buf, .bad = b[6].buf, .nbad = b[8].buf,
+            .status = b[7].buf, .mode = mode,
+        };
+        int64_t n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+        if (n > G) n = G;
+        Batch part[MAX_THREADS];
+        for (int64_t i = 0; i < n; i++) {
+            part[i] = batch;
+            part[i].g0 = i;
+            part[i].stride = n;
+        }
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_THREADS
+        pthread_t tid[MAX_THREADS];
+        int started[MAX_THREADS] = {0};
+        for (int64_t i = 1; i < n; i++)
+            started[i] = pthread_create(&tid[i], NULL, solve_batch_thread, &part[i]) == 0;
+        solve_batch_range(&part[0]);
+        for (int64_t i = 1; i < n; i++) {
+            if (started[i])
+                pthread_join(tid[i], NULL);
+            else
+                solve_batch_range(&part[i]);
+        }
+#else
+        for (int64_t i = 0; i < n; i++) solve_batch_range(&part[i]);
+#endif
+        Py_END_ALLOW_THREADS
+        for (int64_t g = 0; g < G; g++) oom |= ((int32_t *)b[7].buf)[g] == ST_NO_MEMORY;
+    }
+    for (int i = 0; i < got; i++)
+        if (!(i == 1 && o[1] == Py_None)) PyBuffer_Release(&b[i]);
+    if (got < 10) return NULL;
+    if (oom) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /*
  * scan(scores, is_double, N, E, k, valid|None) -> (n_bad, first_bad, n_short, first_short, n_forbidden)
  * One pass over the valid rows: NaN/+inf entries (bad), rows with fewer than k entries > -inf
@@ -1102,6 +1219,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"solve", py_solve, METH_VARARGS, "Capacity-constrained top-k assignment (see the module source)."},
+    {"solve_batch", py_solve_batch, METH_VARARGS, "G independent problems of one shape, over threads."},
     {"scan", py_scan, METH_VARARGS, "Counts NaN/+inf entries, short rows and forbidden pairs."},
     {NULL, NULL, 0, NULL},
 };

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from maxscore.solvers import _core
-from maxscore.solvers._validate import Problem, _first
+from maxscore.solvers._validate import Problem, Problems, name_tokens
 
 _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
 _MAX_REPORTED = 64
@@ -86,21 +86,111 @@ def run_core(
         damping,
         torch.get_num_threads() if threads is None else threads,
     )
-    if status == _TOO_FEW_ALLOWED:
-        raise ValueError(
-            f"scores: tokens {_first(torch.from_numpy(bad[: min(num_bad, _MAX_REPORTED)]))} have fewer than "
-            f"k={k} allowed experts (entries > -inf); allow more experts or mark them invalid with `valid`"
-        )
-    if status == _INFEASIBLE:
-        stuck = torch.from_numpy(bad[: min(num_bad, _MAX_REPORTED)])
-        experts_set = np.flatnonzero(bad[_MAX_REPORTED:]).tolist()
-        raise ValueError(
-            f"scores: the forbidden pairs (-inf) make the problem infeasible: experts {experts_set} "
-            f"(capacity {capacity_E[experts_set].tolist()}) cannot hold the tokens whose allowed experts "
-            f"all lie among them ({num_bad} tokens hold these experts, e.g. {_first(stuck)}); "
-            "allow these tokens more experts or raise the capacity"
-        )
+    _raise_status(status, num_bad, bad, k, capacity_E, None)
     assert status == _OK, status
     return CoreResult(
         experts, loads, prices, score, None if gap != gap else gap, raises, augs, moves, phase_ms
     )
+
+
+def _raise_status(
+    status: int, num_bad: int, bad: np.ndarray, k: int, capacity_E: np.ndarray, group: int | None
+) -> None:
+    """Turns the core's status into a clear error (``bad``: token rows, then the stuck experts)."""
+    rows = torch.from_numpy(bad[: min(num_bad, _MAX_REPORTED)])
+    where = "" if group is None else f" of group {group}"
+    if status == _TOO_FEW_ALLOWED:
+        raise ValueError(
+            f"scores: tokens {name_tokens(rows, None)}{where} have fewer than k={k} allowed experts "
+            "(entries > -inf); allow more experts or mark them invalid with `valid`"
+        )
+    if status == _INFEASIBLE:
+        experts_set = np.flatnonzero(bad[_MAX_REPORTED:]).tolist()
+        raise ValueError(
+            f"scores: the forbidden pairs (-inf) make the problem{where} infeasible: experts {experts_set} "
+            f"(capacity {capacity_E[experts_set].tolist()}) cannot hold the tokens whose allowed experts "
+            f"all lie among them ({num_bad} tokens hold these experts, e.g. {name_tokens(rows, None)}); "
+            "allow these tokens more experts or raise the capacity"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    experts_GNK: np.ndarray  # int64 [G, N, K]
+    loads_GE: np.ndarray  # int64 [G, E]
+    prices_GE: np.ndarray  # float64 [G, E]
+    status_G: np.ndarray  # int32 [G]: 0 solved, else the core's status (with raise_errors=False)
+    stats_G9: np.ndarray  # float64 [G, 9]: score, gap, raises, augmentations, moves, phase ms x 4
+
+    @property
+    def score_G(self) -> np.ndarray:
+        return self.stats_G9[:, 0]
+
+    @property
+    def gap_G(self) -> np.ndarray:
+        return self.stats_G9[:, 1]
+
+
+def run_core_batch(
+    problems: Problems,
+    *,
+    scores_GNE: torch.Tensor | None = None,
+    valid_GN: torch.Tensor | None = None,
+    capacity_GE: np.ndarray | None = None,
+    prices_GE: np.ndarray | None = None,
+    max_moves: int | None = None,
+    price_iterations: int = PRICE_ITERATIONS,
+    threads: int | None = None,
+    raise_errors: bool = True,
+) -> BatchResult:
+    """Solves every group of ``problems`` exactly in one call of the core, the groups spread over
+    ``threads`` (default ``torch.get_num_threads()``) with the GIL released.
+
+    ``scores_GNE``/``valid_GN``/``capacity_GE`` replace the problems' own (a sub-problem of the
+    same k); ``prices_GE`` warm-starts every group.  With ``raise_errors=False`` a group the
+    core cannot solve is reported in ``status_G`` instead of raising.
+    """
+    scores = problems.scores_GNE if scores_GNE is None else scores_GNE
+    valid = problems.valid_GN if scores_GNE is None else valid_GN
+    num_groups, num_tokens, num_experts = scores.shape
+    k = problems.k
+    if capacity_GE is None:
+        capacity_GE = np.repeat(problems.capacity_G.numpy()[:, None], num_experts, axis=1)
+    capacity_GE = np.ascontiguousarray(capacity_GE, dtype=np.int64)
+    prices = (
+        np.zeros((num_groups, num_experts))
+        if prices_GE is None
+        else np.array(np.broadcast_to(prices_GE, (num_groups, num_experts)), dtype=np.float64, order="C")
+    )
+    experts = np.empty((num_groups, num_tokens, k), dtype=np.int64)
+    loads = np.zeros((num_groups, num_experts), dtype=np.int64)
+    bad = np.zeros((num_groups, _MAX_REPORTED + num_experts), dtype=np.int64)
+    status = np.zeros(num_groups, dtype=np.int32)
+    num_bad = np.zeros(num_groups, dtype=np.int64)
+    stats = np.zeros((num_groups, 9))
+    _core.solve_batch(
+        scores.numpy(),
+        scores.dtype == torch.float64,
+        num_groups,
+        num_tokens,
+        num_experts,
+        k,
+        None if valid is None else valid.numpy().view(np.uint8),
+        capacity_GE,
+        prices,
+        experts,
+        loads,
+        bad,
+        status,
+        num_bad,
+        stats,
+        EXACT,
+        MOVES_PER_UNIT * num_tokens * k if max_moves is None else max_moves,
+        price_iterations,
+        DAMPING,
+        torch.get_num_threads() if threads is None else threads,
+    )
+    if raise_errors:
+        for g in np.flatnonzero(status):
+            _raise_status(int(status[g]), int(num_bad[g]), bad[g], k, capacity_GE[g], int(g))
+    return BatchResult(experts, loads, prices, status, stats)

@@ -12,77 +12,100 @@ from maxscore.solvers._validate import Problem
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Assignment:
-    """A routing of tokens to experts.
+    """A routing of tokens to experts: one problem ([N, E] scores) or G groups ([G, N, E]).
 
-    Attributes:
-        experts: int64 [T, K]; row t holds token t's distinct experts, best first where the
-            method ranks them; ``-1`` marks a slot left unassigned (a dropped slot, or every
-            slot of an invalid token).
-        loads: int64 [E]; tokens assigned to each expert.
-        score: total affinity of the assigned pairs (sum of ``scores[t, e]``), in float64.
-        capacity: tokens per expert the method was asked to respect.
+    Attributes (a batched assignment has a leading G on every tensor, all on the scores' device):
+        experts: int64 [N, K] or [G, N, K]; row t holds token t's distinct experts, best first
+            where the method ranks them; ``-1`` marks a slot left unassigned (a dropped slot, or
+            every slot of an invalid token).
+        loads: int64 [E] or [G, E]; tokens assigned to each expert.
+        score: total affinity of the assigned pairs (sum of ``scores[t, e]``): a float, or a
+            float64 [G] tensor.
+        capacity: tokens per expert the method was asked to respect: an int, or int64 [G].
         method: the registered name of the method that produced it.
-        valid: bool [T] or ``None`` (all tokens valid).
-        prices: float64 [E] dual prices (``exact`` and methods built on it), else ``None``.
-        gap: duality gap ``D(prices) - score`` certifying optimality (``exact``), else ``None``.
-        converged: ``False`` when an iterative method stopped at its iteration cap.
+        valid: bool [N] / [G, N] or ``None`` (all tokens valid).
+        prices: float64 [E] / [G, E] dual prices (``exact`` and methods built on it), else ``None``.
+        gap: duality gap ``D(prices) - score`` certifying optimality (``exact``), a float or a
+            float64 [G] tensor, else ``None``.
+        converged: ``False`` when an iterative method stopped at its iteration cap (or, for the
+            device engine, when a group could not be certified): a bool, or bool [G].
+        fallback: groups the device engine handed to the host solver: ``False``, or bool [G].
+
+    With G groups, ``mask()`` is bool [G, N, E], ``load_ratio()`` is float [G, E] (each group
+    against its own capacity), and ``num_valid``, ``dropped_fraction`` and
+    ``dropped_fraction_by_rank()`` count the valid tokens of all groups together.
     """
 
     experts: torch.Tensor
     loads: torch.Tensor
-    score: float
-    capacity: int
+    score: float | torch.Tensor
+    capacity: int | torch.Tensor
     method: str
     valid: torch.Tensor | None = None
     prices: torch.Tensor | None = None
-    gap: float | None = None
-    converged: bool = True
+    gap: float | torch.Tensor | None = None
+    converged: bool | torch.Tensor = True
+    fallback: bool | torch.Tensor = False
+
+    @property
+    def batched(self) -> bool:
+        """True for G routing groups ([G, N, K] experts)."""
+        return self.experts.dim() == 3
+
+    @property
+    def num_groups(self) -> int:
+        """G (1 for a single problem)."""
+        return self.experts.shape[0] if self.batched else 1
 
     @property
     def num_tokens(self) -> int:
-        return self.experts.shape[0]
+        """N, the tokens of one group."""
+        return self.experts.shape[-2]
 
     @property
     def num_experts(self) -> int:
-        return self.loads.shape[0]
+        return self.loads.shape[-1]
 
     @property
     def k(self) -> int:
-        return self.experts.shape[1]
+        return self.experts.shape[-1]
 
     @property
     def num_valid(self) -> int:
-        """Number of valid (non-padding) tokens. Host-side."""
-        return self.num_tokens if self.valid is None else int(self.valid.sum())
+        """Number of valid (non-padding) tokens, over all groups. Host-side."""
+        return self.experts[..., 0].numel() if self.valid is None else int(self.valid.sum())
 
     @property
     def dropped_fraction(self) -> float:
-        """Fraction of the valid tokens' K slots left unassigned. Host-side."""
+        """Fraction of the valid tokens' K slots left unassigned (all groups). Host-side."""
         return self.dropped_fraction_by_rank().mean().item() if self.num_valid else 0.0
 
     def dropped_fraction_by_rank(self) -> torch.Tensor:
-        """float [K]: fraction of valid tokens whose i-th slot is unassigned."""
-        dropped_TK = self.experts < 0
+        """float [K]: fraction of valid tokens (all groups) whose i-th slot is unassigned."""
+        dropped_TK = (self.experts < 0).reshape(-1, self.k)
         if self.valid is not None:
-            dropped_TK = dropped_TK[self.valid]
+            dropped_TK = dropped_TK[self.valid.reshape(-1)]
         if dropped_TK.shape[0] == 0:
             return torch.zeros(self.k, device=self.experts.device)
         return dropped_TK.float().mean(0)
 
     def mask(self) -> torch.Tensor:
-        """bool [T, E]: ``True`` where token t is assigned to expert e."""
-        mask_TE = torch.zeros(
-            self.num_tokens, self.num_experts + 1, dtype=torch.bool, device=self.experts.device
+        """bool [N, E] (or [G, N, E]): ``True`` where token t is assigned to expert e."""
+        num_experts = self.num_experts
+        mask = torch.zeros(
+            *self.experts.shape[:-1], num_experts + 1, dtype=torch.bool, device=self.experts.device
         )
-        mask_TE.scatter_(1, self.experts % (self.num_experts + 1), True)  # -1 lands in the extra column
-        return mask_TE[:, : self.num_experts]
+        mask.scatter_(-1, self.experts % (num_experts + 1), True)  # -1 lands in the extra column
+        return mask[..., :num_experts]
 
     def load_ratio(self) -> torch.Tensor:
-        """float [E]: load / capacity of each expert (0 where capacity is 0 and load is 0)."""
-        loads_E = self.loads.float()
-        if self.capacity == 0:
-            return torch.where(loads_E > 0, float("inf"), 0.0)
-        return loads_E / self.capacity
+        """float [E] (or [G, E]): load / capacity of each expert (0 where capacity and load are 0)."""
+        loads = self.loads.float()
+        capacity = torch.as_tensor(self.capacity, device=loads.device).float()
+        if capacity.dim():
+            capacity = capacity[:, None]
+        ratio = loads / capacity.clamp(min=1)
+        return torch.where(capacity > 0, ratio, torch.where(loads > 0, float("inf"), 0.0))
 
 
 def to_assignment(
@@ -116,4 +139,33 @@ def to_assignment(
         prices=None if prices_E is None else torch.from_numpy(prices_E).to(device),
         gap=gap,
         converged=converged,
+    )
+
+
+def stack_assignments(assignments: list[Assignment], capacity_G: torch.Tensor) -> Assignment:
+    """G single-group assignments as one batched ``Assignment`` (methods solved group by group)."""
+    first = assignments[0]
+    device = first.experts.device
+
+    def stacked(name: str) -> torch.Tensor | None:
+        values = [getattr(a, name) for a in assignments]
+        return None if values[0] is None else torch.stack(values)
+
+    def floats(name: str) -> torch.Tensor | None:
+        values = [getattr(a, name) for a in assignments]
+        if any(v is None for v in values):
+            return None
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    return Assignment(
+        experts=stacked("experts"),
+        loads=stacked("loads"),
+        score=floats("score"),
+        capacity=capacity_G.to(device),
+        method=first.method,
+        valid=stacked("valid"),
+        prices=stacked("prices"),
+        gap=floats("gap"),
+        converged=torch.tensor([a.converged for a in assignments], device=device),
+        fallback=torch.zeros(len(assignments), dtype=torch.bool, device=device),
     )

@@ -29,9 +29,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers._native import PRICE_ITERATIONS, run_core
-from maxscore.solvers._validate import Problem
+from maxscore.solvers._native import PRICE_ITERATIONS, run_core, run_core_batch
+from maxscore.solvers._validate import Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
+
+
+ENGINES = ("auto", "host", "device")
 
 
 def solve_exact(
@@ -41,8 +44,9 @@ def solve_exact(
     max_moves: int | None = None,
     price_iterations: int = PRICE_ITERATIONS,
     threads: int | None = None,
+    engine: str = "auto",
 ) -> Assignment:
-    """Optimal routing with its dual prices and duality gap.
+    """Optimal routing with its dual prices and duality gap (host engine).
 
     Args:
         problem: the validated problem.
@@ -51,24 +55,17 @@ def solve_exact(
         max_moves: auction budget in token moves (default ``2 * k * T``); 0 skips the auction.
         price_iterations: cap on best-response price steps (run on large problems only).
         threads: threads for the row passes (default ``torch.get_num_threads()``).
+        engine: ``"auto"`` (by the scores' device), ``"host"`` or ``"device"``; ``solve`` sends
+            device-engine problems to ``maxscore.solvers.device``, this function is the host one.
     """
-    num_experts = problem.num_experts
-    prices_E = None
-    if prices is not None:
-        if not isinstance(prices, torch.Tensor) or prices.shape != (num_experts,):
-            raise ValueError(f"prices must be a float tensor of shape [E] = [{num_experts}], got {prices!r}")
-        prices_E = prices.detach().to("cpu", torch.float64).numpy()
-        if not np.isfinite(prices_E).all():
-            raise ValueError("prices must be finite; pass None for a cold start")
-    for name, value in (
-        ("max_moves", max_moves),
-        ("price_iterations", price_iterations),
-        ("threads", threads),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    prices_E = check_prices(prices, None, problem.num_experts)
+    check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
     result = run_core(
-        problem, prices_E=prices_E, max_moves=max_moves, price_iterations=price_iterations, threads=threads
+        problem,
+        prices_E=None if prices_E is None else prices_E[0],
+        max_moves=max_moves,
+        price_iterations=price_iterations,
+        threads=threads,
     )
     return to_assignment(
         problem,
@@ -79,3 +76,57 @@ def solve_exact(
         prices_E=result.prices_E,
         gap=result.gap,
     )
+
+
+def solve_exact_groups(
+    problems: Problems,
+    *,
+    prices: torch.Tensor | None = None,
+    max_moves: int | None = None,
+    price_iterations: int = PRICE_ITERATIONS,
+    threads: int | None = None,
+    engine: str = "auto",
+) -> Assignment:
+    """``solve_exact`` of G groups in one call of the compiled core (groups over threads).
+
+    ``prices`` is [E] (every group) or [G, E]; the result is a batched ``Assignment``.
+    """
+    prices_GE = check_prices(prices, problems.num_groups, problems.num_experts)
+    check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
+    result = run_core_batch(
+        problems, prices_GE=prices_GE, max_moves=max_moves, price_iterations=price_iterations, threads=threads
+    )
+    device = problems.device
+    return Assignment(
+        experts=torch.from_numpy(result.experts_GNK).to(device),
+        loads=torch.from_numpy(result.loads_GE).to(device),
+        score=torch.from_numpy(result.score_G.copy()).to(device),
+        capacity=problems.capacity_G.to(device),
+        method="exact",
+        valid=None if problems.valid_GN is None else problems.valid_GN.to(device),
+        prices=torch.from_numpy(result.prices_GE).to(device),
+        gap=torch.from_numpy(result.gap_G.copy()).to(device),
+        converged=torch.ones(problems.num_groups, dtype=torch.bool, device=device),
+        fallback=torch.zeros(problems.num_groups, dtype=torch.bool, device=device),
+    )
+
+
+def check_prices(prices: torch.Tensor | None, num_groups: int | None, num_experts: int) -> np.ndarray | None:
+    """Warm-start prices as float64 [G, E] on the host (G = 1 for one problem, ``num_groups=None``)."""
+    if prices is None:
+        return None
+    shapes = [(num_experts,)] + ([] if num_groups is None else [(num_groups, num_experts)])
+    if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in shapes:
+        form = "[E]" if num_groups is None else "[E] or [G, E]"
+        raise ValueError(f"prices must be a float tensor of shape {form} = {shapes}, got {prices!r}")
+    prices_GE = prices.detach().to("cpu", torch.float64).expand(num_groups or 1, num_experts)
+    if not torch.isfinite(prices_GE).all():
+        raise ValueError("prices must be finite; pass None for a cold start")
+    return np.ascontiguousarray(prices_GE.numpy())
+
+
+def check_counts(**counts: int | None) -> None:
+    """Each named count is None or an int >= 0."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
