@@ -944,7 +944,7 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
             pmin = fmin(pmin, c->p[e]);
             any_free |= c->loads[e] < c->cap[e];
         }
-        if (!any_free && pmin > 0)
+        if (!any_free && pmin != 0) /* every expert full: a common shift changes nothing; min 0 */
             for (int64_t e = 0; e < E; e++) c->p[e] -= pmin;
         double dual = dual_token_part(c);
         for (int64_t e = 0; e < E; e++) dual += (double)c->cap[e] * c->p[e];

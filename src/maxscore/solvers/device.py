@@ -14,8 +14,8 @@ device (CUDA in training; the same code runs on the CPU, which is how it is test
    per group are the candidates; every other token stays fixed.
 3. **Repair** (the one host round trip per call): the candidates' scores, the capacities the
    fixed tokens leave, the prices and the smallest fixed margin go to the host in one
-   transfer; the compiled core solves the G candidate sub-problems exactly in one call
-   (warm-started at p).  A group is certified when its sub-problem is solved and the price
+   transfer; the compiled core solves the G candidate sub-problems exactly in one call by
+   successive shortest paths from p (no auction: a path raises prices by at most its length).  A group is certified when its sub-problem is solved and the price
    change spread ``max(p' - p) - min(p' - p)`` is at most its smallest fixed margin: then
    every fixed token still holds a top-k of ``s - p'`` and the joined routing meets every
    optimality condition.  Groups that are not certified are solved by the host core on their
@@ -42,7 +42,7 @@ import math
 import numpy as np
 import torch
 
-from maxscore.solvers._native import PRICE_ITERATIONS, run_core_batch
+from maxscore.solvers._native import run_core_batch
 from maxscore.solvers._validate import (
     Problems,
     _check_k,
@@ -202,7 +202,7 @@ class _DeviceSolve:
         candidate_scores_GME = self.s.gather(1, candidates_GM[..., None].expand(-1, -1, self.E))
         candidate_valid_GM = self.mask_GN.gather(1, candidates_GM)
         host = self.to_host(candidate_scores_GME, candidate_valid_GM, sub_capacity_GE, p, fixed_margin_G)
-        new_p, sub_experts, fallback = self.repair(host, num_candidates, max_moves, threads)
+        new_p, sub_experts, fallback = self.repair(host, num_candidates, threads)
         experts_GNK = experts_GNK.scatter(1, index_GMK, sub_experts.to(self.device))
         p = torch.from_numpy(new_p).to(self.device)
         fallback_G = torch.from_numpy(fallback).to(self.device)
@@ -256,7 +256,7 @@ class _DeviceSolve:
             capacity, num_valid = int(host["group_capacity"][g]), int(host["num_valid"][g])
             raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, g if self.G > 1 else None))
 
-    def repair(self, host, num_candidates, max_moves, threads) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    def repair(self, host, num_candidates, threads) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """Solves the candidate sub-problems on the host; certifies each group by its margins."""
         capacity_GE = host["capacity"].astype(np.int64)
         broken_G = (capacity_GE < 0).any(1)  # the fixed tokens alone overload an expert
@@ -270,12 +270,14 @@ class _DeviceSolve:
             valid_GM.sum(1),
             self.device,
         )
+        # shortest paths only (no auction, no price steps): they raise each price by no more than
+        # its path's length, so the fixed tokens' margins can certify the result
         result = run_core_batch(
             sub,
             capacity_GE=capacity_GE,
             prices_GE=host["prices"],
-            max_moves=max_moves,
-            price_iterations=PRICE_ITERATIONS,
+            max_moves=0,
+            price_iterations=0,
             threads=threads,
             raise_errors=False,
         )

@@ -1,0 +1,127 @@
+"""The device engine of ``exact`` (run here on the CPU, as on CUDA) against the host core and the LP."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import maxscore
+from maxscore.solvers import device
+from tests.conftest import random_instance
+
+CASES = [  # (kind, G, N, E, k, capacity_factor)
+    ("peaked", 6, 256, 16, 2, 1.0),
+    ("flat", 4, 512, 16, 2, 1.0),
+    ("padding", 5, 128, 8, 2, 1.0),
+    ("forbidden", 4, 96, 8, 2, 1.0),
+    ("peaked", 3, 200, 12, 3, 1.5),
+    ("peaked", 2, 64, 4, 4, 1.0),  # k = E
+    ("peaked", 3, 32, 1, 1, 1.0),  # E = 1
+    ("peaked", 2, 1024, 64, 8, 1.0),
+]
+
+
+def _groups(kind, num_groups, num_tokens, num_experts, k):
+    pairs = [random_instance(7 + g, num_tokens, num_experts, kind, keep=k) for g in range(num_groups)]
+    scores = torch.stack([s for s, _ in pairs])
+    valid = None if pairs[0][1] is None else torch.stack([v for _, v in pairs])
+    return scores, valid
+
+
+def _same_experts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_device_engine_equals_host_exact(case):
+    kind, num_groups, num_tokens, num_experts, k, capacity_factor = case
+    scores, valid = _groups(kind, num_groups, num_tokens, num_experts, k)
+    host = maxscore.solve(scores, k, capacity_factor=capacity_factor, valid=valid, engine="host")
+    dev = maxscore.solve(scores, k, capacity_factor=capacity_factor, valid=valid, engine="device")
+    assert dev.converged.all(), "every group certified"
+    assert torch.equal(dev.capacity, host.capacity)
+    assert torch.allclose(dev.score, host.score, rtol=1e-9, atol=1e-12)
+    assert (dev.gap.abs() <= 1e-9 * dev.score.abs().clamp(min=1)).all()
+    assert (dev.loads <= dev.capacity[:, None]).all()
+    assert _same_experts(dev.experts, host.experts)  # continuous scores: no ties
+    if valid is not None:
+        assert (dev.experts[~valid] == -1).all()
+
+
+def test_device_engine_with_ties_matches_the_lp():
+    scores, _ = _groups("ties", 3, 48, 6, 2)
+    dev = maxscore.solve(scores, 2, engine="device")
+    assert dev.converged.all()
+    for g in range(3):
+        reference = maxscore.solve(scores[g], 2, method="reference")
+        assert math.isclose(float(dev.score[g]), reference.score, rel_tol=1e-9)
+        held = dev.mask()[g]
+        assert (held.sum(1) == 2).all() and (held.sum(0) <= int(dev.capacity[g])).all()
+
+
+def test_single_problem_on_the_device_engine_keeps_the_plain_result():
+    scores, valid = random_instance(3, 300, 16, "padding")
+    dev = maxscore.solve(scores, 2, valid=valid, engine="device")
+    host = maxscore.solve(scores, 2, valid=valid)
+    assert isinstance(dev.score, float) and isinstance(dev.gap, float) and isinstance(dev.capacity, int)
+    assert dev.experts.shape == (300, 2) and dev.converged is True
+    assert math.isclose(dev.score, host.score, rel_tol=1e-9)
+    assert _same_experts(dev.experts, host.experts)
+
+
+def test_warm_start_needs_no_repair_moves_and_stays_exact():
+    scores, _ = _groups("peaked", 4, 512, 16, 2)
+    cold = maxscore.solve(scores, 2, engine="device")
+    warm = maxscore.solve(scores, 2, engine="device", prices=cold.prices, price_iterations=0)
+    assert warm.converged.all() and not warm.fallback.any()
+    assert torch.allclose(warm.score, cold.score, rtol=1e-12)
+
+
+def test_fallback_groups_are_flagged_and_solved_on_the_host(monkeypatch):
+    # one candidate per group and no price steps: a cold, biased start cannot be certified
+    scores, _ = _groups("peaked", 4, 256, 16, 2)
+    monkeypatch.setattr(device, "CANDIDATE_FRACTION", 256)
+    dev = maxscore.solve(scores, 2, engine="device", price_iterations=0)
+    host = maxscore.solve(scores, 2, engine="host")
+    assert dev.fallback.all()
+    assert dev.converged.all()
+    assert torch.allclose(dev.score, host.score, rtol=1e-12)
+    assert _same_experts(dev.experts, host.experts)
+
+
+def test_router_counts_no_fallbacks_and_reports_them():
+    router = maxscore.routers.make_router("maxscore", dim=16, num_experts=8, k=2)
+    out = router(torch.randn(4 * 32, 16), sequence_length=32)
+    assert out.stats.as_dict()["solver_fallbacks"] == 0
+    assert out.stats.solver_gap is not None and abs(float(out.stats.solver_gap)) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "match"),
+    [
+        (lambda s: s.__setitem__((1, 4, 2), math.nan), {}, r"NaN or \+inf at tokens \(group, token\) \[\(1, 4\)\]"),
+        (lambda s: s[0, 2, :3].fill_(-math.inf), {}, r"tokens \(group, token\) \[\(0, 2\)\] have fewer than k=2"),
+        (lambda s: None, dict(capacity=torch.tensor([6, 2, 6])), "capacity=2 is infeasible in group 1"),
+        (lambda s: None, dict(prices=torch.zeros(5)), r"prices must be a float tensor of shape \[E\] or \[G, E\]"),
+        (lambda s: None, dict(valid=torch.ones(3, 5, dtype=torch.bool)), r"valid must have shape \[G, N\]"),
+        (lambda s: None, dict(engine="gpu"), "engine must be one of"),
+    ],
+)
+def test_bad_input_on_the_device_engine(mutate, kwargs, match):
+    scores = torch.rand(3, 10, 4)
+    mutate(scores)
+    with pytest.raises(ValueError, match=match):
+        maxscore.solve(scores, 2, **{"engine": "device", **kwargs})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_take_the_device_engine():
+    scores, valid = _groups("padding", 8, 512, 16, 2)
+    dev = maxscore.solve(scores.cuda(), 2, valid=valid.cuda())
+    host = maxscore.solve(scores, 2, valid=valid)
+    assert dev.experts.is_cuda and dev.converged.all()
+    assert torch.allclose(dev.score.cpu(), host.score, rtol=1e-9)
+    assert _same_experts(dev.experts.cpu(), host.experts)
