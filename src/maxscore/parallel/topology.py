@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from maxscore.solvers.global_routing import world_size
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Topology:
@@ -29,11 +31,6 @@ class Topology:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def world_size(group: dist.ProcessGroup | None = None) -> int:
-    """Ranks in ``group`` (default: the world); 1 without an initialized process group."""
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def make_topology(expert_parallel: int = 0) -> Topology:

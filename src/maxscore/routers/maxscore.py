@@ -18,7 +18,7 @@ forward also runs the exact solver, for the prices only.
 
 Global routing (``group="global"``, exact only): one optimal routing of the tokens of every
 rank of ``process_group`` (default: the world; set by ``maxscore.parallel.parallelize_moe``)
-with global capacities, by ``maxscore.parallel.solve_global``; per-rank loads then vary, so
+with global capacities, by ``maxscore.solvers.solve_global``; per-rank loads then vary, so
 the layer takes its variable-size (grouped) path.  Its prices are global, identical on every rank.
 """
 
@@ -29,8 +29,8 @@ import time
 import torch
 
 from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
-from maxscore.parallel.global_routing import solve_global
 from maxscore.routers.base import GROUPS, GatedRouter, Groups, Selection, solve_groups
+from maxscore.solvers.global_routing import solve_global
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices

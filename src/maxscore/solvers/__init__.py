@@ -28,6 +28,7 @@ from maxscore.solvers._validate import Problem, Problems, expert_capacity, make_
 from maxscore.solvers.assignment import Assignment, stack_assignments
 from maxscore.solvers.device import solve_exact_device
 from maxscore.solvers.exact import ENGINES, solve_exact, solve_exact_groups
+from maxscore.solvers.global_routing import GlobalAssignment, solve_global
 from maxscore.solvers.greedy import solve_greedy
 from maxscore.solvers.iterative import solve_iterative
 from maxscore.solvers.reference import solve_reference
@@ -126,4 +127,14 @@ def _engine(engine: str, scores: torch.Tensor) -> str:
     return engine
 
 
-__all__ = ["METHODS", "Assignment", "Problem", "Problems", "expert_capacity", "method_options", "solve"]
+__all__ = [
+    "METHODS",
+    "Assignment",
+    "GlobalAssignment",
+    "Problem",
+    "Problems",
+    "expert_capacity",
+    "method_options",
+    "solve",
+    "solve_global",
+]

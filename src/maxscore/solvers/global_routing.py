@@ -41,13 +41,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maxscore.parallel.topology import world_size
-from maxscore.solvers import Assignment, expert_capacity
-from maxscore.solvers._validate import make_problem
+from maxscore.solvers._validate import expert_capacity, make_problem
+from maxscore.solvers.assignment import Assignment
 
 PRICE_ITERATIONS = 30
 DAMPING = 0.8
 MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (default: the world); 1 without an initialized process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

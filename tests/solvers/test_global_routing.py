@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maxscore import solve
-from maxscore.parallel import solve_global
+from maxscore.solvers import solve_global
 from maxscore.parallel.launch import spawn
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible
