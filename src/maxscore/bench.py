@@ -2,7 +2,11 @@
 
 Used by ``maxscore solve-bench`` and ``benchmarks/bench_solvers.py``.  Times are medians of
 repeated calls of the public ``solve`` (validation included); ratios divide by the median time
-of ``torch.topk`` on the same scores, measured in the same run.
+of ``torch.topk`` on the same scores, measured in the same run.  Batched rows solve G routing
+groups ([G, N, E] scores) in one call, against ``torch.topk`` over the same [G * N, E] scores
+(and, as a baseline, one ``solve`` call per group).  The device column times the exact
+method's device engine (``engine="device"``) on the scores' device: on a CPU it is a proxy of
+the code path, in topk units, not a device timing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from maxscore.solvers import Assignment, solve
 
 SIZES = ((512, 16, 2), (4096, 64, 2), (4096, 64, 8), (16384, 128, 8))
 QUICK_SIZES = ((512, 16, 2), (4096, 64, 2))
+BATCHED_SIZES = ((64, 512, 16, 2),)  # (G, N, E, k): a layer's routing groups
 # name -> (logit std, per-expert bias std): the bias makes the load imbalanced
 DISTRIBUTIONS = {"std1": (1.0, 0.0), "std3": (3.0, 0.0), "std1+bias": (1.0, 1.0), "std3+bias": (3.0, 1.0)}
 METHODS = ("exact", "two_stage", "sinkhorn", "iterative", "greedy", "topk")
@@ -41,26 +46,39 @@ class BenchRow:
     dropped_fraction: float
     max_load_ratio: float
     certificate_gap: float | None
+    groups: int = 1
+    device_ratio: float | None = None  # exact only: the device engine, x topk
 
 
-def make_scores(num_tokens: int, num_experts: int, distribution: str, seed: int = 0) -> torch.Tensor:
-    """Softmax of Gaussian logits (std from ``DISTRIBUTIONS``) plus a per-expert bias."""
+def make_scores(
+    num_tokens: int, num_experts: int, distribution: str, seed: int = 0, groups: int | None = None
+) -> torch.Tensor:
+    """Softmax of Gaussian logits (std from ``DISTRIBUTIONS``) plus a per-expert bias shared by
+    all tokens; [N, E], or [G, N, E] with ``groups``."""
     std, bias = DISTRIBUTIONS[distribution]
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator) * std
+    shape = (num_tokens, num_experts) if groups is None else (groups, num_tokens, num_experts)
+    logits = torch.randn(shape, generator=generator) * std
     logits += torch.randn(num_experts, generator=generator) * bias
     return logits.softmax(-1)
 
 
 def median_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 50) -> float:
-    """Median wall time of ``fn`` over up to ``max_reps`` calls within about ``budget_s``."""
-    fn()  # warm-up
+    """Median wall time of ``fn`` over up to ``max_reps`` calls within about ``budget_s``
+    (CUDA work is waited for)."""
+
+    def timed() -> float:
+        begin = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    timed()  # warm-up
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
+        times.append(timed())
     return statistics.median(times) * 1e3
 
 
@@ -97,11 +115,13 @@ def bench_solvers(
     *,
     paper: bool = True,
     budget_s: float = 1.0,
+    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
     """Runs every method on every (size, distribution); capacity_factor 1.0.
 
-    ``paper`` adds the paper's Hungarian design at k = 2, T <= 512 when scipy is installed.
+    ``paper`` adds the paper's Hungarian design at k = 2, T <= 512 when scipy is installed
+    (on the CPU only).
     """
     if paper:
         try:
@@ -113,20 +133,23 @@ def bench_solvers(
     rows: list[BenchRow] = []
     for num_tokens, num_experts, k in sizes:
         for distribution in distributions:
-            scores = make_scores(num_tokens, num_experts, distribution)
+            scores = make_scores(num_tokens, num_experts, distribution).to(device)
             case = dict(num_tokens=num_tokens, num_experts=num_experts, k=k, distribution=distribution)
             topk_ms = median_ms(lambda s=scores, k=k: torch.topk(s, k, dim=1), budget_s)
             optimum = solve(scores, k).score
             runs: list[tuple[str, Callable[[], Assignment]]] = [
                 (m, lambda m=m, s=scores, k=k: solve(s, k, method=m)) for m in methods
             ]
-            if paper and k == 2 and num_tokens <= 512:
+            if paper and k == 2 and num_tokens <= 512 and device == "cpu":
                 runs.append((PAPER_DESIGN, lambda s=scores: paper_design(s, 2)))
             for method, run in runs:
                 if progress:
                     progress(f"{num_tokens}x{num_experts} k={k} {distribution} {method}")
                 result = run()
                 ms = median_ms(run, budget_s)
+                device_ratio = None
+                if method == "exact":
+                    device_ratio = median_ms(lambda s=scores, k=k: solve(s, k, engine="device"), budget_s) / topk_ms
                 rows.append(
                     BenchRow(
                         **case,
@@ -137,6 +160,7 @@ def bench_solvers(
                         dropped_fraction=result.dropped_fraction,
                         max_load_ratio=float(result.loads.max()) / result.capacity,
                         certificate_gap=result.gap,
+                        device_ratio=device_ratio,
                     )
                 )
             rows.append(
@@ -154,19 +178,88 @@ def bench_solvers(
     return rows
 
 
+def bench_batched(
+    sizes: Iterable[tuple[int, int, int, int]] = BATCHED_SIZES,
+    distributions: Iterable[str] = ("std1", "std1+bias"),
+    *,
+    budget_s: float = 1.0,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """G routing groups per call, cold start: batched ``exact``, its device engine, and one
+    ``solve`` per group, against ``torch.topk`` over the same [G * N, E] scores."""
+    rows: list[BenchRow] = []
+    for groups, num_tokens, num_experts, k in sizes:
+        for distribution in distributions:
+            scores = make_scores(num_tokens, num_experts, distribution, groups=groups).to(device)
+            flat = scores.reshape(-1, num_experts)
+            topk_ms = median_ms(lambda f=flat, k=k: torch.topk(f, k, dim=1), budget_s)
+            runs = {
+                "exact": lambda s=scores, k=k: solve(s, k),
+                "exact, one call per group": lambda s=scores, k=k: [solve(g, k) for g in s],
+            }
+            optimum = solve(scores, k, engine="host").score.sum().item()
+            for method, run in runs.items():
+                if progress:
+                    progress(f"{groups}x{num_tokens}x{num_experts} k={k} {distribution} {method}")
+                result = run()
+                score = result.score.sum().item() if method == "exact" else sum(a.score for a in result)
+                ms = median_ms(run, budget_s)
+                device_ratio = None
+                if method == "exact":
+                    device_ms = median_ms(lambda s=scores, k=k: solve(s, k, engine="device"), budget_s)
+                    device_ratio = device_ms / topk_ms
+                rows.append(
+                    BenchRow(
+                        num_tokens=num_tokens,
+                        num_experts=num_experts,
+                        k=k,
+                        distribution=distribution,
+                        method=method,
+                        ms=ms,
+                        ratio_to_topk=ms / topk_ms,
+                        gap_vs_exact=(optimum - score) / abs(optimum),
+                        dropped_fraction=0.0,
+                        max_load_ratio=1.0,
+                        certificate_gap=None,
+                        groups=groups,
+                        device_ratio=device_ratio,
+                    )
+                )
+            rows.append(
+                BenchRow(
+                    num_tokens=num_tokens,
+                    num_experts=num_experts,
+                    k=k,
+                    distribution=distribution,
+                    method="torch.topk",
+                    ms=topk_ms,
+                    ratio_to_topk=1.0,
+                    gap_vs_exact=math.nan,
+                    dropped_fraction=0.0,
+                    max_load_ratio=math.nan,
+                    certificate_gap=None,
+                    groups=groups,
+                )
+            )
+    return rows
+
+
 def format_table(rows: Iterable[BenchRow]) -> str:
     """A markdown table of benchmark rows."""
     lines = [
-        "| T | E | k | scores | method | ms | x topk | gap vs exact | dropped | max load/cap | certificate |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| G | T | E | k | scores | method | ms | x topk | device engine x topk | gap vs exact | dropped "
+        "| max load/cap | certificate |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gap = "-" if math.isnan(r.gap_vs_exact) else f"{r.gap_vs_exact:.2e}"
         load = "-" if math.isnan(r.max_load_ratio) else f"{r.max_load_ratio:.2f}"
         cert = "-" if r.certificate_gap is None else f"{r.certificate_gap:.1e}"
+        dev = "-" if r.device_ratio is None else f"{r.device_ratio:.1f}"
         lines.append(
-            f"| {r.num_tokens} | {r.num_experts} | {r.k} | {r.distribution} | {r.method} | {r.ms:.3f} | "
-            f"{r.ratio_to_topk:.1f} | {gap} | {r.dropped_fraction:.2%} | {load} | {cert} |"
+            f"| {r.groups} | {r.num_tokens} | {r.num_experts} | {r.k} | {r.distribution} | {r.method} | "
+            f"{r.ms:.3f} | {r.ratio_to_topk:.1f} | {dev} | {gap} | {r.dropped_fraction:.2%} | {load} | {cert} |"
         )
     return "\n".join(lines)
 
