@@ -1,7 +1,8 @@
 """Expert-parallel training throughput and the cost of global routing.
 
     python benchmarks/bench_parallel.py [--presets tiny,small] [--worlds 1,2] [--steps 5]
-                                        [--device cpu|cuda] [--out results.json] [--md results.md]
+                                        [--routers maxscore] [--device cpu|cuda]
+                                        [--out results.json] [--md results.md]
 
 For each preset (its model and global batch), routing (``sequence``: each rank solves its own
 sequences, the paper's option A; ``global``: one exact routing over all ranks' tokens, option
@@ -12,6 +13,8 @@ global routing the collectives (all-reduces of [E] or [E, E] summaries, one all-
 [E, E] costs per augmenting path) and bytes per step it adds on each rank (every MoE layer's
 ``solve_global``, summed) and its augmenting paths.  World size 1 uses every core in one process; world size W
 uses W processes of (cores / W) threads, gloo on the CPU, NCCL on GPUs (one GPU per rank).
+``--routers gshard,maxscore,flow_only`` measures each router's training throughput (global
+routing only for the MaxScore family); "x gshard" divides by gshard's tokens/s in the same run.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ from maxscore.train.config import make_config
 from maxscore.train.loop import make_optimizer
 
 WARMUP = 3  # steps left out: the routers' averaged prices (the warm start) settle
+GLOBAL_ROUTERS = ("maxscore", "flow_only")
 
 
-def run_steps(preset: str, group: str, steps: int, device: str) -> dict:
+def run_steps(preset: str, router: str, group: str, steps: int, device: str) -> dict:
     """Times training steps in this process (one rank of the current process group, or alone)."""
-    config = make_config(preset, router_options={"group": group}, device=device, precision="float32")
+    config = make_config(
+        preset, router=router, router_options={"group": group}, device=device, precision="float32"
+    )
     topology = make_topology()
     if device == "cuda" and topology.distributed:
         device = f"cuda:{torch.cuda.current_device()}"
@@ -77,6 +83,7 @@ def run_steps(preset: str, group: str, steps: int, device: str) -> dict:
     step_s = statistics.median(times)
     return {
         "preset": preset,
+        "router": router,
         "routing": group,
         "world_size": topology.world_size,
         "threads_per_rank": torch.get_num_threads(),
@@ -97,44 +104,56 @@ def _sync(device: str) -> None:
 
 
 def _rank(
-    rank: int, world_size: int, preset: str, group: str, steps: int, device: str, threads: int, out: str
+    rank: int,
+    world_size: int,
+    preset: str,
+    router: str,
+    group: str,
+    steps: int,
+    device: str,
+    threads: int,
+    out: str,
 ):
     torch.set_num_threads(threads)
-    row = run_steps(preset, group, steps, device)
+    row = run_steps(preset, router, group, steps, device)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(row, f)
 
 
-def measure(preset: str, group: str, world_size: int, steps: int, device: str, cores: int) -> dict:
+def measure(
+    preset: str, router: str, group: str, world_size: int, steps: int, device: str, cores: int
+) -> dict:
     if world_size == 1:
         torch.set_num_threads(cores)
-        return run_steps(preset, group, steps, device)
+        return run_steps(preset, router, group, steps, device)
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "row.json")
         backend = "nccl" if device == "cuda" else "gloo"
         threads = max(1, cores // world_size)
-        spawn(_rank, world_size, preset, group, steps, device, threads, out, backend=backend)
+        spawn(_rank, world_size, preset, router, group, steps, device, threads, out, backend=backend)
         with open(out) as f:
             return json.load(f)
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| preset | routing | world | threads/rank | step ms | tokens/s | x world 1 | collectives/step "
-        "| KiB sent/step | augmenting paths/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | router | routing | world | threads/rank | step ms | tokens/s | x world 1 | x gshard "
+        "| collectives/step | KiB sent/step | augmenting paths/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {(r["preset"], r["routing"]): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
+    key = lambda r: (r["preset"], r["router"], r["routing"])  # noqa: E731
+    base = {key(r): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
+    gshard = {
+        (r["preset"], r["routing"], r["world_size"]): r["tokens_per_s"] for r in rows if r["router"] == "gshard"
+    }
     for r in rows:
-        ratio = (
-            r["tokens_per_s"] / base[r["preset"], r["routing"]]
-            if (r["preset"], r["routing"]) in base
-            else None
-        )
+        ratio = r["tokens_per_s"] / base[key(r)] if key(r) in base else None
+        reference = gshard.get((r["preset"], r["routing"], r["world_size"]))
+        versus = "" if reference is None else f"{r['tokens_per_s'] / reference:.2f}"
         lines.append(
-            f"| {r['preset']} | {r['routing']} | {r['world_size']} | {r['threads_per_rank']} | "
-            f"{r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            f"| {r['preset']} | {r['router']} | {r['routing']} | {r['world_size']} | {r['threads_per_rank']} | "
+            f"{r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | {versus} | "
             f"{r['collectives_per_step']:.0f} | {r['bytes_per_step'] / 1024:.1f} | "
             f"{r['augmentations_per_step']:.0f} |"
         )
@@ -146,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--routings", default="sequence,global")
+    parser.add_argument("--routers", default="maxscore", help="comma-separated router names")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
@@ -156,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for preset in args.presets.split(","):
-        for group in args.routings.split(","):
-            for world_size in (int(w) for w in args.worlds.split(",")):
-                print(f"  running {preset} {group} world {world_size} ...", file=sys.stderr, flush=True)
-                rows.append(measure(preset, group, world_size, args.steps, args.device, args.cores))
+        for router in args.routers.split(","):
+            for group in args.routings.split(","):
+                if group == "global" and router not in GLOBAL_ROUTERS:
+                    continue
+                for world_size in (int(w) for w in args.worlds.split(",")):
+                    print(f"  {preset} {router} {group} world {world_size} ...", file=sys.stderr, flush=True)
+                    rows.append(
+                        measure(preset, router, group, world_size, args.steps, args.device, args.cores)
+                    )
     table = format_table(rows)
     print(table)
     if args.out:

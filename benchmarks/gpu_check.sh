@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks of the routing engine in one go (about 3-4 minutes on one H100/H200):
+# the `gpu` tests, the solver benchmark with CUDA scores (batched rows, device engine), the
+# layer benchmark and training throughput per router at the small preset.
+#   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
+# Needs a CUDA build of torch in $PY (default python3) and a C compiler for the solver core.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+tag=${1:-h100}
+stamp=$(date +%Y%m)
+out=benchmarks/results
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+"$PY" -m pytest -q -m gpu tests
+"$PY" -m pytest -q tests/solvers/test_device.py tests/solvers/test_batched.py
+"$PY" benchmarks/bench_solvers.py --device cuda --budget 0.3 \
+    --out "$out/engine_${tag}_${stamp}.json" --md "$out/engine_${tag}_${stamp}.md"
+"$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
+    --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
+"$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \
+    --routers gshard,maxscore,flow_only --steps 10 \
+    --out "$out/throughput_${tag}_${stamp}.json" --md "$out/throughput_${tag}_${stamp}.md"
+if [ -n "${OUT:-}" ]; then cp "$out"/*_"${tag}"_"${stamp}".* "$OUT"/; fi
