@@ -14,14 +14,17 @@ scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduc
 2. **Slack** (at most E + 1 all-reduces of E loads): an expert below capacity must have price 0
    for optimality, so such prices are set to 0 and the tokens re-routed.  Now every token
    holds its top-k of ``scores - prices``: the routing is optimal for its own loads.
-3. **Repair** (one all-gather of [E, E] costs per unit moved): successive shortest paths on
-   the expert graph.  Edge ``e -> f`` costs the cheapest move of one token from e to f,
-   ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank (every
-   rank's [E, E] minima are gathered; the lowest rank holding the minimum owns the edge).  Every rank
-   runs the same Bellman-Ford from the overloaded experts to the nearest expert with spare
-   capacity; the owner of each edge on the path moves its token.  A shortest augmenting path
-   keeps the routing optimal for its loads, and each one removes one unit of overload, so
-   the final routing is optimal (Ahuja, Magnanti & Orlin, *Network Flows*, ch. 9).
+3. **Repair** (one all-gather of [2, E, E] per round): successive shortest paths on the
+   expert graph plus a sink node.  Edge ``e -> f`` costs the cheapest move of one token from
+   e to f, ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank
+   (every rank's [E, E] minima and their tokens are gathered; the lowest rank holding the
+   minimum owns the edge).  Every rank runs the same Bellman-Ford from the overloaded
+   experts, turns the distances into potentials, and augments along every path of reduced
+   cost 0 it finds (each gathered token moves at most once per round); the owner of each
+   edge on a path moves its token.  Zero-reduced-cost paths are shortest augmenting paths
+   and keep the routing optimal for its loads, so the final routing is optimal (Ahuja,
+   Magnanti & Orlin, *Network Flows*, ch. 9); a round replaces what used to be one
+   collective per path.
 4. **Certificate** (one more [E, E] all-reduce and one of 2 values): prices from shortest
    distances to the experts with spare capacity, and the duality gap
    ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks (0 up to rounding).
@@ -30,11 +33,14 @@ The counters of ``GlobalAssignment`` say how many collectives (all-reduces and a
 ran and how many bytes this rank contributed to them.  Every rank ends with its own tokens'
 experts; loads, score, prices and gap are global and
 identical on every rank.  Ties: lower expert index first in the top-k; among equal moves,
-the lowest token index on the lowest rank.  All arithmetic is float64 on the host.
+the lowest token index on the lowest rank.  All arithmetic is float64 on the host.  On a
+single process (no process group, or a group of one) the compiled core solves the problem
+directly (``maxscore.solvers.exact``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,6 +49,7 @@ import torch.distributed as dist
 
 from maxscore.solvers._validate import expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
+from maxscore.solvers.exact import solve_exact
 
 PRICE_ITERATIONS = 30
 DAMPING = 0.8
@@ -63,6 +70,7 @@ class GlobalAssignment:
     collectives: int
     bytes_sent: int
     augmentations: int
+    rounds: int = 0
 
 
 class _Reducer:
@@ -153,10 +161,18 @@ def solve_global(
             f"x {capacity} < k x tokens = {k * total}; use capacity >= {-(-k * total // num_experts)}"
         )
     prices_E = _initial_prices(prices, num_experts, reduce)
+    if not reduce.distributed:  # one process: the compiled core solves the same problem
+        alone = solve_exact(dataclasses.replace(problem, capacity=capacity), prices=prices_E)
+        return GlobalAssignment(
+            assignment=dataclasses.replace(alone, method="global_exact"),
+            collectives=0,
+            bytes_sent=0,
+            augmentations=0,
+        )
     prices_E = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, reduce)
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
     held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
-    augmentations = _repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
+    augmentations, rounds = _repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
     prices_E = _certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
     experts_NK = _ranked(scores_NE, held_NE, k)
     picked = scores_NE.gather(1, experts_NK).sum()
@@ -184,6 +200,7 @@ def solve_global(
         collectives=reduce.calls,
         bytes_sent=reduce.bytes,
         augmentations=augmentations,
+        rounds=rounds,
     )
 
 
@@ -260,38 +277,48 @@ def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: _Red
     return held_NE, reduce(held_NE.sum(0).double()).long()
 
 
-def _move_costs(
-    scores_NE: torch.Tensor, held_NE: torch.Tensor, reduce: _Reducer, owners: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Global [E, E] cheapest move costs; with ``owners``, the lowest owning rank and this rank's
-    token for every edge."""
+def _local_moves(scores_NE: torch.Tensor, held_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's cheapest move per edge: (cost [E*E], token [E*E], N where it has none).
+
+    ``cost[e * E + f] = min over tokens t holding e and not f of s[t, e] - s[t, f]``; ties go to
+    the lowest token index.
+    """
     num_tokens, num_experts = scores_NE.shape
-    inf = math.inf
-    local_EE = torch.full((num_experts * num_experts,), inf, dtype=torch.float64)
-    token_EE = torch.zeros(num_experts * num_experts, dtype=torch.int64)
+    local_X = torch.full((num_experts * num_experts,), math.inf, dtype=torch.float64)
+    token_X = torch.full((num_experts * num_experts,), num_tokens, dtype=torch.int64)
     if num_tokens:
-        # cost[t, e, f] = s[t, e] - s[t, f] for e held, f not held; scanned per held expert
         k = int(held_NE[0].sum())
         experts_NK = torch.sort(held_NE.byte(), dim=1, descending=True, stable=True).indices[:, :k]
         held_scores_NK = scores_NE.gather(1, experts_NK)
         cost_NKE = held_scores_NK[:, :, None] - scores_NE[:, None, :]
-        cost_NKE = cost_NKE.masked_fill(held_NE[:, None, :], inf)
+        cost_NKE = cost_NKE.masked_fill(held_NE[:, None, :], math.inf)
         edge_NKE = experts_NK[:, :, None] * num_experts + torch.arange(num_experts)
-        local_EE.scatter_reduce_(0, edge_NKE.flatten(), cost_NKE.flatten(), "amin")
-        if owners:
-            is_min = cost_NKE.flatten() == local_EE[edge_NKE.flatten()]
-            tokens = torch.arange(num_tokens).repeat_interleave(k * num_experts)
-            candidate = torch.where(is_min, tokens, num_tokens)
-            token_EE.fill_(num_tokens).scatter_reduce_(0, edge_NKE.flatten(), candidate, "amin")
+        local_X.scatter_reduce_(0, edge_NKE.flatten(), cost_NKE.flatten(), "amin")
+        is_min = cost_NKE.flatten() == local_X[edge_NKE.flatten()]
+        tokens = torch.arange(num_tokens).repeat_interleave(k * num_experts)
+        candidate = torch.where(is_min & torch.isfinite(cost_NKE.flatten()), tokens, num_tokens)
+        token_X.scatter_reduce_(0, edge_NKE.flatten(), candidate, "amin")
+    return local_X, token_X
+
+
+def _move_costs(
+    scores_NE: torch.Tensor, held_NE: torch.Tensor, reduce: _Reducer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global [E, E] cheapest move costs, the lowest rank owning each, and that rank's token.
+
+    One all-gather of every rank's costs and tokens ([2, E*E] float64 each: token indices are
+    exact in float64).
+    """
+    num_experts = scores_NE.shape[1]
+    local_X, token_X = _local_moves(scores_NE, held_NE)
+    every_W2X = reduce.gather(torch.stack([local_X, token_X.double()]))
+    costs_WX, tokens_WX = every_W2X[:, 0], every_W2X[:, 1].long()
+    global_X = costs_WX.min(0).values
+    ranks_W1 = torch.arange(costs_WX.shape[0])[:, None]
+    owner_X = torch.where(costs_WX == global_X, ranks_W1, costs_WX.shape[0]).min(0).values
+    token_X = tokens_WX.gather(0, owner_X.clamp(max=costs_WX.shape[0] - 1)[None])[0]
     shape = (num_experts, num_experts)
-    if not owners:
-        return reduce(local_EE.clone(), dist.ReduceOp.MIN).view(shape), None, None
-    # one all-gather of every rank's [E, E] costs: the minimum and the lowest rank that owns it
-    every_WX = reduce.gather(local_EE)
-    global_EE = every_WX.min(0).values
-    ranks_W = torch.arange(every_WX.shape[0])[:, None]
-    owner_EE = torch.where(every_WX == global_EE, ranks_W, every_WX.shape[0]).min(0).values
-    return global_EE.view(shape), owner_EE.view(shape), token_EE.view(shape)
+    return global_X.view(shape), owner_X.view(shape), token_X.view(shape)
 
 
 def _shortest_paths(cost_EE: torch.Tensor, sources_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,59 +345,147 @@ def _repair(
     capacity: int,
     units: int,
     reduce: _Reducer,
-) -> int:
-    """Successive shortest paths on the experts plus a sink node S (updates held and loads).
+) -> tuple[int, int]:
+    """Successive shortest paths on the experts plus a sink node S, many paths per round.
 
     Each expert e sends ``sent[e]`` units to S (at most ``capacity``): ``capacity`` when its
     price is positive (complementary slackness), else ``min(load, capacity)``.  Expert e has
-    excess ``load - sent`` (negative: a deficit), S has excess ``sum(sent) - units``.  With
-    prices as potentials every residual arc has reduced cost >= 0 (token moves: top-k; f -> S
-    only when ``sent < capacity``, i.e. price 0; S -> g costs price >= 0), so shortest paths
-    from excess to deficit nodes keep the flow optimal, and the last one leaves
-    ``sent == load <= capacity`` everywhere.
+    excess ``load - sent`` (negative: a deficit), S has excess ``sum(sent) - units``.
+
+    A round gathers the cheapest moves once and computes shortest distances d from the excess
+    nodes (Bellman-Ford on E + 1 nodes; costs may be negative, the residual graph has no
+    negative cycle).  With d as potentials every arc out of a reached node has reduced cost
+    ``c + d(u) - d(v) >= 0``; augmenting along a path of reduced cost 0 adds only reverse arcs
+    of reduced cost 0, and a token moved along such an arc stays on a top-k, so its new arcs
+    keep reduced cost >= 0: no negative cycle appears and the flow stays optimal for its
+    supplies (Ahuja, Magnanti & Orlin, ch. 9).  The shortest-path tree gives at least one such
+    path per round; the round takes every one it finds, each gathered move (one token) used at
+    most once, then the next round gathers again.  The last round leaves
+    ``sent == load <= capacity``.
+    Every rank takes the same decisions from the same gathered data.  Returns (augmenting
+    paths, rounds).
     """
     num_experts = len(loads_E)
     sink = num_experts
     sent_E = torch.where(prices_E > 0, capacity, loads_E.clamp(max=capacity))
-    augmentations = 0
+    paths = rounds = 0
     while True:
         excess_V = torch.cat([loads_E - sent_E, (sent_E.sum() - units).view(1)])
         if not (excess_V != 0).any():
-            return augmentations
-        cost_EE, owner_EE, token_EE = _move_costs(scores_NE, held_NE, reduce, owners=True)
+            return paths, rounds
+        cost_EE, owner_EE, token_EE = _move_costs(scores_NE, held_NE, reduce)
         cost_VV = torch.full((num_experts + 1, num_experts + 1), math.inf, dtype=torch.float64)
         cost_VV[:num_experts, :num_experts] = cost_EE
         cost_VV[:num_experts, sink] = torch.where(sent_E < capacity, 0.0, math.inf)
         cost_VV[sink, :num_experts] = torch.where(sent_E > 0, 0.0, math.inf)
-        dist_V, pred_V = _shortest_paths(cost_VV, excess_V > 0)
-        dist_V = torch.where(excess_V < 0, dist_V, math.inf)
-        target = int(dist_V.argmin())
-        if not math.isfinite(dist_V[target]):
+        dist_V, _ = _shortest_paths(cost_VV, excess_V > 0)
+        if not torch.isfinite(torch.where(excess_V < 0, dist_V, math.inf)).any():
             raise RuntimeError("global routing: no augmenting path although capacity is feasible")
-        node = target
-        for _ in range(num_experts + 1):
-            if pred_V[node] < 0:
+        finite = cost_EE[torch.isfinite(cost_EE)]
+        scale = 1e-10 * max(1.0, float(finite.abs().max()) if finite.numel() else 0.0)
+        # shortest distances are potentials: every arc out of a reached node has reduced cost >= 0
+        reduced_VV = cost_VV + dist_V[:, None] - dist_V[None, :]
+        admissible_VV = torch.isfinite(cost_VV) & torch.isfinite(dist_V)[:, None] & (reduced_VV <= scale)
+        found = _augment_round(
+            admissible_VV, excess_V, owner_EE, token_EE, loads_E, sent_E, held_NE, capacity, reduce.rank
+        )
+        if found == 0:
+            raise RuntimeError("global routing: a repair round found no admissible path")
+        paths += found
+        rounds += 1
+
+
+def _augment_round(
+    admissible_VV: torch.Tensor,
+    excess_V: torch.Tensor,
+    owner_EE: torch.Tensor,
+    token_EE: torch.Tensor,
+    loads_E: torch.Tensor,
+    sent_E: torch.Tensor,
+    held_NE: torch.Tensor,
+    capacity: int,
+    rank: int,
+) -> int:
+    """Augments along admissible paths (depth-first, lowest node first) until none is left.
+
+    A token arc carries one unit per round (its gathered token moves once); a token that has
+    moved makes every arc naming it unusable.  Arcs to S carry ``capacity - sent``, arcs from
+    S carry ``sent``.  Updates loads, sent and this rank's held tokens; returns the paths.
+    """
+    sink = len(loads_E)
+    arcs = admissible_VV.clone()
+    excess = excess_V.tolist()
+    owner, token = owner_EE.tolist(), token_EE.tolist()
+    neighbours = [torch.nonzero(row).flatten().tolist() for row in arcs]
+    moved: set[tuple[int, int]] = set()
+    paths = 0
+    for source in range(sink + 1):
+        while excess[source] > 0:
+            path = _find_path(source, neighbours, excess, owner, token, moved, sent_E, capacity, sink)
+            if path is None:
                 break
-            source = int(pred_V[node])
-            if node == sink:
-                sent_E[source] += 1
-            elif source == sink:
-                sent_E[node] -= 1
-            else:
-                loads_E[source] -= 1
-                loads_E[node] += 1
-                if int(owner_EE[source, node]) == reduce.rank:
-                    token = int(token_EE[source, node])
-                    held_NE[token, source], held_NE[token, node] = False, True
-            node = source
-        augmentations += 1
+            for u, v in zip(path, path[1:]):
+                if v == sink:
+                    sent_E[u] += 1
+                elif u == sink:
+                    sent_E[v] -= 1
+                else:
+                    loads_E[u] -= 1
+                    loads_E[v] += 1
+                    moved.add((owner[u][v], token[u][v]))
+                    if owner[u][v] == rank:
+                        held_NE[token[u][v], u], held_NE[token[u][v], v] = False, True
+                    neighbours[u].remove(v)
+            excess[source] -= 1
+            excess[path[-1]] += 1
+            paths += 1
+    return paths
+
+
+def _token_taken(key, u, parent, owner, token, moved) -> bool:
+    """Whether a move's token already moved this round or moves earlier on the path to ``u``."""
+    if key in moved:
+        return True
+    sink = len(owner)
+    while parent[u] is not None:
+        w = parent[u]
+        if w != sink and u != sink and (owner[w][u], token[w][u]) == key:
+            return True
+        u = w
+    return False
+
+
+def _find_path(source, neighbours, excess, owner, token, moved, sent_E, capacity, sink):
+    """An admissible path from ``source`` to a node with a deficit (iterative DFS), or None."""
+    stack, parent, seen = [source], {source: None}, {source}
+    while stack:
+        u = stack.pop()
+        if u != source and excess[u] < 0:
+            path = [u]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return path[::-1]
+        for v in reversed(neighbours[u]):
+            if v in seen:
+                continue
+            if v == sink and int(sent_E[u]) >= capacity:
+                continue
+            if u == sink and int(sent_E[v]) <= 0:
+                continue
+            if u != sink and v != sink and _token_taken((owner[u][v], token[u][v]), u, parent, owner, token, moved):
+                continue
+            seen.add(v)
+            parent[v] = u
+            stack.append(v)
+    return None
 
 
 def _certificate_prices(
     scores_NE: torch.Tensor, held_NE: torch.Tensor, loads_E: torch.Tensor, capacity: int, reduce: _Reducer
 ) -> torch.Tensor:
     """Dual prices: each expert's shortest move distance to an expert with spare capacity."""
-    cost_EE, _, _ = _move_costs(scores_NE, held_NE, reduce, owners=False)
+    local_X, _ = _local_moves(scores_NE, held_NE)
+    cost_EE = reduce(local_X, dist.ReduceOp.MIN).view(len(loads_E), len(loads_E))
     slack_E = loads_E < capacity
     full = not slack_E.any()  # every expert full: prices are defined up to a common shift
     # distance from e to the sources = distance to e from the sources in the reversed graph
