@@ -145,15 +145,18 @@ def format_table(rows: list[dict]) -> str:
     key = lambda r: (r["preset"], r["router"], r["routing"])  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
     gshard = {
-        (r["preset"], r["routing"], r["world_size"]): r["tokens_per_s"] for r in rows if r["router"] == "gshard"
+        (r["preset"], r["routing"], r["world_size"]): r["tokens_per_s"]
+        for r in rows
+        if r["router"] == "gshard"
     }
     for r in rows:
         ratio = r["tokens_per_s"] / base[key(r)] if key(r) in base else None
         reference = gshard.get((r["preset"], r["routing"], r["world_size"]))
         versus = "" if reference is None else f"{r['tokens_per_s'] / reference:.2f}"
         lines.append(
-            f"| {r['preset']} | {r['router']} | {r['routing']} | {r['world_size']} | {r['threads_per_rank']} | "
-            f"{r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}'} | {versus} | "
+            f"| {r['preset']} | {r['router']} | {r['routing']} | {r['world_size']} | "
+            f"{r['threads_per_rank']} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {versus} | "
             f"{r['collectives_per_step']:.0f} | {r['bytes_per_step'] / 1024:.1f} | "
             f"{r['augmentations_per_step']:.0f} |"
         )

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maxscore import solve
-from maxscore.solvers import solve_global
 from maxscore.parallel.launch import spawn
+from maxscore.solvers import solve_global
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible
 

@@ -102,7 +102,9 @@ class MaxScoreRouter(GatedRouter):
         if self.training:
             priced = solved
             if self.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
-                priced = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices)
+                priced = solve_groups(
+                    scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices
+                )
             if priced.assignment.prices is not None:
                 self._update_prices(priced.assignment.prices.float())
             self.training_forwards += 1

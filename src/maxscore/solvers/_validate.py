@@ -63,9 +63,8 @@ class Problems:
 
     def group(self, g: int) -> Problem:
         valid_T = None if self.valid_GN is None else self.valid_GN[g]
-        return Problem(
-            self.scores_GNE[g], self.k, int(self.capacity_G[g]), valid_T, int(self.num_valid_G[g]), self.device
-        )
+        capacity, num_valid = int(self.capacity_G[g]), int(self.num_valid_G[g])
+        return Problem(self.scores_GNE[g], self.k, capacity, valid_T, num_valid, self.device)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float = 1.0) -> int:
@@ -272,7 +271,8 @@ def capacities(
         if capacity.dtype != torch.int64 or capacity.shape != (num_groups,):
             raise ValueError(
                 f"capacity must be an int or an int64 tensor of shape [G] = [{num_groups}], got "
-                f"{capacity.dtype} {tuple(capacity.shape)}; use torch.as_tensor(capacities, dtype=torch.int64)"
+                f"{capacity.dtype} {tuple(capacity.shape)}; "
+                "use torch.as_tensor(capacities, dtype=torch.int64)"
             )
         return capacity.detach().to(num_valid_G.device)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:

@@ -15,7 +15,8 @@ device (CUDA in training; the same code runs on the CPU, which is how it is test
 3. **Repair** (the one host round trip per call): the candidates' scores, the capacities the
    fixed tokens leave, the prices and the smallest fixed margin go to the host in one
    transfer; the compiled core solves the G candidate sub-problems exactly in one call by
-   successive shortest paths from p (no auction: a path raises prices by at most its length).  A group is certified when its sub-problem is solved and the price
+   successive shortest paths from p (no auction: a path raises prices by at most its
+   length).  A group is certified when its sub-problem is solved and the price
    change spread ``max(p' - p) - min(p' - p)`` is at most its smallest fixed margin: then
    every fixed token still holds a top-k of ``s - p'`` and the joined routing meets every
    optimality condition.  Groups that are not certified are solved by the host core on their
@@ -54,6 +55,7 @@ from maxscore.solvers._validate import (
     short_message,
 )
 from maxscore.solvers.assignment import Assignment
+from maxscore.solvers.exact import check_counts
 
 DEVICE_PRICE_STEPS = 8
 DAMPING = 0.8
@@ -88,9 +90,7 @@ def solve_exact_device(
         valid_GN = valid_GN.to(scores.device).reshape(num_groups, num_tokens)
     if single and isinstance(capacity, torch.Tensor):
         raise ValueError("capacity must be an int for [N, E] scores (an int64 [G] tensor is for [G, N, E])")
-    for name, value in (("max_moves", max_moves), ("price_iterations", price_iterations), ("threads", threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
     engine = _DeviceSolve(scores_GNE, k, valid_GN, capacity, capacity_factor)
     result = engine.run(prices, price_iterations, max_moves, threads)
     return _single(result) if single else result
@@ -212,7 +212,8 @@ class _DeviceSolve:
 
     def loads(self, experts_GXK: torch.Tensor) -> torch.Tensor:
         loads_GE = torch.zeros(self.G, self.E + 1, dtype=torch.int64, device=self.device)
-        loads_GE.scatter_add_(1, (experts_GXK % (self.E + 1)).flatten(1), torch.ones_like(experts_GXK).flatten(1))
+        slots_GX = (experts_GXK % (self.E + 1)).flatten(1)  # -1 lands in the extra column
+        loads_GE.scatter_add_(1, slots_GX, torch.ones_like(slots_GX))
         return loads_GE[:, : self.E]
 
     def to_host(self, scores_GME, valid_GM, sub_capacity_GE, p, fixed_margin_G) -> dict[str, np.ndarray]:
@@ -254,7 +255,8 @@ class _DeviceSolve:
         if flags[:, 2].any():
             g = int(np.flatnonzero(flags[:, 2])[0])
             capacity, num_valid = int(host["group_capacity"][g]), int(host["num_valid"][g])
-            raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, g if self.G > 1 else None))
+            group = g if self.G > 1 else None
+            raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, group))
 
     def repair(self, host, num_candidates, threads) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """Solves the candidate sub-problems on the host; certifies each group by its margins."""

@@ -33,7 +33,6 @@ from maxscore.solvers._native import PRICE_ITERATIONS, run_core, run_core_batch
 from maxscore.solvers._validate import Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
 
-
 ENGINES = ("auto", "host", "device")
 
 

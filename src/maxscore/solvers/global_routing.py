@@ -424,7 +424,7 @@ def _augment_round(
             path = _find_path(source, neighbours, excess, owner, token, moved, sent_E, capacity, sink)
             if path is None:
                 break
-            for u, v in zip(path, path[1:]):
+            for u, v in zip(path, path[1:], strict=False):
                 if v == sink:
                     sent_E[u] += 1
                 elif u == sink:
@@ -472,7 +472,8 @@ def _find_path(source, neighbours, excess, owner, token, moved, sent_E, capacity
                 continue
             if u == sink and int(sent_E[v]) <= 0:
                 continue
-            if u != sink and v != sink and _token_taken((owner[u][v], token[u][v]), u, parent, owner, token, moved):
+            key = None if sink in (u, v) else (owner[u][v], token[u][v])
+            if key is not None and _token_taken(key, u, parent, owner, token, moved):
                 continue
             seen.add(v)
             parent[v] = u
