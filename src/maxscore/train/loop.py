@@ -101,6 +101,9 @@ def summarize(stats: list[RoutingStats]) -> dict:
     solver = [r["solver_ms"] for r in rows if r["solver_ms"] is not None]
     if solver:
         summary["solver_ms"] = sum(solver)
+    fallbacks = [r["solver_fallbacks"] for r in rows if r["solver_fallbacks"] is not None]
+    if fallbacks:
+        summary["solver_fallbacks"] = sum(fallbacks)
     return summary
 
 
