@@ -76,26 +76,60 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
         "compare",
         *run_options(small_corpus_dir),
         "--routers",
-        "maxscore,maxscore@two_stage,gshard,dense",
+        "maxscore,maxscore@two_stage,gshard,dense,gshard:normalize=false,maxscore:schedule.steps=50%:normalize=true",
         "--seeds",
         "2",
     ]
     assert main([*args, "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for label in ("maxscore", "maxscore@two_stage", "gshard", "dense"):
+    labels = ("maxscore", "maxscore@two_stage", "gshard", "dense", "gshard:normalize=false")
+    for label in (*labels, "maxscore:schedule.steps=50%:normalize=true"):
         assert f"| {label} | 2 |" in table
-    for name in ("results.md", "loss.png", "load_ratio.png", "affinity.png", "dropped.png"):
+    for name in ("results.md", "results.json", "loss.png", "load_ratio.png", "affinity.png", "paired.png"):
         assert (out / name).stat().st_size > 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "dense-s0",
         "dense-s1",
+        "gshard+normalize=false-s0",
+        "gshard+normalize=false-s1",
         "gshard-s0",
         "gshard-s1",
+        "maxscore+schedule.steps=50pct+normalize=true-s0",
+        "maxscore+schedule.steps=50pct+normalize=true-s1",
         "maxscore-s0",
         "maxscore-s1",
         "maxscore@two_stage-s0",
         "maxscore@two_stage-s1",
     ]
+    raw = json.loads((out / "gshard+normalize=false-s1" / "final.json").read_text())
+    assert raw["router"] == "gshard:normalize=false" and raw["seed"] == 1
+    assert json.loads((out / "gshard+normalize=false-s1" / "config.json").read_text())["model"][
+        "router_options"
+    ] == {"normalize": False}
+    scheduled = json.loads(
+        (out / "maxscore+schedule.steps=50pct+normalize=true-s0" / "config.json").read_text()
+    )
+    assert scheduled["model"]["router_options"] == {"schedule": {"steps": 3}, "normalize": True}
+    flow = json.loads((out / "maxscore-s0" / "final.json").read_text())
+    assert flow["causal_load"]["min"] <= 1.0 <= flow["causal_load"]["max"] * 1.000001
+    assert flow["validation_batch"]["tokens"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["baseline"] == "gshard"
+    rows = {row["label"]: row for row in results["configurations"]}
+    differences = [
+        json.loads((out / f"gshard+normalize=false-s{s}" / "final.json").read_text())["validation_batch"][
+            "loss"
+        ]
+        - json.loads((out / f"gshard-s{s}" / "final.json").read_text())["validation_batch"]["loss"]
+        for s in (0, 1)
+    ]
+    assert rows["gshard:normalize=false"]["val_differences"] == pytest.approx(differences)
+    assert rows["gshard:normalize=false"]["val_diff_low"] <= rows["gshard:normalize=false"]["val_diff"]
+    # resuming keeps finished runs: nothing is trained again
+    stamp = (out / "gshard-s0" / "final.json").stat().st_mtime_ns
+    assert main([*args, "--out", str(out)]) == 0
+    assert "gshard, seed 0: finished, skipped" in capsys.readouterr().err
+    assert (out / "gshard-s0" / "final.json").stat().st_mtime_ns == stamp
     report_dir = tmp_path / "report"
     assert main(["report", str(out / "maxscore-s0"), str(out / "gshard-s0"), "--out", str(report_dir)]) == 0
     assert "| gshard | 1 |" in (report_dir / "results.md").read_text()

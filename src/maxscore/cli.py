@@ -111,22 +111,35 @@ def _compare(args: argparse.Namespace) -> int:
 
     from maxscore.train.loop import train
     from maxscore.train.report import write_report
+    from maxscore.train.variants import parse_variants
 
-    names = [name.strip() for name in args.routers.split(",") if name.strip()]
+    variants = parse_variants(args.routers)
+    steps = _config(args).steps
+    base_options = _config(args).model.router_options
     configs = {}
     for seed in range(args.seeds):  # seed-major: an interrupted comparison still covers every router
-        for name in names:  # every setting is checked before the first run starts
-            router, _, method = name.partition("@")
-            extra = {"k": 1} if router == "switch" else {}
-            if method:
-                extra["router_options"] = {"method": method}
-            configs[name, seed] = _config(args, router=router, seed=seed, **extra)
+        for variant in variants:  # every setting is checked before the first run starts
+            overrides = variant.overrides(steps)
+            if "router_options" in overrides:
+                overrides["router_options"] = {**base_options, **overrides["router_options"]}
+            configs[variant.folder, seed] = _config(
+                args, router=variant.router, seed=seed, label=variant.label, **overrides
+            )
     out = Path(args.out)
-    for (name, seed), config in configs.items():
-        print(f"== {name}, seed {seed}", file=sys.stderr, flush=True)
-        train(config, out / f"{name}-s{seed}", progress=not args.quiet)
-    print(write_report([out / f"{name}-s{seed}" for name, seed in configs], out))
-    print(f"wrote {out / 'results.md'} and the plots", file=sys.stderr)
+    for (folder, seed), config in configs.items():
+        run = out / f"{folder}-s{seed}"
+        if (run / "final.json").is_file():  # resume: finished runs are kept
+            print(f"== {config.label}, seed {seed}: finished, skipped", file=sys.stderr, flush=True)
+            continue
+        print(f"== {config.label}, seed {seed}", file=sys.stderr, flush=True)
+        train(config, run, progress=not args.quiet)
+    report_dir = Path(args.report) if args.report else out
+    print(
+        write_report(
+            [out / f"{folder}-s{seed}" for folder, seed in configs], report_dir, baseline=args.baseline
+        )
+    )
+    print(f"wrote {report_dir / 'results.md'}, results.json and the plots", file=sys.stderr)
     return 0
 
 
@@ -218,17 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="train several routers x seeds on equal tokens and write a report",
-        description="Trains every router for every seed into --out/<router>-s<seed>, then writes "
-        "--out/results.md and the plots.  'switch' runs with k=1; 'maxscore@two_stage' is MaxScore "
-        "with another solver method (exact, two_stage, sinkhorn).",
+        description="Trains every router variant for every seed into --out/<variant>-s<seed> (runs "
+        "that finished are kept: an interrupted comparison resumes), then writes results.md, "
+        "results.json and the plots.  A variant is ROUTER[@METHOD][:KEY=VALUE]..., e.g. "
+        "'maxscore@two_stage', 'gshard:normalize=false', 'maxscore:schedule.steps=10%%:normalize=true', "
+        "'flow_only:capacity_factor=1.25'; 'switch' runs with k=1.  Within a seed every variant starts "
+        "from the same weights and sees the same batches: results list paired differences to --baseline.",
     )
     _add_run_options(compare)
     compare.add_argument(
         "--routers",
         default="maxscore,gshard,dense",
-        help="comma-separated routers, 'dense', or router@method (default maxscore,gshard,dense)",
+        help="comma-separated variants ROUTER[@METHOD][:KEY=VALUE]... or 'dense' "
+        "(default maxscore,gshard,dense)",
     )
     compare.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    compare.add_argument(
+        "--baseline", help="variant the paired differences refer to (default: gshard when compared)"
+    )
+    compare.add_argument("--report", help="folder for results.md/json and plots (default: --out)")
     compare.set_defaults(run=_compare)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per character")

@@ -20,7 +20,9 @@ class TrainConfig:
     the final evaluation on at most ``final_eval_windows`` windows per split (None: all).
     Multi-process runs: ``batch_size`` is the global batch, shared equally by the ranks; the
     experts are sharded over ``expert_parallel`` ranks (0: all ranks).  ``hf_model``: train an
-    upcycled HF model instead of the built-in decoder (see ``maxscore.hf.training``)."""
+    upcycled HF model instead of the built-in decoder (see ``maxscore.hf.training``).
+    ``label`` names the configuration in reports (``maxscore compare`` sets it to the variant,
+    e.g. ``flow_only:normalize=true``; default: the router name)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 300
@@ -44,6 +46,7 @@ class TrainConfig:
     precision: str = "bfloat16"
     expert_parallel: int = 0
     hf_model: str | None = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -107,7 +110,6 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=16,
         lr=3e-3,
         warmup=30,
-        final_eval_windows=256,
     ),
     "small": TrainConfig(
         model=_model(vocab_size=8192, dim=256, layers=6, heads=4, seq_len=256, expert_hidden=512),

@@ -26,7 +26,11 @@ def evaluate(
     """Mean next-token loss over consecutive windows of ``stream`` (at most ``limit`` windows).
 
     ``bpc`` = total loss in bits / characters, the characters counted as the window tokens'
-    share of the text's characters.  The model is left in the mode it was in.
+    share of the text's characters.  With causal routing (every token routed alone, no
+    capacity) an MoE model also reports ``load_share_max`` / ``load_share_min``: over layers and
+    experts, the expert's load as a share of the capacity its routing groups would have under
+    batch routing (1.0 = exactly full; serving causally needs the spread to be small).  The
+    model is left in the mode it was in.
     """
     was_training = model.training
     model.eval()
@@ -38,23 +42,39 @@ def evaluate(
             raise ValueError(f"{windows.shape[0]} evaluation windows cannot be shared by {world} ranks")
         windows = windows[dist.get_rank() * share : (dist.get_rank() + 1) * share]
     total, count = 0.0, 0
+    loads_LE = capacity_L = None
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
-        logits = model(chunk[:, :-1], causal=causal).logits
+        output = model(chunk[:, :-1], causal=causal)
         total += float(
-            nn.functional.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+            nn.functional.cross_entropy(
+                output.logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+            )
         )
         count += chunk[:, 1:].numel()
+        if causal and output.stats:
+            layer_loads = torch.stack([s.loads for s in output.stats]).double()
+            layer_capacity = torch.stack([s.capacity_G.sum() for s in output.stats]).double()
+            loads_LE = layer_loads if loads_LE is None else loads_LE + layer_loads
+            capacity_L = layer_capacity if capacity_L is None else capacity_L + layer_capacity
     model.train(was_training)
     if world > 1:
         summed = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         total, count = float(summed[0]), int(summed[1])
+        if loads_LE is not None:
+            dist.all_reduce(loads_LE)
+            dist.all_reduce(capacity_L)
     loss = total / count
     characters = count * stream.characters / stream.tokens.numel()
-    return {
+    result = {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bpc": total / (math.log(2) * characters),
         "tokens": count,
     }
+    if loads_LE is not None:
+        share_LE = loads_LE / capacity_L.clamp(min=1)[:, None]
+        result["load_share_max"] = float(share_LE.max())
+        result["load_share_min"] = float(share_LE.min())
+    return result

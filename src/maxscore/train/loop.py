@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,12 +51,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def with_schedule(config: TrainConfig) -> TrainConfig:
-    """SoftTopk's temperature decays over the whole run unless the router options say otherwise."""
+    """SoftTopk's temperature decays over the whole run unless the router options say otherwise
+    (a schedule given as a dict without ``steps`` also takes the run's length)."""
     model = config.model
-    if model.router not in SCHEDULED or "schedule" in model.router_options:
+    given = model.router_options.get("schedule")
+    if model.router not in SCHEDULED or (given is not None and not isinstance(given, dict)):
         return config
-    options = {**model.router_options, "schedule": {"steps": config.steps}}
+    if isinstance(given, dict) and "steps" in given:
+        return config
+    options = {**model.router_options, "schedule": {"steps": config.steps, **(given or {})}}
     return dataclasses.replace(config, model=dataclasses.replace(model, router_options=options))
+
+
+def initial_model(config: TrainConfig, hf_config=None) -> nn.Module:
+    """The run's model at step 0: seeded by ``config.seed`` alone, so every router of a seed
+    starts from the same weights (paired comparisons)."""
+    torch.manual_seed(config.seed)
+    return make_model(config, hf_config)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -169,8 +181,7 @@ def train(
         (out / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=1))
         save_tokenizer(tokenizer, out / "tokenizer.json")
 
-    torch.manual_seed(config.seed)
-    model = make_model(config, resume.hf_config if resume is not None else None).to(device)
+    model = initial_model(config, resume.hf_config if resume is not None else None).to(device)
     runner = _parallelize(model, topology)
     optimizer = make_optimizer(model, config)
     install_step_hook(optimizer, model)
@@ -323,8 +334,8 @@ def finish(
     (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
     topology = topology or Topology()
     method = config.model.router_options.get("method")
-    label = config.model.router + (f"@{method}" if method else "")
-    final: dict = {"router": label, "seed": config.seed, "steps": config.steps}
+    label = config.label or config.model.router + (f"@{method}" if method else "")
+    final: dict = {"router": label, "seed": config.seed, "steps": config.steps, "commit": source_commit()}
     modes = (False,) if config.model.router == DENSE else (False, True)
     for split in ("validation", "test"):
         for causal in modes:
@@ -339,6 +350,9 @@ def finish(
                 limit=config.final_eval_windows,
                 device=device,
             )
+    if "validation_causal" in final and "load_share_max" in final["validation_causal"]:
+        causal = final["validation_causal"]
+        final["causal_load"] = {"max": causal["load_share_max"], "min": causal["load_share_min"]}
     if topology.distributed:
         state = consolidated_state(model, topology)
     if not topology.is_main:
@@ -352,6 +366,22 @@ def finish(
         write_consolidated(out, state, config, tokenizer, config.steps, hf_config_json(model))
     (out / "final.json").write_text(json.dumps(final, indent=1))
     return final
+
+
+def source_commit() -> str | None:
+    """The git commit of the installed source (``None`` outside a git checkout)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, label: str):

@@ -9,9 +9,12 @@ the end (the paper's load-balance figure), ``affinity.png`` mean router score of
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from maxscore.train.paired import paired_rows, paired_table
 
 PLOTS = ("loss.png", "load_ratio.png", "affinity.png", "dropped.png")
 
@@ -148,20 +151,74 @@ def plot(groups: dict[str, list[dict]], out: Path) -> list[str]:
     return list(PLOTS)
 
 
+def _plain_rows(groups: dict[str, list[dict]]) -> list[dict]:
+    return [
+        {
+            "label": label,
+            "seeds": sorted(run["seed"] for run in runs),
+            "val_loss": statistics.fmean(run["validation_batch"]["loss"] for run in runs),
+        }
+        for label, runs in groups.items()
+    ]
+
+
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def write_report(paths: list[str | Path], out: str | Path, title: str = "Routing comparison") -> str:
-    """Writes ``results.md`` and the plots to ``out``; returns the markdown."""
+def plot_paired(rows: list[dict], baseline: str, out: Path) -> str:
+    """``paired.png``: every configuration's per-seed validation differences to the baseline
+    (dots) and their interval (bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["label"] != baseline and r["val_differences"]]
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    for y, row in enumerate(rows):
+        axis.scatter(row["val_differences"], [y] * len(row["val_differences"]), s=12, color="tab:blue")
+        if "val_diff" in row and math.isfinite(row["val_diff_low"]):
+            axis.plot([row["val_diff_low"], row["val_diff_high"]], [y, y], color="black", linewidth=1)
+            axis.plot([row["val_diff"]], [y], marker="|", color="black", markersize=10)
+    axis.axvline(0.0, color="gray", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+    axis.set(xlabel=f"validation loss - {baseline} (same seed)", title="paired differences (dots: seeds)")
+    _save(figure, out / "paired.png")
+    plt.close(figure)
+    return "paired.png"
+
+
+def write_report(
+    paths: list[str | Path],
+    out: str | Path,
+    title: str = "Routing comparison",
+    baseline: str | None = None,
+) -> str:
+    """Writes ``results.md``, ``results.json`` and the plots to ``out``; returns the markdown.
+
+    ``baseline`` (a configuration label; default ``gshard`` when present) adds the paired
+    differences of every configuration to it, with Student-t intervals (``paired.png`` too).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in map(load_run, find_runs(paths)):
         groups[run["router"]].append(run)
     groups = dict(groups)
+    if baseline is None and "gshard" in groups:
+        baseline = "gshard"
+    if baseline is not None and baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not among the runs' configurations {sorted(groups)}")
     plots = plot(groups, out)
+    rows = [] if baseline is None else paired_rows(groups, baseline)
+    paired = paired_table(rows, baseline) + "\n\n" if rows else ""
+    if rows:
+        plots.append(plot_paired(rows, baseline, out))
+    (out / "results.json").write_text(
+        json.dumps({"baseline": baseline, "configurations": rows or _plain_rows(groups)}, indent=1)
+    )
     config = json.loads((Path(groups[next(iter(groups))][0]["path"]) / "config.json").read_text())
     model = config["model"]
     text = (
@@ -174,7 +231,7 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "Routing
         "Losses in nats per token; spread = half the range over seeds; statistics (dropped, load, affinity) "
         "from the last logged step, averaged over layers; causal = every token routed alone (MaxScore: "
         "top-k of score - averaged dual prices).\n\n"
-        f"{summary_table(groups)}\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
+        f"{summary_table(groups)}\n\n{paired}" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
     )
     (out / "results.md").write_text(text)
     return text
