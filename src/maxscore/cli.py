@@ -11,7 +11,15 @@ from collections.abc import Sequence
 
 
 def _solve_bench(args: argparse.Namespace) -> int:
-    from maxscore.bench import DISTRIBUTIONS, QUICK_SIZES, SIZES, bench_solvers, format_table, rows_as_dicts
+    from maxscore.bench import (
+        DISTRIBUTIONS,
+        QUICK_SIZES,
+        SIZES,
+        bench_batched,
+        bench_solvers,
+        format_table,
+        rows_as_dicts,
+    )
 
     sizes = QUICK_SIZES if args.quick else SIZES
     distributions = ("std1", "std1+bias") if args.quick else tuple(DISTRIBUTIONS)
@@ -19,9 +27,9 @@ def _solve_bench(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"  running {message} ...", file=sys.stderr, flush=True)
 
-    rows = bench_solvers(
-        sizes, distributions, budget_s=0.3 if args.quick else 1.0, paper=not args.no_paper, progress=progress
-    )
+    budget = 0.3 if args.quick else 1.0
+    rows = bench_batched(budget_s=budget, progress=progress)
+    rows += bench_solvers(sizes, distributions, budget_s=budget, paper=not args.no_paper, progress=progress)
     print(format_table(rows))
     if args.out:
         with open(args.out, "w") as f:
