@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The quality study: which MaxScore recipe trains the best model (paired seeds, tiny preset,
+# 2 CPU cores).  Each stage resumes: finished runs under $out/runs/<stage>/ are kept.
+#   bash benchmarks/quality_study.sh stage1      # screening: 20 configurations x 3 seeds x 250 steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
+out=benchmarks/results/quality_tiny_cpu-2core-epyc_202611
+baseline="gshard:normalize=true"
+stage1=(
+  # baselines, SoftTopk off: raw or normalized combine weights x exact flow, GShard, iterative, dropless
+  "flow_only:normalize=false" "flow_only:normalize=true"
+  "gshard:normalize=false" "gshard:normalize=true"
+  "iterative:normalize=false" "iterative:normalize=true"
+  "dropless:normalize=false" "dropless:normalize=true"
+  "expert_choice"
+  # SoftTopk on exact flow: 4 -> 1 over the run, the first 10% or 30%, or 2 -> 1; raw or normalized
+  "maxscore:normalize=false" "maxscore:normalize=true"
+  "maxscore:schedule.steps=10%:normalize=false" "maxscore:schedule.steps=10%:normalize=true"
+  "maxscore:schedule.steps=30%:normalize=false" "maxscore:schedule.steps=30%:normalize=true"
+  "maxscore:schedule.start=2:normalize=false" "maxscore:schedule.start=2:normalize=true"
+  # the paper's SoftTopk-alone ablation, and capacity factor 1.25
+  "softtopk_only:normalize=false"
+  "flow_only:normalize=true:capacity_factor=1.25" "gshard:normalize=true:capacity_factor=1.25"
+)
+join() { local IFS=,; echo "$*"; }
+case "${1:-}" in
+  stage1)
+    "$MAXSCORE" compare --preset tiny --steps 250 --seeds 3 --device cpu --quiet \
+      --routers "$(join "${stage1[@]}")" --baseline "$baseline" \
+      --out "$out/runs/stage1" --report "$out/stage1"
+    ;;
+  *)
+    echo "usage: bash benchmarks/quality_study.sh stage1" >&2
+    exit 2
+    ;;
+esac
