@@ -8,8 +8,12 @@ unchanged), but the indices come from MaxScore's capacity-constrained optimal ro
 expert at most its capacity, no token dropped) and the weights from the selected experts'
 probabilities (SoftTopk with its temperature schedule when ``soft_topk=True``), renormalized
 when the model renormalizes.  The experts, ``aux_loss`` and ``router_logits`` keep their
-formats.  Single-token steps in eval (generation with a KV cache) route causally from the
-averaged dual prices.  The dual prices and the schedule live in ``gate.router`` (buffers,
+formats.  Each sequence is a routing group by default (``group="sequence"``; ``"batch"``
+routes the whole forward batch as one group), with its capacity from its valid tokens: the
+model's ``attention_mask`` reaches the gates (a forward pre-hook), padding gets no capacity and
+zero weights, and a sequence's outputs depend neither on its padding nor on its neighbours.
+Single-token steps in eval (generation with a KV cache) route causally from the averaged dual
+prices.  The dual prices and the schedule live in ``gate.router`` (buffers,
 saved with the model's state dict); the settings are recorded in ``config.maxscore_routing``
 and ``load_swapped`` restores a saved swapped model.  DeepSeek-V3: sigmoid scores and its
 ``routed_scaling_factor`` are kept; its group-limited selection and its bias-based balancing
@@ -18,12 +22,14 @@ are replaced (MaxScore balances by capacity and chooses among all experts).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from maxscore.hf.upcycle import attention_mask_of
 from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
 
 SUPPORTED = {  # model_type -> the router module's class name
@@ -38,11 +44,19 @@ _SWAPPED: dict[type, type] = {}
 
 def _gate_forward(self, hidden_states: torch.Tensor):
     x_TD = hidden_states.reshape(-1, self.hidden_dim)
-    causal = self.causal_routing or (not self.training and self.sequence_length == 1)
-    routing = self.router(x_TD, causal=causal)
+    length, mask = self.sequence_length, self.attention_mask
+    valid_T = None
+    if length and mask is not None and mask.dim() == 2 and mask.shape[0] * length == x_TD.shape[0]:
+        valid_T = mask[:, -length:].to(device=x_TD.device, dtype=torch.bool).reshape(-1)
+    causal = self.causal_routing or (not self.training and length == 1)
+    routing = self.router(x_TD, valid_T, sequence_length=length, causal=causal)
     router_logits = F.linear(x_TD.to(self.weight.dtype), self.weight)
     weights_TK = routing.weights * getattr(self, "routed_scaling_factor", 1.0)
-    return router_logits, weights_TK.to(router_logits.dtype), routing.experts
+    experts_TK = routing.experts
+    if valid_T is not None:  # padding: any k distinct experts with weight 0 (the experts index them)
+        fill_TK = torch.arange(experts_TK.shape[1], device=experts_TK.device).expand_as(experts_TK)
+        experts_TK = torch.where(valid_T[:, None], experts_TK, fill_TK)
+    return router_logits, weights_TK.to(router_logits.dtype), experts_TK
 
 
 def _swapped_class(cls: type) -> type:
@@ -58,6 +72,15 @@ def _record_length(gate: nn.Module):
     return hook
 
 
+def _capture_mask(gates: list[nn.Module]):
+    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = attention_mask_of(args, kwargs)
+        for gate in gates:
+            gate.attention_mask = mask
+
+    return hook
+
+
 def swap_router(
     model: nn.Module,
     *,
@@ -66,17 +89,20 @@ def swap_router(
     soft_topk: bool = False,
     schedule: dict | None = None,
     causal_routing: bool = False,
+    group: str = "sequence",
 ) -> nn.Module:
     """Replaces the top-k routing of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model.
 
     Args:
         model: the HF model (``*ForCausalLM`` or its base model), modified in place.
-        capacity_factor: capacity per forward batch = ``ceil(capacity_factor * k * tokens / E)``.
+        capacity_factor: capacity per routing group = ``ceil(capacity_factor * k * valid tokens / E)``.
         method: the MaxScore solver, ``exact`` (default), ``two_stage`` or ``sinkhorn``.
         soft_topk: SoftTopk weights with the temperature ``schedule`` (default 4 -> 1 over
             30000 optimizer steps); False keeps the plain probabilities.
         causal_routing: route every forward causally (price-based), e.g. for generation that
             must not depend on later tokens.
+        group: ``"sequence"`` (default: each sequence is a routing group) or ``"batch"`` (the
+            whole forward batch is one group, so sequences share capacity).
 
     Returns:
         ``model``.
@@ -99,6 +125,7 @@ def swap_router(
         soft_topk=soft_topk,
         schedule=schedule,
         causal_routing=causal_routing,
+        group=group,
     )
     gates = [
         (block, block.gate)
@@ -107,6 +134,7 @@ def swap_router(
     ]
     for block, gate in gates:
         _swap(block, gate, settings)
+    model.register_forward_pre_hook(_capture_mask([gate for _, gate in gates]), with_kwargs=True)
     config.maxscore_routing = settings
     return model
 
@@ -122,7 +150,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
         gate.top_k,
         settings["capacity_factor"],
         method=settings["method"],
-        group="batch",
+        group=settings["group"],
         balance_coef=0.0,
         normalize=normalize,
         score_function="sigmoid" if hasattr(gate, "e_score_correction_bias") else "softmax",
@@ -134,6 +162,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     gate.router = router
     gate.causal_routing = settings["causal_routing"]
     gate.sequence_length = None
+    gate.attention_mask = None
     block.register_forward_pre_hook(_record_length(gate))
 
 
@@ -149,12 +178,24 @@ def load_swapped(path: str | Path, **from_pretrained_options) -> nn.Module:
             f"{path} was not saved from a model with swapped routers (no config.maxscore_routing)"
         )
     model.config.maxscore_routing = None
-    swap_router(model, **settings)
-    state = {}
+    swap_router(model, **{"group": "batch", **settings})  # saved before groups were a setting: batch
+    saved = {}
     for file in sorted(Path(path).glob("*.safetensors")):
-        state.update({k: v for k, v in load_file(str(file)).items() if ".gate.router." in k})
-    missing = [name for name, _ in model.named_buffers() if ".gate.router." in name and name not in state]
+        saved.update({_router_key(k): v for k, v in load_file(str(file)).items() if _router_key(k)})
+    names = [name for name, _ in model.named_buffers() if _router_key(name)]
+    missing = [name for name in names if _router_key(name) not in saved]
     if missing:
         raise ValueError(f"{path} lacks the router buffers {missing[:3]}...; was it saved after swap_router?")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({name: saved[_router_key(name)] for name in names}, strict=False)
     return model
+
+
+_ROUTER_KEY = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:.+\.)?gate\.router\.(?P<name>.+)$")
+
+
+def _router_key(name: str) -> tuple[str, str] | None:
+    """A router buffer's key as (decoder layer, buffer) whatever the sparse block's module is
+    called: transformers saves some families under legacy names (Mixtral's ``mlp`` is written as
+    ``block_sparse_moe``), so saved and in-memory names differ between the layer and the gate."""
+    match = _ROUTER_KEY.match(name)
+    return None if match is None else (match["layer"], match["name"])

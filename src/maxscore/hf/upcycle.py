@@ -8,10 +8,12 @@ small (near-uniform scores).  The classes are ordinary ``PreTrainedModel``s with
 ``AutoConfig`` / ``AutoModelForCausalLM``, so ``save_pretrained`` / ``from_pretrained`` round
 trip, including the routers' dual prices and the SoftTopk schedule's step count (buffers).
 
-Routing: full-sequence forwards route each sequence as a batch (capacity per sequence, the
-paper's setting); single-token steps in eval (``generate`` with a KV cache) route causally
-from the averaged dual prices.  ``causal_routing=True`` routes every forward causally, so
-``generate`` gives the same tokens with and without the cache.  Forwards return
+Routing: full-sequence forwards route each sequence as a batch (capacity per sequence, from
+its valid tokens: the ``attention_mask`` reaches the router, so padding uses no capacity and a
+sequence's outputs depend neither on its padding nor on its neighbours); single-token steps in
+eval (``generate`` with a KV cache) route causally from the averaged dual prices.
+``causal_routing=True`` routes every forward causally, so ``generate`` gives the same tokens
+with and without the cache.  Forwards return
 ``MoeCausalLMOutputWithPast`` with ``aux_loss`` (added to ``loss`` when labels are given) and,
 with ``output_router_logits=True``, the router logits of every layer.
 """
@@ -59,17 +61,36 @@ class MaxScoreMLP(nn.Module):
             **options,
         )
         self.causal_routing = bool(config.causal_routing)
+        self.attention_mask: torch.Tensor | None = None  # [B, past + L], set per forward by the model
         self.last_aux_loss: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.last_stats = None
         self.record_logits = False  # set per forward by the model (output_router_logits)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.moe(hidden_states, causal=self.causal_routing)
+        valid_BL = current_valid(self.attention_mask, hidden_states)
+        out = self.moe(hidden_states, valid=valid_BL, causal=self.causal_routing)
         self.last_aux_loss, self.last_stats = out.aux_loss, out.stats
         if self.record_logits:  # a second [T, E] gate product, only when the caller asks for it
             self.last_logits = self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
         return out.output.to(hidden_states.dtype)
+
+
+def current_valid(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """bool [B, L]: the valid tokens of this forward's [B, L, D] states, from a 2-D attention mask
+    over past and current tokens (the current ones are its last L columns); None without one."""
+    if attention_mask is None or attention_mask.dim() != 2 or hidden_states.dim() != 3:
+        return None
+    batch, length = hidden_states.shape[:2]
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        return None
+    return attention_mask[:, -length:].to(device=hidden_states.device, dtype=torch.bool)
+
+
+def attention_mask_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``attention_mask`` a HF ``forward(input_ids, attention_mask, ...)`` call received."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask if isinstance(mask, torch.Tensor) else None
 
 
 def _family(family: str):
@@ -102,8 +123,10 @@ def _family(family: str):
 
         def forward(self, *args, labels=None, output_router_logits: bool | None = None, **kwargs):
             mlps = [layer.mlp for layer in self.model.layers]
+            mask = attention_mask_of(args, kwargs)
             for m in mlps:
                 m.record_logits = bool(output_router_logits)
+                m.attention_mask = mask
             out = super().forward(*args, labels=labels, **kwargs)
             aux_loss = sum(m.last_aux_loss for m in mlps) * self.config.router_aux_loss_coef
             loss = None if out.loss is None else out.loss + aux_loss.to(out.loss.dtype)
