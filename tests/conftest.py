@@ -12,6 +12,18 @@ from maxscore.train.data import load_corpus
 KINDS = ("peaked", "flat", "ties", "forbidden", "padding")
 
 
+def assert_top_k(values_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
+    """Each row's experts are distinct and hold a top-k of its values: every chosen value is at
+    least every value left out (checked directly, not by calling torch.topk)."""
+    num_experts = values_TE.shape[1]
+    assert (experts_TK.sort(1).values.diff(dim=1) != 0).all(), "a row chose an expert twice"
+    chosen_TE = torch.zeros_like(values_TE, dtype=torch.bool).scatter_(1, experts_TK, True)
+    lowest_chosen_T = values_TE.masked_fill(~chosen_TE, math.inf).min(1).values
+    highest_other_T = values_TE.masked_fill(chosen_TE, -math.inf).max(1).values
+    assert (lowest_chosen_T >= highest_other_T).all(), "a row left out a higher value"
+    assert experts_TK.shape[1] <= num_experts
+
+
 def random_instance(seed: int, num_tokens: int, num_experts: int, kind: str, keep: int = 0):
     """(scores [T, E] float32, valid [T] bool or None) of a given distribution kind.
 
