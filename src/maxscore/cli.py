@@ -175,6 +175,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from maxscore.train.export import export_run
+
+    out = export_run(args.checkpoint, args.out)
+    print(f"wrote {out}: load it with `import maxscore.hf` then AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from maxscore.train.report import write_report
 
@@ -269,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--causal", action="store_true", help="route every token alone (generation mode)")
     evaluate.add_argument("--device", help="auto (default), cpu or cuda")
     evaluate.set_defaults(run=_eval)
+
+    export = sub.add_parser(
+        "export",
+        help="write a trained run as an HF model directory (config, safetensors, tokenizer)",
+        description="Exports a run (folder or checkpoint file) for HF transformers: MoE runs as "
+        "MaxScoreLlamaForCausalLM (import maxscore.hf before from_pretrained), dense runs as "
+        "LlamaForCausalLM, --hf-model runs as their HF class.  Needs pip install 'maxscore[hf]'.",
+    )
+    export.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    export.add_argument("--out", required=True, help="a new (or empty) folder")
+    export.set_defaults(run=_export)
 
     report = sub.add_parser("report", help="markdown report and plots from finished runs")
     report.add_argument("runs", nargs="+", help="run directories, or folders holding them")

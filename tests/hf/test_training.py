@@ -62,3 +62,25 @@ def test_cli_upcycles_a_saved_dense_model(small_corpus_dir, tmp_path, capsys):
     model, _ = load_model(tmp_path / "run")
     assert model.hf.model.layers[0].mlp.moe.experts.w_up.shape == (4, 32, 32)
     assert json.loads(capsys.readouterr().out)["steps"] == 4
+
+
+def test_an_hf_model_run_exports_as_its_hf_class(small_corpus_dir, tmp_path, capsys):
+    from tests.train.test_export import hf_loss
+
+    config_file = tmp_path / "llama.json"
+    config_file.write_text(json.dumps(HF))
+    train(tiny_config(small_corpus_dir, steps=4, hf_model=str(config_file)), tmp_path / "run", progress=False)
+    assert (
+        main(
+            ["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "hf")]
+        )
+        == 0
+    )
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(loaded).__name__ == "MaxScoreLlamaForCausalLM"
+    text = small_corpus_dir / "doc05.txt"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(text)]) == 0
+    expected = json.loads(capsys.readouterr().out)["loss"]
+    seq_len = tiny_config(small_corpus_dir).model.seq_len
+    assert hf_loss(tmp_path / "hf", text, seq_len=seq_len) == pytest.approx(expected, rel=5e-3)
