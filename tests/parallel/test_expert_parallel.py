@@ -133,3 +133,15 @@ def test_replicated_experts_get_the_mean_gradient_and_a_global_clip(tmp_path):
             expected = getattr(single.experts, name).grad[block]
             torch.testing.assert_close(part["grads"][f"experts.{name}"], expected, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(part["grads"]["router.gate.weight"], single.router.gate.weight.grad)
+
+
+def _unequal_rank(rank, world_size):
+    layer = parallelize_moe(_layer("maxscore", "sequence"))
+    x = torch.randn(BATCH + rank, LENGTH, DIM)  # rank 1 holds one sequence more
+    layer(x)
+
+
+@pytest.mark.distributed
+def test_unequal_local_batches_raise_at_the_first_exchange():
+    with pytest.raises(Exception, match="the ranks' local batches differ"):
+        spawn(_unequal_rank, 2, timeout_s=60)

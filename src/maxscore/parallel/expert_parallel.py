@@ -66,14 +66,32 @@ class ExpertParallelDispatcher:
     def __init__(self, group: dist.ProcessGroup | None, num_experts: int, static: bool) -> None:
         self.group, self.num_experts, self.static = group, num_experts, static
         self.size = dist.get_world_size(group)
+        self.checked: tuple[int, int] | None = None  # the (capacity, dim) agreed on by every rank
 
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> torch.Tensor:
         if routing.capacity is not None and self.static:
             return self._static(x_TD, routing, experts)
         return self._variable(x_TD, routing, experts)
 
+    def _check_same_shape(self, capacity: int, dim: int, device: torch.device) -> None:
+        """Every rank must send the same [E, C, D] buffer: checked once per new shape (one small
+        all-reduce), so that unequal local batches end with an error instead of a stalled exchange."""
+        if self.checked == (capacity, dim):
+            return
+        shape = torch.tensor([capacity, -capacity, dim, -dim], dtype=torch.float64, device=device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self.group)
+        if shape[0] != -shape[1] or shape[2] != -shape[3]:
+            raise ValueError(
+                f"expert parallelism: the ranks' local batches differ (this rank: capacity {capacity} "
+                f"slots per expert, dim {dim}; across ranks capacity {int(-shape[1])}..{int(shape[0])}, "
+                f"dim {int(-shape[3])}..{int(shape[2])}); give every rank the same number of sequences of "
+                "the same length (pad the last batch, or drop it)"
+            )
+        self.checked = (capacity, dim)
+
     def _static(self, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> torch.Tensor:
         num_experts, capacity, dim = self.num_experts, routing.capacity, x_TD.shape[1]
+        self._check_same_shape(capacity, dim, x_TD.device)
         local = num_experts // self.size
         slots_TK = capacity_slots(routing.experts, num_experts, capacity)
         token_S, weight_S = slot_table(slots_TK, routing.weights, num_experts * capacity)
