@@ -85,9 +85,7 @@ class MoELayer(nn.Module):
         batch, length = self._check(x, valid)
         x_TD = x.reshape(-1, self.dim)
         valid_T = None if valid is None else valid.reshape(-1)
-        causal = causal or (
-            length == 1 and not self.training and getattr(self.router, "has_causal_mode", False)
-        )
+        causal = causal or (length == 1 and not self.training and self.router.has_causal_mode)
         routing = self.router(x_TD, valid_T, sequence_length=length, causal=causal)
         y_TD = self.dispatcher(x_TD, routing, self.experts)
         if self.shared is not None:

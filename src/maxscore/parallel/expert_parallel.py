@@ -179,10 +179,10 @@ def parallelize_moe(
         if isinstance(layer.dispatcher, ExpertParallelDispatcher):
             raise ValueError("parallelize_moe: the model is already parallelized")
         layer.experts = shard_experts(layer.experts, rank, size)
-        static = bool(getattr(layer.router, "fills_capacity", False))
-        layer.dispatcher = ExpertParallelDispatcher(expert_group, layer.num_experts, static)
-        if hasattr(layer.router, "process_group"):
-            layer.router.process_group = routing_group
+        layer.dispatcher = ExpertParallelDispatcher(
+            expert_group, layer.num_experts, layer.router.fills_capacity
+        )
+        layer.router.process_group = routing_group
     return model
 
 

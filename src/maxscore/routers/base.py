@@ -62,10 +62,25 @@ class RouterOutput:
 
 @runtime_checkable
 class Router(Protocol):
-    """What ``MoELayer`` needs of a router (built-in or your own ``nn.Module``)."""
+    """What ``MoELayer`` needs of a router (built-in or your own ``nn.Module``).
+
+    Capabilities are declared, never probed:
+        has_causal_mode: the router can route every token alone (``causal=True``; the layer
+            uses it for single-token steps in eval).
+        fills_capacity: every routing group fills every expert exactly to its capacity, so an
+            expert-parallel exchange has static sizes.
+        has_schedule: the combine weights follow a SoftTopk temperature schedule stepped by
+            ``after_optimizer_step`` (the harness sets it to the run's length).
+        process_group: the group a router that routes across ranks uses (``None``: the world or
+            a single process); others ignore it.
+    """
 
     num_experts: int
     k: int
+    has_causal_mode: bool
+    fills_capacity: bool
+    has_schedule: bool
+    process_group: object | None
 
     def __call__(
         self,
@@ -136,6 +151,9 @@ class GatedRouter(nn.Module):
     default_normalize = False
     default_balance_coef = 0.01
     has_causal_mode = True
+    fills_capacity = False
+    has_schedule = False
+    process_group = None
     supported_groups = GROUPS
 
     def __init__(

@@ -59,6 +59,7 @@ class SoftTopkOnlyRouter(GShardRouter):
     """Ablation "SoftTopk only": GShard's greedy routing with SoftTopk weights (no renormalization)."""
 
     default_normalize = False
+    has_schedule = True
 
     def __init__(
         self,

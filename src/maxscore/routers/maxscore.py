@@ -48,6 +48,7 @@ class MaxScoreRouter(GatedRouter):
     """
 
     supported_groups = GROUPS + ("global",)
+    has_schedule = True
 
     def __init__(
         self,
@@ -148,6 +149,8 @@ class MaxScoreRouter(GatedRouter):
 
 class FlowOnlyRouter(MaxScoreRouter):
     """Ablation "flow only": MaxScore's flow routing with plain softmax weights (t = 1 always)."""
+
+    has_schedule = False
 
     def temperature(self) -> float:
         return 1.0

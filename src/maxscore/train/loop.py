@@ -25,7 +25,7 @@ from maxscore.model import DENSE, Decoder
 from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
-from maxscore.routers import install_step_hook
+from maxscore.routers import ROUTERS, install_step_hook
 from maxscore.routers.stats import RoutingStats
 from maxscore.train.checkpoint import (
     CHECKPOINT,
@@ -41,8 +41,6 @@ from maxscore.train.evaluate import evaluate
 from maxscore.train.models import hf_config_json, make_model
 from maxscore.train.tokenizer import encode, save_tokenizer, train_tokenizer
 
-SCHEDULED = ("maxscore", "softtopk_only")  # routers with a SoftTopk temperature schedule
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -55,7 +53,8 @@ def with_schedule(config: TrainConfig) -> TrainConfig:
     (a schedule given as a dict without ``steps`` also takes the run's length)."""
     model = config.model
     given = model.router_options.get("schedule")
-    if model.router not in SCHEDULED or (given is not None and not isinstance(given, dict)):
+    scheduled = model.router != DENSE and ROUTERS[model.router].has_schedule
+    if not scheduled or (given is not None and not isinstance(given, dict)):
         return config
     if isinstance(given, dict) and "steps" in given:
         return config
@@ -339,7 +338,7 @@ def finish(
     modes = (False,) if config.model.router == DENSE else (False, True)
     for split in ("validation", "test"):
         for causal in modes:
-            if causal and config.model.router == "expert_choice":
+            if causal and not ROUTERS[config.model.router].has_causal_mode:
                 continue
             key = f"{split}_{'causal' if causal else 'batch'}"
             final[key] = evaluate(
