@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from maxscore.train.config import make_config
 from maxscore.train.data import load_corpus
 
 KINDS = ("peaked", "flat", "ties", "forbidden", "padding")
@@ -90,3 +92,38 @@ def small_corpus_dir(tmp_path_factory):
 def _tokenizer_cache(tmp_path_factory, monkeypatch):
     """Trained tokenizers are cached in the session's temporary folder, not in the home folder."""
     monkeypatch.setenv("MAXSCORE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_config(data, **overrides):
+    """The tiny preset shrunk to test size (``TINY``) on ``data``, with overrides."""
+    return make_config("tiny", **{**TINY, "data": str(data), **overrides})
+
+
+def losses(run_dir) -> list[float]:
+    """The training losses a run logged, in order."""
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TINY_SETTINGS = [  # the command-line twin of TINY
+    "vocab_size=384",
+    "dim=32",
+    "layers=2",
+    "heads=2",
+    "seq_len=32",
+    "num_experts=4",
+    "expert_hidden=32",
+    "batch_size=4",
+    "warmup=2",
+    "log_every=2",
+    "eval_every=4",
+    "eval_batches=1",
+    'device="cpu"',
+]
+
+
+def run_options(data) -> list[str]:
+    """``maxscore train/compare`` options for a 6-step run at test size on ``data``."""
+    options = ["--preset", "tiny", "--steps", "6", "--data", str(data), "--quiet"]
+    for setting in TINY_SETTINGS:
+        options += ["--set", setting]
+    return options

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from maxscore.cli import main
+from tests.conftest import run_options
 
 
 def test_solve_bench_quick_writes_rows(tmp_path, capsys):
@@ -32,30 +33,6 @@ def test_unknown_subcommand_exits_with_usage():
     with pytest.raises(SystemExit) as error:
         main(["no-such-command"])
     assert error.value.code == 2
-
-
-TINY_SETTINGS = [
-    "vocab_size=384",
-    "dim=32",
-    "layers=2",
-    "heads=2",
-    "seq_len=32",
-    "num_experts=4",
-    "expert_hidden=32",
-    "batch_size=4",
-    "warmup=2",
-    "log_every=2",
-    "eval_every=4",
-    "eval_batches=1",
-    'device="cpu"',
-]
-
-
-def run_options(data):
-    options = ["--preset", "tiny", "--steps", "6", "--data", str(data), "--quiet"]
-    for setting in TINY_SETTINGS:
-        options += ["--set", setting]
-    return options
 
 
 def test_train_then_eval(tmp_path, capsys, small_corpus_dir):

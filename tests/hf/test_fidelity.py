@@ -9,8 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from maxscore.hf import load_swapped, swap_router, upcycle  # noqa: E402
-from tests.hf.test_router_swap import MODELS, moe_model  # noqa: E402
-from tests.hf.test_upcycle import FAMILIES, SMALL, dense_model  # noqa: E402
+from tests.hf.helpers import FAMILIES, MODELS, SMALL, dense_model, moe_model  # noqa: E402
 
 KINDS = [("swapped", name) for name in sorted(MODELS)] + [("upcycled", name) for name in sorted(FAMILIES)]
 PAD = 0

@@ -8,43 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from maxscore.hf import load_swapped, swap_router  # noqa: E402
-from tests.hf.test_upcycle import SMALL, tokens  # noqa: E402
-
-MODELS = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
-    ),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=32)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, eos_token_id=1, pad_token_id=0)),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        dict(
-            n_routed_experts=4,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=0,
-            moe_intermediate_size=32,
-            q_lora_rank=16,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            num_key_value_heads=4,
-        ),
-    ),
-}
-
-
-def moe_model(name: str):
-    config_name, model_name, extra = MODELS[name]
-    settings = {**SMALL, **extra, "num_experts_per_tok": 2, "output_router_logits": True}
-    config = getattr(transformers, config_name)(**settings)
-    torch.manual_seed(0)
-    return getattr(transformers, model_name)(config)
+from tests.hf.helpers import MODELS, SMALL, moe_model, tokens  # noqa: E402
 
 
 def _record_indices(model) -> list:

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 from maxscore.cli import main  # noqa: E402
 from maxscore.train.checkpoint import load_model  # noqa: E402
 from maxscore.train.loop import train  # noqa: E402
-from tests.train.test_loop import losses, tiny_config  # noqa: E402
+from tests.conftest import losses, tiny_config  # noqa: E402
+from tests.hf.helpers import hf_loss  # noqa: E402
 
 HF = dict(
     model_type="llama",
@@ -65,8 +66,6 @@ def test_cli_upcycles_a_saved_dense_model(small_corpus_dir, tmp_path, capsys):
 
 
 def test_an_hf_model_run_exports_as_its_hf_class(small_corpus_dir, tmp_path, capsys):
-    from tests.train.test_export import hf_loss
-
     config_file = tmp_path / "llama.json"
     config_file.write_text(json.dumps(HF))
     train(tiny_config(small_corpus_dir, steps=4, hf_model=str(config_file)), tmp_path / "run", progress=False)

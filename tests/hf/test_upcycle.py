@@ -8,33 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from maxscore.hf import upcycle  # noqa: E402
-
-SMALL = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-}
-
-
-def dense_model(family: str):
-    config_class, model_class = FAMILIES[family]
-    torch.manual_seed(0)
-    return model_class(config_class(**SMALL)).eval()
-
-
-def tokens(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(
-        0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
-    )
+from tests.hf.helpers import FAMILIES, SMALL, dense_model, tokens  # noqa: E402
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

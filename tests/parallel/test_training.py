@@ -12,7 +12,7 @@ from maxscore.parallel.launch import spawn
 from maxscore.train.checkpoint import load_model
 from maxscore.train.config import TrainConfig
 from maxscore.train.loop import train
-from tests.train.test_loop import losses, tiny_config
+from tests.conftest import losses, tiny_config
 
 
 def _train_rank(rank, world_size, config_json, out, stop_after):

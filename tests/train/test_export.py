@@ -5,34 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 import maxscore.hf  # noqa: E402, F401  (registers the MaxScore classes)
 from maxscore.cli import main  # noqa: E402
-from tests.test_cli import run_options  # noqa: E402
-
-
-def hf_loss(directory, text_file, seq_len: int) -> float:
-    """Mean next-token loss with plain transformers code: windows of seq_len + 1 at stride seq_len."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    ids = tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"] + [tokenizer.eos_token_id]
-    ids = torch.tensor(ids)
-    count = (len(ids) - 1) // seq_len
-    windows = ids[torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)[None]]
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for chunk in windows.split(4):
-            logits = model(chunk[:, :-1]).logits
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
-                )
-            )
-            tokens += chunk[:, 1:].numel()
-    return total / tokens
+from tests.conftest import run_options  # noqa: E402
+from tests.hf.helpers import hf_loss  # noqa: E402
 
 
 @pytest.mark.parametrize(

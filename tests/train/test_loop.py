@@ -10,15 +10,7 @@ from maxscore.routers import ROUTERS
 from maxscore.train.checkpoint import load_checkpoint, load_model
 from maxscore.train.config import PRESETS, make_config, parse_override
 from maxscore.train.loop import learning_rate, train
-from tests.conftest import TINY
-
-
-def tiny_config(data, **overrides):
-    return make_config("tiny", **{**TINY, "data": str(data), **overrides})
-
-
-def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import losses, tiny_config
 
 
 @pytest.mark.parametrize("router", [*sorted(ROUTERS), "dense"])
