@@ -1,0 +1,45 @@
+"""Counted host-side collectives for the global solver: all-reduces and all-gathers of small
+summaries over a process group (a no-op on a single process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (default: the world); 1 without an initialized process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class Reducer:
+    """All-reduces on the host over ``group``, counted; a no-op on a single process."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.distributed = world_size(group) > 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        # NCCL reduces device tensors only: the summaries make a round trip to the GPU
+        self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"
+        self.calls = self.bytes = 0
+
+    def __call__(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        if not self.distributed:
+            return tensor
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=op, group=self.group)
+        return moved.cpu()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[W, *shape]: every rank's ``tensor`` (just ``tensor[None]`` on a single process)."""
+        if not self.distributed:
+            return tensor[None]
+        world = dist.get_world_size(self.group)
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        moved = tensor.to(self.device).contiguous()
+        out = moved.new_empty((world * moved.shape[0],) + tuple(moved.shape[1:]))
+        dist.all_gather_into_tensor(out, moved, group=self.group)
+        return out.cpu().view((world,) + tuple(tensor.shape))
