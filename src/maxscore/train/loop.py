@@ -14,8 +14,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,18 +27,13 @@ from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
 from maxscore.routers import ROUTERS, install_step_hook
 from maxscore.routers.stats import RoutingStats
-from maxscore.train.checkpoint import (
-    CHECKPOINT,
-    checkpoint_path,
-    consolidated_state,
-    load_checkpoint,
-    save_run_checkpoint,
-    write_consolidated,
-)
+from maxscore.train.checkpoint import CHECKPOINT, checkpoint_path, load_checkpoint, save_run_checkpoint
 from maxscore.train.config import TrainConfig
 from maxscore.train.data import load_corpus
 from maxscore.train.evaluate import evaluate
-from maxscore.train.models import hf_config_json, make_model
+from maxscore.train.finish import finish
+from maxscore.train.metrics import MetricsLog, progress_bar, summarize
+from maxscore.train.models import make_model, pretrained_tokenizer, tokenizer_vocab_size
 from maxscore.train.tokenizer import encode, save_tokenizer, train_tokenizer
 
 
@@ -88,62 +83,31 @@ def batch_generator(config: TrainConfig, step: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
 
 
-def summarize(stats: list[RoutingStats]) -> dict:
-    """Routing statistics averaged over the MoE layers (host-side)."""
-    if not stats:
-        return {}
-    rows = [s.as_dict() for s in stats]
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    k = len(rows[0]["affinity_by_rank"])
-    summary = {
-        "dropped_fraction": mean("dropped_fraction"),
-        "dropped_first": mean("dropped_first"),
-        "dropped_later": mean("dropped_later"),
-        "load_ratio_mean": mean("load_ratio_mean"),
-        "load_ratio_min": min(r["load_ratio_min"] for r in rows),
-        "load_ratio_max": max(r["load_ratio_max"] for r in rows),
-        "load_ratio_sorted": [
-            sum(r["load_ratio_sorted"][i] for r in rows) / len(rows)
-            for i in range(len(rows[0]["load_ratio_sorted"]))
-        ],
-        "affinity_by_rank": [sum(r["affinity_by_rank"][i] for r in rows) / len(rows) for i in range(k)],
-        "entropy": mean("entropy"),
-    }
-    solver = [r["solver_ms"] for r in rows if r["solver_ms"] is not None]
-    if solver:
-        summary["solver_ms"] = sum(solver)
-    fallbacks = [r["solver_fallbacks"] for r in rows if r["solver_fallbacks"] is not None]
-    if fallbacks:
-        summary["solver_fallbacks"] = sum(fallbacks)
-    return summary
+@dataclass
+class Run:
+    """A run being trained: its settings, data, model and optimizer on this rank."""
 
+    config: TrainConfig
+    out: Path
+    topology: Topology
+    device: torch.device
+    tokenizer: object
+    streams: dict
+    model: nn.Module
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    start: int
+    log: MetricsLog | None
 
-class MetricsLog:
-    """``metrics.jsonl``: one object per logged step; on resume the steps after the checkpoint go."""
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of every (global) batch."""
+        share = self.config.batch_size // self.topology.world_size
+        return slice(self.topology.rank * share, (self.topology.rank + 1) * share)
 
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        kept = []
-        if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.tensorboard = _tensorboard(path.parent)
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, row["step"])
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.accumulation * self.config.model.seq_len
 
 
 def train(
@@ -157,7 +121,30 @@ def train(
     its share of every batch (``batch_size`` is the global batch), the experts are sharded over
     ``config.expert_parallel`` ranks and the rest is data parallel; rank 0 writes the logs.
     """
-    out = Path(out_dir)
+    run = setup(config, Path(out_dir))
+    config, topology = run.config, run.topology
+    bar = progress_bar(progress and topology.is_main, config.steps, run.start, run.out.name)
+    end = config.steps if stop_after is None else min(config.steps, run.start + stop_after)
+    clock = time.perf_counter()
+    for step in range(run.start, end):
+        losses, stats = train_step(run, step)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
+            log_step(run, done, losses, stats, time.perf_counter() - clock, bar)
+        if bar is not None:
+            bar.update(1)
+        if done % config.checkpoint_every == 0 or done == end:
+            save_run_checkpoint(run.out, run.model, run.optimizer, done, config, run.tokenizer, topology)
+    if bar is not None:
+        bar.close()
+    if end < config.steps:
+        return {}
+    return finish(run.model, config, run.streams, run.out, run.device, topology, run.tokenizer)
+
+
+def setup(config: TrainConfig, out: Path) -> Run:
+    """Settings (a checkpoint's when resuming), data, tokenizer, model and optimizer of a run;
+    rank 0 writes ``config.json`` and ``tokenizer.json``."""
     topology = make_topology(config.expert_parallel)
     resume = _load_resume(out, topology)
     if resume is not None:
@@ -179,7 +166,6 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=1))
         save_tokenizer(tokenizer, out / "tokenizer.json")
-
     model = initial_model(config, resume.hf_config if resume is not None else None).to(device)
     runner = _parallelize(model, topology)
     optimizer = make_optimizer(model, config)
@@ -191,76 +177,66 @@ def train(
             optimizer.load_state_dict(resume.optimizer_state)
         start = resume.step
     log = MetricsLog(out / "metrics.jsonl", start) if topology.is_main else None
+    return Run(config, out, topology, device, tokenizer, streams, model, runner, optimizer, start, log)
+
+
+def train_step(run: Run, step: int) -> tuple[tuple[float, float], list[RoutingStats]]:
+    """One optimizer step over ``accumulation`` micro-batches: ((loss, aux loss) on this rank,
+    the last micro-batch's routing statistics)."""
+    config, device = run.config, run.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
     amp = dict(
         device_type=device.type,
         dtype=getattr(torch, config.precision),
         enabled=device.type == "cuda" and config.precision != "float32",
     )
-    tokens_per_step = config.batch_size * config.accumulation * config.model.seq_len
-    share = config.batch_size // topology.world_size
-    rows = slice(topology.rank * share, (topology.rank + 1) * share)
-    bar = _progress_bar(progress and topology.is_main, config.steps, start, out.name)
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    clock = time.perf_counter()
-    for step in range(start, end):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss_sum, aux_sum = 0.0, 0.0
-        for micro in range(config.accumulation):
-            batch = (
-                streams["train"]
-                .batch(config.batch_size, config.model.seq_len, batch_generator(config, step, micro))[rows]
-                .to(device)
-            )
-            last = micro == config.accumulation - 1
-            with _no_sync(runner, last):  # forward and backward: DDP reduces on the last one
-                with torch.autocast(**amp):
-                    result = runner(batch[:, :-1])
-                    loss = nn.functional.cross_entropy(
-                        result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
-                    )
-                ((loss + result.aux_loss) / config.accumulation).backward()
-            loss_sum += float(loss.detach()) / config.accumulation
-            aux_sum += float(result.aux_loss.detach()) / config.accumulation
-        optimizer_step(model, optimizer, config.clip, topology)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
-            loss_sum, aux_sum = mean_over_ranks([loss_sum, aux_sum], device)
-            elapsed = time.perf_counter() - clock
-            row = {
-                "step": done,
-                "loss": loss_sum,
-                "aux_loss": aux_sum,
-                "lr": learning_rate(config, step),
-                "tokens": done * tokens_per_step,
-            }
-            row["tokens_per_s"] = tokens_per_step * (done - start) / max(elapsed, 1e-9)
-            row.update(summarize(result.stats))
-            if done % config.eval_every == 0 or done == config.steps:
-                row["val_loss"] = evaluate(
-                    model,
-                    streams["validation"],
-                    batch_size=config.batch_size,
-                    limit=config.eval_batches * config.batch_size,
-                    device=device,
-                )["loss"]
-            if log is not None:
-                log.write(row)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss_sum:.3f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                    drop=f"{row.get('dropped_fraction', 0.0):.1%}",
+    loss_sum, aux_sum = 0.0, 0.0
+    for micro in range(config.accumulation):
+        generator = batch_generator(config, step, micro)
+        batch = run.streams["train"].batch(config.batch_size, config.model.seq_len, generator)[run.rows]
+        batch = batch.to(device)
+        last = micro == config.accumulation - 1
+        with _no_sync(run.runner, last):  # forward and backward: DDP reduces on the last one
+            with torch.autocast(**amp):
+                result = run.runner(batch[:, :-1])
+                loss = nn.functional.cross_entropy(
+                    result.logits.float().flatten(0, 1), batch[:, 1:].flatten()
                 )
-        if bar is not None:
-            bar.update(1)
-        if done % config.checkpoint_every == 0 or done == end:
-            save_run_checkpoint(out, model, optimizer, done, config, tokenizer, topology)
+            ((loss + result.aux_loss) / config.accumulation).backward()
+        loss_sum += float(loss.detach()) / config.accumulation
+        aux_sum += float(result.aux_loss.detach()) / config.accumulation
+    optimizer_step(run.model, run.optimizer, config.clip, run.topology)
+    return (loss_sum, aux_sum), result.stats
+
+
+def log_step(run: Run, done: int, losses: tuple[float, float], stats: list, elapsed: float, bar) -> None:
+    """A ``metrics.jsonl`` row after ``done`` steps (losses averaged over ranks, routing
+    statistics, tokens/s since this process started, and ``val_loss`` at evaluation steps)."""
+    config = run.config
+    loss, aux = mean_over_ranks(list(losses), run.device)
+    row = {
+        "step": done,
+        "loss": loss,
+        "aux_loss": aux,
+        "lr": learning_rate(config, done - 1),
+        "tokens": done * run.tokens_per_step,
+        "tokens_per_s": run.tokens_per_step * (done - run.start) / max(elapsed, 1e-9),
+    }
+    row.update(summarize(stats))
+    if done % config.eval_every == 0 or done == config.steps:
+        row["val_loss"] = evaluate(
+            run.model,
+            run.streams["validation"],
+            batch_size=config.batch_size,
+            limit=config.eval_batches * config.batch_size,
+            device=run.device,
+        )["loss"]
+    if run.log is not None:
+        run.log.write(row)
     if bar is not None:
-        bar.close()
-    if end < config.steps:
-        return {}
-    return finish(model, config, streams, out, device, topology, tokenizer)
+        drop = f"{row.get('dropped_fraction', 0.0):.1%}"
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", drop=drop)
 
 
 def _load_resume(out: Path, topology: Topology):
@@ -286,17 +262,12 @@ def _load_resume(out: Path, topology: Topology):
 
 
 def _shared_tokenizer(corpus, config: TrainConfig, topology: Topology):
-    """Rank 0 trains (or reads) the cached tokenizer first; the others then read the cache.
-
-    An ``hf_model`` directory with a ``tokenizer.json`` brings its own tokenizer."""
-    vocab_size = config.model.vocab_size
-    if config.hf_model is not None:
-        from maxscore.hf.training import hf_tokenizer, hf_vocab_size
-
-        own = hf_tokenizer(config.hf_model)
-        if own is not None:
-            return own
-        vocab_size = hf_vocab_size(config.hf_model)
+    """The model's own tokenizer (``pretrained_tokenizer``), or the harness's BPE: rank 0 trains
+    (or reads) the cached one first; the others then read the cache."""
+    own = pretrained_tokenizer(config)
+    if own is not None:
+        return own
+    vocab_size = tokenizer_vocab_size(config)
     if topology.is_main:
         tokenizer = train_tokenizer(corpus, vocab_size)
     if topology.distributed:
@@ -318,74 +289,3 @@ def _no_sync(runner: nn.Module, last: bool):
     if last or not hasattr(runner, "no_sync"):
         return contextlib.nullcontext()
     return runner.no_sync()
-
-
-def finish(
-    model: Decoder,
-    config: TrainConfig,
-    streams: dict,
-    out: Path,
-    device: torch.device,
-    topology: Topology | None = None,
-    tokenizer=None,
-) -> dict:
-    """Final evaluation (validation and test, batch and causal routing) written to ``final.json``
-    (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
-    topology = topology or Topology()
-    method = config.model.router_options.get("method")
-    label = config.label or config.model.router + (f"@{method}" if method else "")
-    final: dict = {"router": label, "seed": config.seed, "steps": config.steps, "commit": source_commit()}
-    modes = (False,) if config.model.router == DENSE else (False, True)
-    for split in ("validation", "test"):
-        for causal in modes:
-            if causal and not ROUTERS[config.model.router].has_causal_mode:
-                continue
-            key = f"{split}_{'causal' if causal else 'batch'}"
-            final[key] = evaluate(
-                model,
-                streams[split],
-                batch_size=config.batch_size,
-                causal=causal,
-                limit=config.final_eval_windows,
-                device=device,
-            )
-    if "validation_causal" in final and "load_share_max" in final["validation_causal"]:
-        causal = final["validation_causal"]
-        final["causal_load"] = {"max": causal["load_share_max"], "min": causal["load_share_min"]}
-    if topology.distributed:
-        state = consolidated_state(model, topology)
-    if not topology.is_main:
-        return final
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final["last"] = rows[-1] if rows else {}
-    final["parameters"] = model.num_parameters()
-    final["active_parameters"] = model.num_parameters(active=True)
-    if topology.distributed:
-        final["world_size"] = topology.world_size
-        write_consolidated(out, state, config, tokenizer, config.steps, hf_config_json(model))
-    (out / "final.json").write_text(json.dumps(final, indent=1))
-    return final
-
-
-def source_commit() -> str | None:
-    """The git commit of the installed source (``None`` outside a git checkout)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None
-
-
-def _progress_bar(enabled: bool, total: int, initial: int, label: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True)

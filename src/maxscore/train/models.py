@@ -1,7 +1,9 @@
-"""The model a run trains: the built-in decoder, or an upcycled HF model (``hf_model``)."""
+"""The model a run trains, and the decisions that come with it: the built-in decoder, or an
+upcycled HF model (``hf_model``) with its config, vocabulary and, if it has one, tokenizer."""
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer
 from torch import nn
 
 from maxscore.model import Decoder
@@ -16,6 +18,25 @@ def make_model(config: TrainConfig, hf_config_json: str | None = None) -> nn.Mod
     from maxscore.hf.training import build_hf_decoder  # transformers is an optional dependency
 
     return build_hf_decoder(config.model, config.hf_model, hf_config_json)
+
+
+def pretrained_tokenizer(config: TrainConfig) -> Tokenizer | None:
+    """The tokenizer the model brings: an ``hf_model`` directory's ``tokenizer.json``, else None
+    (the harness then trains its BPE)."""
+    if config.hf_model is None:
+        return None
+    from maxscore.hf.training import hf_tokenizer
+
+    return hf_tokenizer(config.hf_model)
+
+
+def tokenizer_vocab_size(config: TrainConfig) -> int:
+    """The vocabulary the harness's BPE must have: the HF config's for an ``hf_model`` run."""
+    if config.hf_model is None:
+        return config.model.vocab_size
+    from maxscore.hf.training import hf_vocab_size
+
+    return hf_vocab_size(config.hf_model)
 
 
 def hf_config_json(model: nn.Module) -> str | None:

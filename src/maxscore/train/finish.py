@@ -1,0 +1,86 @@
+"""The end of a run: the final evaluation over the whole validation and test splits, with batch
+and causal routing, written atomically to ``final.json`` with the commit it ran at (and, for a
+multi-process run, the consolidated ``checkpoint.pt``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from maxscore.model import DENSE
+from maxscore.parallel.topology import Topology
+from maxscore.routers import ROUTERS
+from maxscore.train.checkpoint import consolidated_state, write_consolidated
+from maxscore.train.config import TrainConfig
+from maxscore.train.evaluate import evaluate
+from maxscore.train.models import hf_config_json
+
+
+def finish(
+    model: nn.Module,
+    config: TrainConfig,
+    streams: dict,
+    out: Path,
+    device: torch.device,
+    topology: Topology | None = None,
+    tokenizer=None,
+) -> dict:
+    """Final evaluation (validation and test, batch and causal routing) written to ``final.json``
+    (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
+    topology = topology or Topology()
+    method = config.model.router_options.get("method")
+    label = config.label or config.model.router + (f"@{method}" if method else "")
+    final: dict = {"router": label, "seed": config.seed, "steps": config.steps, "commit": source_commit()}
+    modes = (False,) if config.model.router == DENSE else (False, True)
+    for split in ("validation", "test"):
+        for causal in modes:
+            if causal and not ROUTERS[config.model.router].has_causal_mode:
+                continue
+            key = f"{split}_{'causal' if causal else 'batch'}"
+            final[key] = evaluate(
+                model,
+                streams[split],
+                batch_size=config.batch_size,
+                causal=causal,
+                limit=config.final_eval_windows,
+                device=device,
+            )
+    if "validation_causal" in final and "load_share_max" in final["validation_causal"]:
+        causal = final["validation_causal"]
+        final["causal_load"] = {"max": causal["load_share_max"], "min": causal["load_share_min"]}
+    if topology.distributed:
+        state = consolidated_state(model, topology)
+    if not topology.is_main:
+        return final
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final["last"] = rows[-1] if rows else {}
+    final["parameters"] = model.num_parameters()
+    final["active_parameters"] = model.num_parameters(active=True)
+    if topology.distributed:
+        final["world_size"] = topology.world_size
+        write_consolidated(out, state, config, tokenizer, config.steps, hf_config_json(model))
+    temporary = out / f"final.json.tmp{os.getpid()}"  # a reader never sees half a file
+    temporary.write_text(json.dumps(final, indent=1))
+    os.replace(temporary, out / "final.json")
+    return final
+
+
+def source_commit() -> str | None:
+    """The git commit of the installed source (``None`` outside a git checkout)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
