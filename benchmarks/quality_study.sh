@@ -2,9 +2,12 @@
 # The quality study: which MaxScore recipe trains the best model (paired seeds, tiny preset,
 # 2 CPU cores).  Each stage resumes: finished runs under $out/runs/<stage>/ are kept.
 #   bash benchmarks/quality_study.sh stage1      # screening: 20 configurations x 3 seeds x 250 steps
+#   bash benchmarks/quality_study.sh stage2      # the 5 best of stage 1 (validation), the current
+#                                                # defaults and the paper-faithful pair: 5 seeds x 1000 steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
+PY=${PY:-.venv/bin/python}
 out=benchmarks/results/quality_tiny_cpu-2core-epyc_202611
 baseline="gshard:normalize=true"
 stage1=(
@@ -30,8 +33,23 @@ case "${1:-}" in
       --routers "$(join "${stage1[@]}")" --baseline "$baseline" \
       --out "$out/runs/stage1" --report "$out/stage1"
     ;;
+  stage2)
+    # selection reads stage 1's validation means only (results.json), never the test split
+    chosen=$("$PY" - "$out/stage1/results.json" "$baseline" <<'PYTHON'
+import json, sys
+rows = json.load(open(sys.argv[1]))["configurations"]  # sorted by mean validation loss
+best = [row["label"] for row in rows[:5]]
+fixed = ["maxscore:normalize=false", "gshard:normalize=false", "flow_only:normalize=true", sys.argv[2]]
+print(",".join(dict.fromkeys(best + fixed)))
+PYTHON
+)
+    echo "stage 2 configurations: $chosen" >&2
+    "$MAXSCORE" compare --preset tiny --steps 1000 --seeds 5 --device cpu --quiet \
+      --routers "$chosen" --baseline "$baseline" \
+      --out "$out/runs/stage2" --report "$out/stage2"
+    ;;
   *)
-    echo "usage: bash benchmarks/quality_study.sh stage1" >&2
+    echo "usage: bash benchmarks/quality_study.sh stage1|stage2" >&2
     exit 2
     ;;
 esac
