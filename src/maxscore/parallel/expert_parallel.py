@@ -110,25 +110,25 @@ class ExpertParallelDispatcher:
         send_E = torch.tensor(counts, dtype=torch.int64, device=x_TD.device)
         received_E = torch.empty_like(send_E)  # [source rank, local expert]
         dist.all_to_all_single(received_E, send_E, group=self.group)
-        received_RL = received_E.view(self.size, local).cpu()
+        received_RX = received_E.view(self.size, local).cpu()
         input_splits = send_E.view(self.size, local).sum(1).tolist()
-        output_splits = received_RL.sum(1).tolist()
+        output_splits = received_RX.sum(1).tolist()
         rows = all_to_all(x_TD[tokens_P], output_splits, input_splits, self.group)
-        order = _expert_major(received_RL)  # (source, expert) blocks -> (expert, source) blocks
-        y_PD = experts.forward_grouped(rows[order], received_RL.sum(0).tolist())
+        order = _expert_major(received_RX)  # (source, expert) blocks -> (expert, source) blocks
+        y_PD = experts.forward_grouped(rows[order], received_RX.sum(0).tolist())
         y_PD = y_PD[torch.argsort(order)]
         returned = all_to_all(y_PD, input_splits, output_splits, self.group)
         weighted_PD = returned * pair_weights(routing, pairs_P, returned.dtype)
         return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD.to(x_TD.dtype))
 
 
-def _expert_major(counts_RL: torch.Tensor) -> torch.Tensor:
+def _expert_major(counts_RX: torch.Tensor) -> torch.Tensor:
     """Row order that regroups rows laid out as (source rank, local expert) blocks by expert."""
-    starts_RL = (torch.cumsum(counts_RL.flatten(), 0) - counts_RL.flatten()).view(counts_RL.shape)
+    starts_RX = (torch.cumsum(counts_RX.flatten(), 0) - counts_RX.flatten()).view(counts_RX.shape)
     blocks = [
-        torch.arange(int(starts_RL[r, e]), int(starts_RL[r, e] + counts_RL[r, e]))
-        for e in range(counts_RL.shape[1])
-        for r in range(counts_RL.shape[0])
+        torch.arange(int(starts_RX[r, e]), int(starts_RX[r, e] + counts_RX[r, e]))
+        for e in range(counts_RX.shape[1])
+        for r in range(counts_RX.shape[0])
     ]
     return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)
 

@@ -26,17 +26,17 @@ from torch import nn
 
 from maxscore.routers.balanced import BaseRouter, SBaseRouter
 from maxscore.routers.base import GatedRouter, Router, RouterOutput
-from maxscore.routers.capacity import (
+from maxscore.routers.deepseek import DeepSeekV3Router
+from maxscore.routers.expert_choice import ExpertChoiceRouter
+from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
+from maxscore.routers.stats import RoutingStats
+from maxscore.routers.topk import (
     DroplessRouter,
     GShardRouter,
     IterativeRouter,
     SoftTopkOnlyRouter,
     SwitchRouter,
 )
-from maxscore.routers.deepseek import DeepSeekV3Router
-from maxscore.routers.expert_choice import ExpertChoiceRouter
-from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
-from maxscore.routers.stats import RoutingStats
 
 ROUTERS: dict[str, type[GatedRouter]] = {
     "maxscore": MaxScoreRouter,

@@ -73,14 +73,14 @@ class SBaseRouter(GatedRouter):
         if not self.training:
             return Selection(experts_TK=torch.topk(logits_TE, self.k, dim=1).indices, dropless=True)
         shape = (groups.count, groups.size)
-        mass_GS = torch.full(shape, float(self.k), device=logits_TE.device)
+        mass_GN = torch.full(shape, float(self.k), device=logits_TE.device)
         if valid_T is not None:
-            mass_GS = mass_GS * valid_T.view(shape)
-        logits_GSE = logits_TE.view(*shape, self.num_experts)
+            mass_GN = mass_GN * valid_T.view(shape)
+        logits_GNE = logits_TE.view(*shape, self.num_experts)
         col_mass_GE = capacity_G.float()[:, None].expand(-1, self.num_experts)
-        g_GE, _ = sinkhorn_potentials(logits_GSE, mass_GS, col_mass_GE, self.iterations)
-        choices_GSK = torch.topk(logits_GSE + g_GE[:, None, :], self.k, dim=2).indices
+        g_GE, _ = sinkhorn_potentials(logits_GNE, mass_GN, col_mass_GE, self.iterations)
+        choices_GNK = torch.topk(logits_GNE + g_GE[:, None, :], self.k, dim=2).indices
         if valid_T is not None:
-            choices_GSK = choices_GSK.masked_fill(~valid_T.view(*shape, 1), -1)
-        experts_GSK = drop_overflow(choices_GSK, self.num_experts, capacity_G)
-        return Selection(experts_TK=experts_GSK.view(-1, self.k))
+            choices_GNK = choices_GNK.masked_fill(~valid_T.view(*shape, 1), -1)
+        experts_GNK = drop_overflow(choices_GNK, self.num_experts, capacity_G)
+        return Selection(experts_TK=experts_GNK.view(-1, self.k))

@@ -32,13 +32,13 @@ class ExpertChoiceRouter(GatedRouter):
         ranking_TE = scores_TE.detach()
         if valid_T is not None:
             ranking_TE = ranking_TE.masked_fill(~valid_T[:, None], -torch.inf)
-        ranking_GSE = ranking_TE.view(groups.count, groups.size, num_experts)
+        ranking_GNE = ranking_TE.view(groups.count, groups.size, num_experts)
         static = min(groups.size, expert_capacity(groups.size, num_experts, self.k, self.capacity_factor))
-        picked_GCE = torch.topk(ranking_GSE, static, dim=1).indices
+        picked_GCE = torch.topk(ranking_GNE, static, dim=1).indices
         within_GC = torch.arange(static, device=scores_TE.device)[None, :] < capacity_G[:, None]
-        chosen_GSE = torch.zeros_like(ranking_GSE, dtype=torch.bool)
-        chosen_GSE.scatter_(1, picked_GCE, within_GC[..., None].expand_as(picked_GCE))
-        chosen_TE = chosen_GSE.view(-1, num_experts)
+        chosen_GNE = torch.zeros_like(ranking_GNE, dtype=torch.bool)
+        chosen_GNE.scatter_(1, picked_GCE, within_GC[..., None].expand_as(picked_GCE))
+        chosen_TE = chosen_GNE.view(-1, num_experts)
         if valid_T is not None:
             chosen_TE &= valid_T[:, None]
         order_TE = (

@@ -6,34 +6,34 @@ import torch
 
 
 def load_balancing_loss(
-    probs_GSE: torch.Tensor, experts_GSK: torch.Tensor, valid_GS: torch.Tensor | None = None
+    probs_GNE: torch.Tensor, experts_GNK: torch.Tensor, valid_GN: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_e f_e * P_e``, averaged over routing groups.
 
-    ``f_e`` is the fraction of the valid tokens' selections (the columns of ``experts_GSK``;
+    ``f_e`` is the fraction of the valid tokens' selections (the columns of ``experts_GNK``;
     Switch and the authors' code pass the first choices only, DeepSeek-V3 all k) that go to
     expert e, and ``P_e`` the mean router probability of e over the valid tokens.  Equals 1 for
     a uniform router; padding tokens count in neither.  Gradients flow through ``P`` only.
 
     Args:
-        probs_GSE: float [G, S, E] router probabilities.
-        experts_GSK: int64 [G, S, K] selected experts (``-1`` ignored).
-        valid_GS: bool [G, S] or None.
+        probs_GNE: float [G, N, E] router probabilities.
+        experts_GNK: int64 [G, N, K] selected experts (``-1`` ignored).
+        valid_GN: bool [G, N] or None.
     """
-    num_experts = probs_GSE.shape[-1]
-    valid_GS = (
-        torch.ones(probs_GSE.shape[:2], dtype=torch.bool, device=probs_GSE.device)
-        if valid_GS is None
-        else valid_GS
+    num_experts = probs_GNE.shape[-1]
+    valid_GN = (
+        torch.ones(probs_GNE.shape[:2], dtype=torch.bool, device=probs_GNE.device)
+        if valid_GN is None
+        else valid_GN
     )
-    weight_GS = valid_GS.float()
-    num_valid_G = weight_GS.sum(1).clamp(min=1)
-    mean_prob_GE = (probs_GSE * weight_GS[..., None]).sum(1) / num_valid_G[:, None]
-    picked_GSK = (experts_GSK >= 0) & valid_GS[..., None]
+    weight_GN = valid_GN.float()
+    num_valid_G = weight_GN.sum(1).clamp(min=1)
+    mean_prob_GE = (probs_GNE * weight_GN[..., None]).sum(1) / num_valid_G[:, None]
+    picked_GNK = (experts_GNK >= 0) & valid_GN[..., None]
     counts_GE = torch.zeros_like(mean_prob_GE).scatter_add_(
-        1, experts_GSK.clamp(min=0).flatten(1), picked_GSK.flatten(1).float()
+        1, experts_GNK.clamp(min=0).flatten(1), picked_GNK.flatten(1).float()
     )
-    fraction_GE = counts_GE / picked_GSK.flatten(1).sum(1).clamp(min=1)[:, None]
+    fraction_GE = counts_GE / picked_GNK.flatten(1).sum(1).clamp(min=1)[:, None]
     return num_experts * (fraction_GE * mean_prob_GE).sum(1).mean()
 
 

@@ -33,7 +33,7 @@ class Reducer:
         return moved.cpu()
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[W, *shape]: every rank's ``tensor`` (just ``tensor[None]`` on a single process)."""
+        """[R, *shape]: every rank's ``tensor`` (just ``tensor[None]`` on a single process)."""
         if not self.distributed:
             return tensor[None]
         world = dist.get_world_size(self.group)

@@ -210,10 +210,10 @@ class _DeviceSolve:
             experts_GNK, p = self.fall_back(fallback, experts_GNK, p, max_moves, threads)
         return self.certify(experts_GNK, p, fallback_G)
 
-    def loads(self, experts_GXK: torch.Tensor) -> torch.Tensor:
+    def loads(self, experts: torch.Tensor) -> torch.Tensor:
         loads_GE = torch.zeros(self.G, self.E + 1, dtype=torch.int64, device=self.device)
-        slots_GX = (experts_GXK % (self.E + 1)).flatten(1)  # -1 lands in the extra column
-        loads_GE.scatter_add_(1, slots_GX, torch.ones_like(slots_GX))
+        slots = (experts % (self.E + 1)).flatten(1)  # -1 lands in the extra column
+        loads_GE.scatter_add_(1, slots, torch.ones_like(slots))
         return loads_GE[:, : self.E]
 
     def to_host(self, scores_GME, valid_GM, sub_capacity_GE, p, fixed_margin_G) -> dict[str, np.ndarray]:

@@ -24,8 +24,8 @@ def local_moves(scores_NE: torch.Tensor, held_NE: torch.Tensor) -> tuple[torch.T
     the lowest token index.
     """
     num_tokens, num_experts = scores_NE.shape
-    local_X = torch.full((num_experts * num_experts,), math.inf, dtype=torch.float64)
-    token_X = torch.full((num_experts * num_experts,), num_tokens, dtype=torch.int64)
+    local_Q = torch.full((num_experts * num_experts,), math.inf, dtype=torch.float64)
+    token_Q = torch.full((num_experts * num_experts,), num_tokens, dtype=torch.int64)
     if num_tokens:
         k = int(held_NE[0].sum())
         experts_NK = torch.sort(held_NE.byte(), dim=1, descending=True, stable=True).indices[:, :k]
@@ -33,12 +33,12 @@ def local_moves(scores_NE: torch.Tensor, held_NE: torch.Tensor) -> tuple[torch.T
         cost_NKE = held_scores_NK[:, :, None] - scores_NE[:, None, :]
         cost_NKE = cost_NKE.masked_fill(held_NE[:, None, :], math.inf)
         edge_NKE = experts_NK[:, :, None] * num_experts + torch.arange(num_experts)
-        local_X.scatter_reduce_(0, edge_NKE.flatten(), cost_NKE.flatten(), "amin")
-        is_min = cost_NKE.flatten() == local_X[edge_NKE.flatten()]
+        local_Q.scatter_reduce_(0, edge_NKE.flatten(), cost_NKE.flatten(), "amin")
+        is_min = cost_NKE.flatten() == local_Q[edge_NKE.flatten()]
         tokens = torch.arange(num_tokens).repeat_interleave(k * num_experts)
         candidate = torch.where(is_min & torch.isfinite(cost_NKE.flatten()), tokens, num_tokens)
-        token_X.scatter_reduce_(0, edge_NKE.flatten(), candidate, "amin")
-    return local_X, token_X
+        token_Q.scatter_reduce_(0, edge_NKE.flatten(), candidate, "amin")
+    return local_Q, token_Q
 
 
 def move_costs(
@@ -50,15 +50,15 @@ def move_costs(
     exact in float64).
     """
     num_experts = scores_NE.shape[1]
-    local_X, token_X = local_moves(scores_NE, held_NE)
-    every_W2X = reduce.gather(torch.stack([local_X, token_X.double()]))
-    costs_WX, tokens_WX = every_W2X[:, 0], every_W2X[:, 1].long()
-    global_X = costs_WX.min(0).values
-    ranks_W1 = torch.arange(costs_WX.shape[0])[:, None]
-    owner_X = torch.where(costs_WX == global_X, ranks_W1, costs_WX.shape[0]).min(0).values
-    token_X = tokens_WX.gather(0, owner_X.clamp(max=costs_WX.shape[0] - 1)[None])[0]
+    local_Q, token_Q = local_moves(scores_NE, held_NE)
+    every_R2Q = reduce.gather(torch.stack([local_Q, token_Q.double()]))
+    costs_RQ, tokens_RQ = every_R2Q[:, 0], every_R2Q[:, 1].long()
+    global_Q = costs_RQ.min(0).values
+    ranks_W1 = torch.arange(costs_RQ.shape[0])[:, None]
+    owner_Q = torch.where(costs_RQ == global_Q, ranks_W1, costs_RQ.shape[0]).min(0).values
+    token_Q = tokens_RQ.gather(0, owner_Q.clamp(max=costs_RQ.shape[0] - 1)[None])[0]
     shape = (num_experts, num_experts)
-    return global_X.view(shape), owner_X.view(shape), token_X.view(shape)
+    return global_Q.view(shape), owner_Q.view(shape), token_Q.view(shape)
 
 
 def shortest_paths(cost_EE: torch.Tensor, sources_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +225,8 @@ def certificate_prices(
     scores_NE: torch.Tensor, held_NE: torch.Tensor, loads_E: torch.Tensor, capacity: int, reduce: Reducer
 ) -> torch.Tensor:
     """Dual prices: each expert's shortest move distance to an expert with spare capacity."""
-    local_X, _ = local_moves(scores_NE, held_NE)
-    cost_EE = reduce(local_X, dist.ReduceOp.MIN).view(len(loads_E), len(loads_E))
+    local_Q, _ = local_moves(scores_NE, held_NE)
+    cost_EE = reduce(local_Q, dist.ReduceOp.MIN).view(len(loads_E), len(loads_E))
     slack_E = loads_E < capacity
     full = not slack_E.any()  # every expert full: prices are defined up to a common shift
     # distance from e to the sources = distance to e from the sources in the reversed graph

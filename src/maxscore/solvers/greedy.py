@@ -18,29 +18,29 @@ from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 
 
-def drop_overflow(choices_GSK: torch.Tensor, num_experts: int, capacity_G: torch.Tensor) -> torch.Tensor:
+def drop_overflow(choices_GNK: torch.Tensor, num_experts: int, capacity_G: torch.Tensor) -> torch.Tensor:
     """Keeps each group's choices rank by rank, in token order, while the expert has room.
 
     Args:
-        choices_GSK: int64 [G, S, K] experts in preference order per token, ``-1`` for none.
+        choices_GNK: int64 [G, N, K] experts in preference order per token, ``-1`` for none.
         num_experts: E.
         capacity_G: int64 [G] tokens per expert in each group.
 
     Returns:
-        int64 [G, S, K]: ``choices_GSK`` with the overflowing choices set to ``-1``.
+        int64 [G, N, K]: ``choices_GNK`` with the overflowing choices set to ``-1``.
     """
-    kept_GSK = choices_GSK.clone()
-    loads_GE = torch.zeros(choices_GSK.shape[0], num_experts, dtype=torch.int64, device=choices_GSK.device)
-    for rank in range(choices_GSK.shape[2]):  # K is small; tokens are vectorized
-        choice_GS = choices_GSK[:, :, rank]
-        onehot_GSE = (
-            torch.nn.functional.one_hot(choice_GS.clamp(min=0), num_experts) * (choice_GS >= 0)[..., None]
+    kept_GNK = choices_GNK.clone()
+    loads_GE = torch.zeros(choices_GNK.shape[0], num_experts, dtype=torch.int64, device=choices_GNK.device)
+    for rank in range(choices_GNK.shape[2]):  # K is small; tokens are vectorized
+        choice_GN = choices_GNK[:, :, rank]
+        onehot_GNE = (
+            torch.nn.functional.one_hot(choice_GN.clamp(min=0), num_experts) * (choice_GN >= 0)[..., None]
         )
-        position_GSE = torch.cumsum(onehot_GSE, dim=1) - 1 + loads_GE[:, None, :]
-        fits_GS = ((position_GSE < capacity_G[:, None, None]) & onehot_GSE.bool()).any(2)
-        kept_GSK[:, :, rank] = torch.where(fits_GS, choice_GS, -1)
-        loads_GE += (onehot_GSE * fits_GS[..., None]).sum(1)
-    return kept_GSK
+        position_GNE = torch.cumsum(onehot_GNE, dim=1) - 1 + loads_GE[:, None, :]
+        fits_GN = ((position_GNE < capacity_G[:, None, None]) & onehot_GNE.bool()).any(2)
+        kept_GNK[:, :, rank] = torch.where(fits_GN, choice_GN, -1)
+        loads_GE += (onehot_GNE * fits_GN[..., None]).sum(1)
+    return kept_GNK
 
 
 def solve_greedy(problem: Problem) -> Assignment:

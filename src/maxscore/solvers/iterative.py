@@ -59,13 +59,13 @@ def solve_iterative(problem: Problem, *, max_rounds: int | None = None) -> Assig
         if width == 0:
             break
         rounds += 1
-        rows_R = (missing_T > 0).nonzero().flatten()  # only tokens with units still to place
-        top = torch.topk(scores_TE[rows_R].masked_fill(tried_TE[rows_R], -math.inf), width, dim=1)
-        wanted_RW = (torch.arange(width) < missing_T[rows_R, None]) & torch.isfinite(top.values)
-        row_P, slot_P = wanted_RW.nonzero(as_tuple=True)
+        rows_U = (missing_T > 0).nonzero().flatten()  # only tokens with units still to place
+        top = torch.topk(scores_TE[rows_U].masked_fill(tried_TE[rows_U], -math.inf), width, dim=1)
+        wanted_UW = (torch.arange(width) < missing_T[rows_U, None]) & torch.isfinite(top.values)
+        row_P, slot_P = wanted_UW.nonzero(as_tuple=True)
         if row_P.numel() == 0:
             break
-        token_P, expert_P = rows_R[row_P], top.indices[row_P, slot_P]
+        token_P, expert_P = rows_U[row_P], top.indices[row_P, slot_P]
         tried_TE[token_P, expert_P] = True
         accepted_P = _accept(token_P, expert_P, top.values[row_P, slot_P], problem.capacity - loads_E)
         token_A, expert_A = token_P[accepted_P], expert_P[accepted_P]

@@ -23,7 +23,7 @@ from maxscore.model import Decoder
 from maxscore.parallel.expert_parallel import expert_parameter_names
 from maxscore.parallel.topology import Topology
 from maxscore.train.config import TrainConfig
-from maxscore.train.models import hf_config_json, make_model
+from maxscore.train.factory import hf_config_json, make_model
 
 CHECKPOINT = "checkpoint.pt"
 

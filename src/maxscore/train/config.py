@@ -20,7 +20,7 @@ class TrainConfig:
     the final evaluation on at most ``final_eval_windows`` windows per split (None: all).
     Multi-process runs: ``batch_size`` is the global batch, shared equally by the ranks; the
     experts are sharded over ``expert_parallel`` ranks (0: all ranks).  ``hf_model``: train an
-    upcycled HF model instead of the built-in decoder (see ``maxscore.hf.training``).
+    upcycled HF model instead of the built-in decoder (see ``maxscore.hf.adapter``).
     ``label`` names the configuration in reports (``maxscore compare`` sets it to the variant,
     e.g. ``flow_only:normalize=true``; default: the router name)."""
 

@@ -104,7 +104,7 @@ class TokenStream:
         return torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
     def windows(self, seq_len: int, limit: int | None = None) -> torch.Tensor:
-        """int64 [W, seq_len + 1] consecutive windows over the stream (a partial last one is dropped)."""
+        """int64 [windows, seq_len + 1]: consecutive windows over the stream (a partial last is dropped)."""
         count = (self.tokens.numel() - 1) // seq_len
         if limit is not None:
             count = min(count, limit)

@@ -42,7 +42,7 @@ def evaluate(
             raise ValueError(f"{windows.shape[0]} evaluation windows cannot be shared by {world} ranks")
         windows = windows[dist.get_rank() * share : (dist.get_rank() + 1) * share]
     total, count = 0.0, 0
-    loads_LE = capacity_L = None
+    loads_YE = capacity_Y = None
     for chunk in windows.split(batch_size):
         chunk = chunk.to(device)
         output = model(chunk[:, :-1], causal=causal)
@@ -55,16 +55,16 @@ def evaluate(
         if causal and output.stats:
             layer_loads = torch.stack([s.loads for s in output.stats]).double()
             layer_capacity = torch.stack([s.capacity_G.sum() for s in output.stats]).double()
-            loads_LE = layer_loads if loads_LE is None else loads_LE + layer_loads
-            capacity_L = layer_capacity if capacity_L is None else capacity_L + layer_capacity
+            loads_YE = layer_loads if loads_YE is None else loads_YE + layer_loads
+            capacity_Y = layer_capacity if capacity_Y is None else capacity_Y + layer_capacity
     model.train(was_training)
     if world > 1:
         summed = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         total, count = float(summed[0]), int(summed[1])
-        if loads_LE is not None:
-            dist.all_reduce(loads_LE)
-            dist.all_reduce(capacity_L)
+        if loads_YE is not None:
+            dist.all_reduce(loads_YE)
+            dist.all_reduce(capacity_Y)
     loss = total / count
     characters = count * stream.characters / stream.tokens.numel()
     result = {
@@ -73,8 +73,8 @@ def evaluate(
         "bpc": total / (math.log(2) * characters),
         "tokens": count,
     }
-    if loads_LE is not None:
-        share_LE = loads_LE / capacity_L.clamp(min=1)[:, None]
-        result["load_share_max"] = float(share_LE.max())
-        result["load_share_min"] = float(share_LE.min())
+    if loads_YE is not None:
+        share_YE = loads_YE / capacity_Y.clamp(min=1)[:, None]
+        result["load_share_max"] = float(share_YE.max())
+        result["load_share_min"] = float(share_YE.min())
     return result

@@ -18,7 +18,7 @@ from maxscore.routers import ROUTERS
 from maxscore.train.checkpoint import consolidated_state, write_consolidated
 from maxscore.train.config import TrainConfig
 from maxscore.train.evaluate import evaluate
-from maxscore.train.models import hf_config_json
+from maxscore.train.factory import hf_config_json
 
 
 def finish(

@@ -31,9 +31,9 @@ from maxscore.train.checkpoint import CHECKPOINT, checkpoint_path, load_checkpoi
 from maxscore.train.config import TrainConfig
 from maxscore.train.data import load_corpus
 from maxscore.train.evaluate import evaluate
+from maxscore.train.factory import make_model, pretrained_tokenizer, tokenizer_vocab_size
 from maxscore.train.finish import finish
 from maxscore.train.metrics import MetricsLog, progress_bar, summarize
-from maxscore.train.models import make_model, pretrained_tokenizer, tokenizer_vocab_size
 from maxscore.train.tokenizer import encode, save_tokenizer, train_tokenizer
 
 

@@ -15,7 +15,7 @@ def make_model(config: TrainConfig, hf_config_json: str | None = None) -> nn.Mod
     ``hf_config_json`` when a checkpoint is being restored)."""
     if config.hf_model is None:
         return Decoder(config.model)
-    from maxscore.hf.training import build_hf_decoder  # transformers is an optional dependency
+    from maxscore.hf.adapter import build_hf_decoder  # transformers is an optional dependency
 
     return build_hf_decoder(config.model, config.hf_model, hf_config_json)
 
@@ -25,7 +25,7 @@ def pretrained_tokenizer(config: TrainConfig) -> Tokenizer | None:
     (the harness then trains its BPE)."""
     if config.hf_model is None:
         return None
-    from maxscore.hf.training import hf_tokenizer
+    from maxscore.hf.adapter import hf_tokenizer
 
     return hf_tokenizer(config.hf_model)
 
@@ -34,7 +34,7 @@ def tokenizer_vocab_size(config: TrainConfig) -> int:
     """The vocabulary the harness's BPE must have: the HF config's for an ``hf_model`` run."""
     if config.hf_model is None:
         return config.model.vocab_size
-    from maxscore.hf.training import hf_vocab_size
+    from maxscore.hf.adapter import hf_vocab_size
 
     return hf_vocab_size(config.hf_model)
 

@@ -27,8 +27,8 @@ def greedy_select(
     choices_TK = torch.topk(scores_TE.detach(), k, dim=1).indices
     if valid_T is not None:
         choices_TK = choices_TK.masked_fill(~valid_T[:, None], -1)
-    choices_GSK = choices_TK.view(groups.count, groups.size, k)
-    return drop_overflow(choices_GSK, scores_TE.shape[1], capacity_G).view(-1, k)
+    choices_GNK = choices_TK.view(groups.count, groups.size, k)
+    return drop_overflow(choices_GNK, scores_TE.shape[1], capacity_G).view(-1, k)
 
 
 class GShardRouter(GatedRouter):
