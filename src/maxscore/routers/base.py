@@ -97,10 +97,13 @@ class Router(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Groups:
-    """Routing groups: ``count`` groups of ``size`` consecutive tokens."""
+    """Routing groups: ``count`` groups of ``size`` consecutive tokens; ``slots``: the capacity
+    of a group with no padding, the per-group size of the static dispatch buffer (computed once
+    per call)."""
 
     count: int
     size: int
+    slots: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -234,8 +237,7 @@ class GatedRouter(nn.Module):
             solver_ms=selection.solver_ms,
             solver_fallbacks=selection.solver_fallbacks,
         )
-        static = groups.count * expert_capacity(groups.size, self.num_experts, self.k, self.capacity_factor)
-        capacity = None if selection.dropless else static
+        capacity = None if selection.dropless else groups.count * groups.slots
         return RouterOutput(
             experts=experts_TK,
             weights=weights_TK,
@@ -310,16 +312,17 @@ class GatedRouter(nn.Module):
                 f"{tuple(valid_T.shape)}; use valid.bool()"
             )
         if self.group != "sequence" or sequence_length is None:
-            return Groups(1, num_tokens)
-        if sequence_length < 1 or num_tokens % sequence_length:
+            count, size = 1, num_tokens
+        elif sequence_length < 1 or num_tokens % sequence_length:
             raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")
-        return Groups(num_tokens // sequence_length, sequence_length)
+        else:
+            count, size = num_tokens // sequence_length, sequence_length
+        return Groups(count, size, expert_capacity(size, self.num_experts, self.k, self.capacity_factor))
 
     def _capacity(self, valid_T: torch.Tensor | None, groups: Groups) -> torch.Tensor:
         device = self.gate.weight.device
         if valid_T is None:
-            full = expert_capacity(groups.size, self.num_experts, self.k, self.capacity_factor)
-            return torch.full((groups.count,), full, dtype=torch.int64, device=device)
+            return torch.full((groups.count,), groups.slots, dtype=torch.int64, device=device)
         num_valid_G = valid_T.view(groups.count, groups.size).sum(1)
         return group_capacity(num_valid_G, self.num_experts, self.k, self.capacity_factor)
 

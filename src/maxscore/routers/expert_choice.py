@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from maxscore.routers.base import GatedRouter, Selection
-from maxscore.solvers import expert_capacity
 
 
 class ExpertChoiceRouter(GatedRouter):
@@ -33,7 +32,7 @@ class ExpertChoiceRouter(GatedRouter):
         if valid_T is not None:
             ranking_TE = ranking_TE.masked_fill(~valid_T[:, None], -torch.inf)
         ranking_GNE = ranking_TE.view(groups.count, groups.size, num_experts)
-        static = min(groups.size, expert_capacity(groups.size, num_experts, self.k, self.capacity_factor))
+        static = min(groups.size, groups.slots)
         picked_GCE = torch.topk(ranking_GNE, static, dim=1).indices
         within_GC = torch.arange(static, device=scores_TE.device)[None, :] < capacity_G[:, None]
         chosen_GNE = torch.zeros_like(ranking_GNE, dtype=torch.bool)
