@@ -147,10 +147,7 @@ def bench_solvers(
                     progress(f"{num_tokens}x{num_experts} k={k} {distribution} {method}")
                 result = run()
                 ms = median_ms(run, budget_s)
-                device_ratio = None
-                if method == "exact":
-                    device_ms = median_ms(lambda s=scores, k=k: solve(s, k, engine="device"), budget_s)
-                    device_ratio = device_ms / topk_ms
+                device_ratio = _device_ratio(scores, k, topk_ms, budget_s) if method == "exact" else None
                 rows.append(
                     BenchRow(
                         **case,
@@ -177,6 +174,11 @@ def bench_solvers(
                 )
             )
     return rows
+
+
+def _device_ratio(scores: torch.Tensor, k: int, topk_ms: float, budget_s: float) -> float:
+    """The exact method's device engine on ``scores``, in units of ``torch.topk``'s time."""
+    return median_ms(lambda: solve(scores, k, engine="device"), budget_s) / topk_ms
 
 
 def bench_batched(
@@ -206,10 +208,7 @@ def bench_batched(
                 result = run()
                 score = result.score.sum().item() if method == "exact" else sum(a.score for a in result)
                 ms = median_ms(run, budget_s)
-                device_ratio = None
-                if method == "exact":
-                    device_ms = median_ms(lambda s=scores, k=k: solve(s, k, engine="device"), budget_s)
-                    device_ratio = device_ms / topk_ms
+                device_ratio = _device_ratio(scores, k, topk_ms, budget_s) if method == "exact" else None
                 rows.append(
                     BenchRow(
                         num_tokens=num_tokens,
