@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of the routing engine in one go (about 3-4 minutes on one H100/H200):
+# The GPU checks of the routing engine in one go (about 4 minutes on one H100/H200):
 # the `gpu` tests, the solver benchmark with CUDA scores (batched rows, device engine), the
 # layer benchmark and training throughput per router at the small preset.
 #   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
-# Needs a CUDA build of torch in $PY (default python3) and a C compiler for the solver core.
+# Needs a CUDA build of torch, transformers, scipy and pytest in $PY (default python3) and a C
+# compiler for the solver core; nothing is downloaded (GPU machines are often offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -11,10 +12,10 @@ tag=${1:-h100}
 stamp=$(date +%Y%m)
 out=benchmarks/results
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
-"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 "$PY" -m pytest -q -m gpu tests
 "$PY" -m pytest -q tests/solvers/test_device.py tests/solvers/test_batched.py
-"$PY" benchmarks/bench_solvers.py --device cuda --budget 0.3 \
+"$PY" benchmarks/bench_solvers.py --device cuda --quick --budget 0.3 \
     --out "$out/engine_${tag}_${stamp}.json" --md "$out/engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
