@@ -121,9 +121,10 @@ def paired_table(rows: list[dict], baseline: str, confidence: float = 0.95) -> s
     def interval(row: dict, split: str) -> str:
         if f"{split}_diff" not in row:
             return "—"
-        return (
-            f"{row[f'{split}_diff']:+.4f} [{row[f'{split}_diff_low']:+.4f}, {row[f'{split}_diff_high']:+.4f}]"
-        )
+        mean, low, high = row[f"{split}_diff"], row[f"{split}_diff_low"], row[f"{split}_diff_high"]
+        if not math.isfinite(low):
+            return f"{mean:+.4f} (one seed: no interval)"
+        return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
     for row in rows:
         lines.append(
