@@ -9,7 +9,7 @@ import torch
 
 from maxscore.train.config import make_config
 from maxscore.train.loop import initial_model
-from maxscore.train.paired import paired_interval, t_quantile
+from maxscore.train.paired import paired_interval, paired_rows, paired_table, t_quantile
 from maxscore.train.variants import parse_variant, parse_variants
 from tests.conftest import TINY
 
@@ -83,3 +83,24 @@ def test_paired_runs_start_from_identical_weights():
             assert torch.equal(state[name], reference[name]), f"{router}: {name} differs"
     other_seed = initial_model(make_config("tiny", router="gshard", seed=5, **settings)).state_dict()
     assert not torch.equal(other_seed["embed.weight"], reference["embed.weight"])
+
+
+def test_paired_rows_and_table_pair_by_seed():
+    def run(seed, val, test):
+        return {"seed": seed, "validation_batch": {"loss": val}, "test_batch": {"loss": test}}
+
+    groups = {
+        "base": [run(0, 5.0, 5.1), run(1, 5.2, 5.3), run(2, 4.9, 5.0)],
+        "new": [run(0, 4.9, 5.0), run(1, 5.08, 5.2), run(2, 4.79, 4.9)],  # -0.10, -0.12, -0.11 per seed
+        "once": [run(1, 5.1, 5.2)],
+    }
+    rows = {row["label"]: row for row in paired_rows(groups, "base")}
+    assert rows["new"]["val_differences"] == pytest.approx([-0.10, -0.12, -0.11])
+    expected = paired_interval(rows["new"]["val_differences"])
+    got = (rows["new"]["val_diff"], rows["new"]["val_diff_low"], rows["new"]["val_diff_high"])
+    assert got == expected
+    high = expected[2]
+    assert high < 0  # consistently better on every seed
+    assert "val_diff" not in rows["base"]
+    table = paired_table(list(rows.values()), "base")
+    assert "| once | 1 |" in table and "-0.1000 (one seed: no interval)" in table
