@@ -161,19 +161,23 @@ def bench_solvers(
                         device_ratio=device_ratio,
                     )
                 )
-            rows.append(
-                BenchRow(
-                    **case,
-                    method="torch.topk",
-                    ms=topk_ms,
-                    ratio_to_topk=1.0,
-                    gap_vs_exact=math.nan,
-                    dropped_fraction=0.0,
-                    max_load_ratio=math.nan,
-                    certificate_gap=None,
-                )
-            )
+            rows.append(_topk_row(case, topk_ms))
     return rows
+
+
+def _topk_row(case: dict, topk_ms: float, groups: int = 1) -> BenchRow:
+    """The baseline row: ``torch.topk`` on the same scores."""
+    return BenchRow(
+        **case,
+        method="torch.topk",
+        ms=topk_ms,
+        ratio_to_topk=1.0,
+        gap_vs_exact=math.nan,
+        dropped_fraction=0.0,
+        max_load_ratio=math.nan,
+        certificate_gap=None,
+        groups=groups,
+    )
 
 
 def _device_ratio(scores: torch.Tensor, k: int, topk_ms: float, budget_s: float) -> float:
@@ -226,22 +230,8 @@ def bench_batched(
                         device_ratio=device_ratio,
                     )
                 )
-            rows.append(
-                BenchRow(
-                    num_tokens=num_tokens,
-                    num_experts=num_experts,
-                    k=k,
-                    distribution=distribution,
-                    method="torch.topk",
-                    ms=topk_ms,
-                    ratio_to_topk=1.0,
-                    gap_vs_exact=math.nan,
-                    dropped_fraction=0.0,
-                    max_load_ratio=math.nan,
-                    certificate_gap=None,
-                    groups=groups,
-                )
-            )
+            case = dict(num_tokens=num_tokens, num_experts=num_experts, k=k, distribution=distribution)
+            rows.append(_topk_row(case, topk_ms, groups))
     return rows
 
 
