@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
 PY=${PY:-.venv/bin/python}
-out=benchmarks/results/quality_tiny_cpu-2core-epyc_202611
+out=benchmarks/results/quality_tiny_cpu-2core_202611
 baseline="gshard:normalize=true"
 stage1=(
   # baselines, SoftTopk off: raw or normalized combine weights x exact flow, GShard, iterative, dropless

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def finish(
     topology = topology or Topology()
     method = config.model.router_options.get("method")
     label = config.label or config.model.router + (f"@{method}" if method else "")
-    final: dict = {"router": label, "seed": config.seed, "steps": config.steps, "commit": source_commit()}
+    final: dict = {
+        "router": label,
+        "seed": config.seed,
+        "steps": config.steps,
+        "commit": source_commit(),
+        "hardware": hardware(device),
+    }
     modes = (False,) if config.model.router == DENSE else (False, True)
     for split in ("validation", "test"):
         for causal in modes:
@@ -68,6 +75,17 @@ def finish(
     temporary.write_text(json.dumps(final, indent=1))
     os.replace(temporary, out / "final.json")
     return final
+
+
+def hardware(device: torch.device) -> str:
+    """The processor (or GPU) a run trained on: float results can differ between kinds."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def source_commit() -> str | None:
