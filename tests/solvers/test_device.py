@@ -71,6 +71,18 @@ def test_single_problem_on_the_device_engine_keeps_the_plain_result():
     assert _same_experts(dev.experts, host.experts)
 
 
+@pytest.mark.parametrize("engine", ["host", "device"])
+def test_empty_groups_and_groups_of_padding_only(engine):
+    empty = maxscore.solve(torch.rand(2, 0, 4), 1, engine=engine)
+    assert empty.experts.shape == (2, 0, 1) and empty.loads.sum() == 0
+    scores = torch.rand(3, 20, 5).softmax(-1)
+    valid = torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) > 0.3
+    valid[1] = False  # a group of padding only: capacity 0, no expert for anyone
+    result = maxscore.solve(scores, 2, valid=valid, engine=engine)
+    assert result.capacity[1] == 0 and (result.experts[1] == -1).all() and result.loads[1].sum() == 0
+    assert result.converged.all() and (result.loads <= result.capacity[:, None]).all()
+
+
 def test_warm_start_needs_no_repair_moves_and_stays_exact():
     scores, _ = _groups("peaked", 4, 512, 16, 2)
     cold = maxscore.solve(scores, 2, engine="device")

@@ -51,11 +51,12 @@ from maxscore.solvers._validate import (
     check_scores,
     check_valid,
     infeasible_message,
+    make_problems,
     nonfinite_message,
     short_message,
 )
 from maxscore.solvers.assignment import Assignment
-from maxscore.solvers.exact import check_counts
+from maxscore.solvers.exact import check_counts, solve_exact_groups
 
 DEVICE_PRICE_STEPS = 8
 DAMPING = 0.8
@@ -91,6 +92,10 @@ def solve_exact_device(
     if single and isinstance(capacity, torch.Tensor):
         raise ValueError("capacity must be an int for [N, E] scores (an int64 [G] tensor is for [G, N, E])")
     check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
+    if num_tokens == 0:  # nothing to route: the host path handles the empty shapes
+        problems = make_problems(scores_GNE, k, capacity, capacity_factor, valid_GN)
+        result = solve_exact_groups(problems, prices=prices, max_moves=max_moves, threads=threads)
+        return _single(result) if single else result
     engine = _DeviceSolve(scores_GNE, k, valid_GN, capacity, capacity_factor)
     result = engine.run(prices, price_iterations, max_moves, threads)
     return _single(result) if single else result
