@@ -83,6 +83,14 @@ def test_empty_groups_and_groups_of_padding_only(engine):
     assert result.converged.all() and (result.loads <= result.capacity[:, None]).all()
 
 
+@pytest.mark.parametrize("engine", ["host", "device"])
+def test_forbidden_pairs_that_leave_no_room_name_their_group(engine):
+    scores = torch.rand(2, 4, 3)
+    scores[1, :, 2] = -math.inf  # group 1: 4 tokens x 2 units on 2 experts of capacity 3
+    with pytest.raises(ValueError, match=r"make the problem of group 1 infeasible"):
+        maxscore.solve(scores, 2, capacity=3, engine=engine)
+
+
 def test_warm_start_needs_no_repair_moves_and_stays_exact():
     scores, _ = _groups("peaked", 4, 512, 16, 2)
     cold = maxscore.solve(scores, 2, engine="device")

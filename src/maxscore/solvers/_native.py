@@ -142,13 +142,15 @@ def run_core_batch(
     price_iterations: int = PRICE_ITERATIONS,
     threads: int | None = None,
     raise_errors: bool = True,
+    group_ids: list[int] | None = None,
 ) -> BatchResult:
     """Solves every group of ``problems`` exactly in one call of the core, the groups spread over
     ``threads`` (default ``torch.get_num_threads()``) with the GIL released.
 
     ``scores_GNE``/``valid_GN``/``capacity_GE`` replace the problems' own (a sub-problem of the
     same k); ``prices_GE`` warm-starts every group.  With ``raise_errors=False`` a group the
-    core cannot solve is reported in ``status_G`` instead of raising.
+    core cannot solve is reported in ``status_G`` instead of raising; ``group_ids`` names the
+    groups in error messages (default 0..G-1).
     """
     scores = problems.scores_GNE if scores_GNE is None else scores_GNE
     valid = problems.valid_GN if scores_GNE is None else valid_GN
@@ -192,5 +194,6 @@ def run_core_batch(
     )
     if raise_errors:
         for g in np.flatnonzero(status):
-            _raise_status(int(status[g]), int(num_bad[g]), bad[g], k, capacity_GE[g], int(g))
+            name = int(g) if group_ids is None else group_ids[g]
+            _raise_status(int(status[g]), int(num_bad[g]), bad[g], k, capacity_GE[g], name)
     return BatchResult(experts, loads, prices, status, stats)

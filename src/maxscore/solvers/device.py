@@ -308,7 +308,7 @@ class _DeviceSolve:
             self.num_valid_G.index_select(0, groups).cpu(),
             self.device,
         )
-        result = run_core_batch(full, max_moves=max_moves, threads=threads)
+        result = run_core_batch(full, max_moves=max_moves, threads=threads, group_ids=groups.tolist())
         experts_GNK = experts_GNK.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(self.device))
         p = p.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(self.device))
         return experts_GNK, p
