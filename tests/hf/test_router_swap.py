@@ -81,6 +81,8 @@ def test_unsupported_architecture_and_double_swap_raise():
         ValueError, match=r"supports \['deepseek_v3', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"
     ):
         swap_router(transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)))
+    with pytest.raises(ValueError, match="group must be 'sequence' or 'batch'"):
+        swap_router(moe_model("olmoe"), group="global")
     model = swap_router(moe_model("olmoe"))
     with pytest.raises(ValueError, match="already MaxScore"):
         swap_router(model)

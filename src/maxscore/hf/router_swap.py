@@ -119,6 +119,8 @@ def swap_router(
         )
     if getattr(config, "maxscore_routing", None):
         raise ValueError("swap_router: this model's routers are already MaxScore routers")
+    if group not in ("sequence", "batch"):
+        raise ValueError(f"group must be 'sequence' or 'batch', got {group!r}")
     settings = dict(
         capacity_factor=capacity_factor,
         method=method,
