@@ -31,7 +31,7 @@ from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
-from maxscore.solvers import Assignment, expert_capacity, solve
+from maxscore.solvers import Assignment, expert_capacity, solve_finite
 from maxscore.solvers._validate import group_capacity
 
 GROUPS = ("sequence", "batch")
@@ -363,13 +363,8 @@ def solve_groups(
     """
     begin = time.perf_counter()
     shape = (groups.count, groups.size)
-    assignment = solve(
-        scores_TE.detach().view(*shape, -1),
-        k,
-        capacity=capacity_G,
-        method=method,
-        valid=None if valid_T is None else valid_T.view(shape),
-        **options,
-    )
+    valid_GN = None if valid_T is None else valid_T.view(shape)
+    # the scores come from logits checked finite: solve need not scan them again
+    assignment = solve_finite(scores_TE.detach().view(*shape, -1), k, capacity_G, method, valid_GN, **options)
     experts_TK = assignment.experts.reshape(-1, k)
     return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3)

@@ -92,6 +92,23 @@ def solve(
         ValueError: bad shapes or dtypes, NaN/+inf scores, k out of range, infeasible capacity or
             forbidden pairs (``greedy`` and ``topk`` accept any capacity), an unknown method or option.
     """
+    return _dispatch(scores, k, capacity, capacity_factor, method, valid, False, options)
+
+
+def solve_finite(
+    scores_GNE: torch.Tensor,
+    k: int,
+    capacity_G: torch.Tensor,
+    method: str,
+    valid_GN: torch.Tensor | None,
+    **options,
+) -> Assignment:
+    """``solve`` for callers that already checked their scores are finite (the routers: softmax
+    or sigmoid of logits they checked): the same result without scanning the values again."""
+    return _dispatch(scores_GNE, k, capacity_G, 1.0, method, valid_GN, True, options)
+
+
+def _dispatch(scores, k, capacity, capacity_factor, method, valid, finite, options) -> Assignment:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     unknown = sorted(set(options) - set(method_options(method)))
@@ -106,7 +123,7 @@ def solve(
         )
     if isinstance(scores, torch.Tensor) and scores.dim() == 3:
         problems = make_problems(
-            scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible
+            scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible, finite=finite
         )
         if method == "exact":
             return solve_exact_groups(problems, **options)

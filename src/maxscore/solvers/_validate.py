@@ -288,8 +288,13 @@ def make_problems(
     valid: torch.Tensor | None,
     *,
     require_feasible: bool = True,
+    finite: bool = False,
 ) -> Problems:
-    """Checks every argument of ``solve`` for [G, N, E] scores, once for all groups."""
+    """Checks every argument of ``solve`` for [G, N, E] scores, once for all groups.
+
+    ``finite=True``: the caller guarantees finite scores (a router's softmax or sigmoid of logits
+    it checked), so the value scan is skipped: every input is checked once per call.
+    """
     check_scores(scores)
     num_groups, num_tokens, num_experts = scores.shape
     if num_groups == 0:
@@ -310,5 +315,6 @@ def make_problems(
         raise ValueError(infeasible_message(int(capacity_G[g]), num_experts, k, int(num_valid_G[g]), g))
     scores_GNE = host_scores(scores)
     flat_valid = None if valid_GN is None else valid_GN.view(-1)
-    _check_values(scores_GNE.view(-1, num_experts), flat_valid, k, group_size=num_tokens)
+    if not finite:
+        _check_values(scores_GNE.view(-1, num_experts), flat_valid, k, group_size=num_tokens)
     return Problems(scores_GNE, k, capacity_G, valid_GN, num_valid_G, scores.device)
