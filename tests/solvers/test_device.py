@@ -131,6 +131,7 @@ def test_router_counts_no_fallbacks_and_reports_them():
         (lambda s: None, dict(prices=torch.zeros(5)), r"prices must be a float tensor of shape \[E\] or \[G"),
         (lambda s: None, dict(valid=torch.ones(3, 5, dtype=torch.bool)), r"valid must have shape \[G, N\]"),
         (lambda s: None, dict(engine="gpu"), "engine must be one of"),
+        (lambda s: None, dict(prices=torch.tensor([0.0, math.nan, 0.0, 0.0])), "prices must be finite"),
     ],
 )
 def test_bad_input_on_the_device_engine(mutate, kwargs, match):

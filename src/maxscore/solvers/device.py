@@ -136,6 +136,7 @@ class _DeviceSolve:
         usable_GN = self.mask_GN & ~self.bad_GN
         self.s = torch.where(usable_GN[..., None], s, -math.inf)
         self.slack_G = self.capacity_G * self.E > k * self.num_valid_G
+        self.bad_prices_G = torch.zeros(self.G, dtype=torch.bool, device=self.device)
 
     # ---- 1. prices --------------------------------------------------------------------------
     def initial_prices(self, prices: torch.Tensor | None) -> torch.Tensor:
@@ -147,7 +148,7 @@ class _DeviceSolve:
                 f"got {prices!r}"
             )
         p = prices.detach().to(self.device, torch.float64).expand(self.G, self.E).clone()
-        # a device-side check: no host sync here; non-finite prices would only cost fallbacks
+        self.bad_prices_G = ~torch.isfinite(p).all(1)  # raised at the one transfer, no sync here
         return torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0)
 
     def top(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,11 +224,12 @@ class _DeviceSolve:
 
     def to_host(self, scores_GME, valid_GM, sub_capacity_GE, p, fixed_margin_G) -> dict[str, np.ndarray]:
         """The one transfer: every piece packed into one float64 buffer."""
-        flags_G3 = torch.stack(
+        flags_G4 = torch.stack(
             [
                 self.bad_GN.any(1),
                 self.short_GN.any(1),
                 self.capacity_G * self.E < self.k * self.num_valid_G,
+                self.bad_prices_G,
             ],
             dim=1,
         )
@@ -237,7 +239,7 @@ class _DeviceSolve:
             "capacity": sub_capacity_GE,
             "prices": p,
             "margin": fixed_margin_G,
-            "flags": flags_G3,
+            "flags": flags_G4,
             "group_capacity": self.capacity_G,
             "num_valid": self.num_valid_G,
         }
@@ -262,6 +264,8 @@ class _DeviceSolve:
             capacity, num_valid = int(host["group_capacity"][g]), int(host["num_valid"][g])
             group = g if self.G > 1 else None
             raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, group))
+        if flags[:, 3].any():
+            raise ValueError("prices must be finite; pass None for a cold start")
 
     def repair(self, host, num_candidates, threads) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """Solves the candidate sub-problems on the host; certifies each group by its margins."""
