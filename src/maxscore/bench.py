@@ -199,6 +199,7 @@ def bench_batched(
     for groups, num_tokens, num_experts, k in sizes:
         for distribution in distributions:
             scores = make_scores(num_tokens, num_experts, distribution, groups=groups).to(device)
+            case = dict(num_tokens=num_tokens, num_experts=num_experts, k=k, distribution=distribution)
             flat = scores.reshape(-1, num_experts)
             topk_ms = median_ms(lambda f=flat, k=k: torch.topk(f, k, dim=1), budget_s)
             runs = {
@@ -215,10 +216,7 @@ def bench_batched(
                 device_ratio = _device_ratio(scores, k, topk_ms, budget_s) if method == "exact" else None
                 rows.append(
                     BenchRow(
-                        num_tokens=num_tokens,
-                        num_experts=num_experts,
-                        k=k,
-                        distribution=distribution,
+                        **case,
                         method=method,
                         ms=ms,
                         ratio_to_topk=ms / topk_ms,
@@ -230,7 +228,6 @@ def bench_batched(
                         device_ratio=device_ratio,
                     )
                 )
-            case = dict(num_tokens=num_tokens, num_experts=num_experts, k=k, distribution=distribution)
             rows.append(_topk_row(case, topk_ms, groups))
     return rows
 
