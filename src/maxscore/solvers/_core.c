@@ -7,7 +7,8 @@
  * top-k of s[t,:] - p and only full experts have a positive price.
  *
  * mode 0 (exact), four phases:
- *   1. prices: warm-start prices shifted to minimum 0; on large problems with much excess, a
+ *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
+ *      of the units on large problems, 1/4 on small ones, where the auction is cheaper), a
  *      few damped best-response (Jacobi) steps move every price toward the value that would
  *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
  *      s - p.  With slack capacity (sum cap > k x tokens) non-full experts are lowered to
@@ -797,12 +798,14 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
     if (!assign_topk(c, -1, bad, nbad_max, nbad)) return 0;
-    /* the price phase pays off on big problems with much excess; small ones go to the auction */
-    if (price_iters > 0 && c->N * c->E >= ((int64_t)1 << 16) && total_excess(c) > units / 64) {
+    /* the price phase pays off on big problems with much excess, and on small ones only with a
+     * very large excess (a strong per-expert bias); the auction ends the rest */
+    int64_t enough = c->N * c->E >= ((int64_t)1 << 16) ? units / 64 : units / 4;
+    if (price_iters > 0 && total_excess(c) > enough) {
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1)), rise;
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
-        for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > units / 64; it++) {
+        for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > enough; it++) {
             int64_t stride = total_excess(c) > units / 16 ? 4 : 1; /* coarse steps while far off */
             if (!price_step(c, alpha, slack, stride, buf, off, want, cnt, &rise)) break;
             assign_topk(c, rise, bad, nbad_max, nbad);
