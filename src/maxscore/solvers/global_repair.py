@@ -28,7 +28,7 @@ def local_moves(scores_NE: torch.Tensor, held_NE: torch.Tensor) -> tuple[torch.T
     token_Q = torch.full((num_experts * num_experts,), num_tokens, dtype=torch.int64)
     if num_tokens:
         k = int(held_NE[0].sum())
-        experts_NK = torch.sort(held_NE.byte(), dim=1, descending=True, stable=True).indices[:, :k]
+        experts_NK = held_NE.nonzero()[:, 1].view(num_tokens, k)  # row-major: ascending experts
         held_scores_NK = scores_NE.gather(1, experts_NK)
         cost_NKE = held_scores_NK[:, :, None] - scores_NE[:, None, :]
         cost_NKE = cost_NKE.masked_fill(held_NE[:, None, :], math.inf)

@@ -106,17 +106,16 @@ def solve_global(
         scores_NE = scores_NE[problem.valid_T]
     if not torch.isfinite(scores_NE).all():
         raise ValueError("scores must be finite for the global solver (no -inf); mask tokens with `valid`")
-    shape = reduce(torch.tensor([num_experts, k, -num_experts, -k, len(scores_NE)], dtype=torch.float64))
-    if reduce.distributed:
-        check = reduce(
-            torch.tensor([num_experts, k, -num_experts, -k], dtype=torch.float64), dist.ReduceOp.MAX
+    # one all-reduce of sums and sums of squares: E and k agree on every rank iff their
+    # variance over the ranks is 0 (exact: small integers in float64)
+    shape = torch.tensor([len(scores_NE), 1, num_experts, k, num_experts**2, k**2], dtype=torch.float64)
+    total, ranks, sum_e, sum_k, sum_e2, sum_k2 = reduce(shape).tolist()
+    if sum_e2 * ranks != sum_e**2 or sum_k2 * ranks != sum_k**2:
+        raise ValueError(
+            f"E and k must be equal on every rank; this rank has E={num_experts}, k={k}, "
+            f"the ranks' means are E={sum_e / ranks:g}, k={sum_k / ranks:g}"
         )
-        if not (check[:2] == -check[2:]).all():
-            raise ValueError(
-                f"E and k must be equal on every rank; this rank has E={num_experts}, k={k}, "
-                f"others reach E={int(check[0])}, k={int(check[1])}"
-            )
-    total = int(shape[4])
+    total = int(total)
     if capacity is None:
         capacity = expert_capacity(total, num_experts, k, capacity_factor)
     if capacity * num_experts < k * total:
@@ -182,10 +181,21 @@ def _initial_prices(prices: torch.Tensor | None, num_experts: int, reduce: Reduc
 
 
 def _top_k_mask(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """bool [N, E]: each token's top-k (ties to the lower expert index: topk on a stable order)."""
+    """bool [N, E]: each token's top-k, ties to the lower expert index.
+
+    ``topk`` decides every row whose k-th and (k+1)-th values differ (its set is then unique);
+    the rows with a tie at the boundary take a stable sort's order."""
     held_NE = torch.zeros(adjusted_NE.shape, dtype=torch.bool)
-    order = torch.sort(adjusted_NE, dim=1, descending=True, stable=True).indices[:, :k]
-    return held_NE.scatter_(1, order, True)
+    if k == adjusted_NE.shape[1]:
+        return held_NE.fill_(True)
+    top = torch.topk(adjusted_NE, k + 1, dim=1)
+    held_NE.scatter_(1, top.indices[:, :k], True)
+    tied_N = top.values[:, k - 1] == top.values[:, k]
+    if tied_N.any():
+        rows = adjusted_NE[tied_N]
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+        held_NE[tied_N] = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True)
+    return held_NE
 
 
 def _price_steps(
