@@ -187,6 +187,20 @@ static void heap_pop(Heap *h) {
 ROW_KERNELS(float)
 ROW_KERNELS(double)
 
+/* the largest s - p over the allowed experts a token does not hold (-inf if none): a branch-free
+ * reduction the compiler vectorizes, for the certificate */
+#define ROW_OTHER_MAX(T)                                                                             \
+    static double row_other_max_##T(const T *row, const double *p, const uint8_t *held, int64_t E) {  \
+        double m = -INFINITY;                                                                        \
+        for (int64_t e = 0; e < E; e++) {                                                            \
+            double v = held[e] ? -INFINITY : (double)row[e] - p[e];                                  \
+            m = v > m ? v : m;                                                                       \
+        }                                                                                            \
+        return m;                                                                                    \
+    }
+ROW_OTHER_MAX(float)
+ROW_OTHER_MAX(double)
+
 /* lower_bound: a value known to be <= the row's (k+1)-th value (-inf if unknown) */
 static int64_t row_topk(const Ctx *c, int64_t t, double lower_bound, int64_t *idx, double *val) {
     const int64_t kk = c->k + 1;
@@ -338,22 +352,30 @@ static void assign_rows(Chunk *ch) {
     }
 }
 
+/* the token part of the dual, from scratch: a token's top-k sum of s - p is the sum over the
+ * experts it holds when no other expert beats the lowest of them (one max over its row), else
+ * a top-k of the row */
 static void dual_rows(Chunk *ch) {
     Ctx *c = ch->c;
     int64_t *idx = ch->idx;
     double *val = ch->val;
     for (int64_t t = ch->t0; t < ch->t1; t++) {
         if (!is_valid(c, t)) continue;
-        /* k+1 distinct experts (the held ones and the cached best other) bound the (k+1)-th value */
-        double bound = -INFINITY;
-        if (c->barg[t] >= 0) {
-            bound = S(c, t, c->barg[t]) - c->p[c->barg[t]];
-            for (int64_t j = 0; j < c->k; j++) {
-                int64_t e = c->experts[t * c->k + j];
-                bound = fmin(bound, S(c, t, e) - c->p[e]);
-            }
+        double sum = 0.0, low = INFINITY, other;
+        for (int64_t j = 0; j < c->k; j++) {
+            int64_t e = c->experts[t * c->k + j];
+            double v = e >= 0 ? S(c, t, e) - c->p[e] : -INFINITY;
+            sum += v;
+            low = fmin(low, v);
         }
-        row_topk(c, t, bound, idx, val);
+        const uint8_t *h = c->held + t * c->E;
+        other = c->s32 ? row_other_max_float(c->s32 + t * c->E, c->p, h, c->E)
+                       : row_other_max_double(c->s64 + t * c->E, c->p, h, c->E);
+        if (other <= low && low > -INFINITY) {
+            ch->total += sum;
+            continue;
+        }
+        row_topk(c, t, -INFINITY, idx, val);
         for (int64_t j = 0; j < c->k; j++) ch->total += val[j];
     }
 }
