@@ -1085,7 +1085,8 @@ fail_s:
 typedef struct {
     const char *scores;
     int is_double;
-    int64_t G, N, E, k, nbad_max, max_moves, price_iters, g0, stride;
+    int64_t G, N, E, k, nbad_max, max_moves, price_iters;
+    int64_t *next; /* the next unclaimed group, shared by the threads */
     const uint8_t *valid;
     const int64_t *cap;
     double *p, alpha, *stats;
@@ -1094,9 +1095,18 @@ typedef struct {
     int mode;
 } Batch;
 
+/* the next group to solve: threads claim groups one at a time, so uneven groups balance */
+static int64_t claim_group(Batch *b) {
+#ifdef HAVE_THREADS
+    return __atomic_fetch_add(b->next, 1, __ATOMIC_RELAXED);
+#else
+    return (*b->next)++;
+#endif
+}
+
 static void solve_batch_range(Batch *b) {
     const size_t item = b->is_double ? sizeof(double) : sizeof(float);
-    for (int64_t g = b->g0; g < b->G; g += b->stride) {
+    for (int64_t g = claim_group(b); g < b->G; g = claim_group(b)) {
         Ctx c;
         memset(&c, 0, sizeof c);
         c.N = b->N;
@@ -1164,29 +1174,20 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
             .stats = b[9].buf, .experts = b[4].buf, .loads = b[5].buf, .bad = b[6].buf, .nbad = b[8].buf,
             .status = b[7].buf, .mode = mode,
         };
-        int64_t n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+        int64_t n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), next = 0;
         if (n > G) n = G;
-        Batch part[MAX_THREADS];
-        for (int64_t i = 0; i < n; i++) {
-            part[i] = batch;
-            part[i].g0 = i;
-            part[i].stride = n;
-        }
+        batch.next = &next;
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_THREADS
         pthread_t tid[MAX_THREADS];
         int started[MAX_THREADS] = {0};
         for (int64_t i = 1; i < n; i++)
-            started[i] = pthread_create(&tid[i], NULL, solve_batch_thread, &part[i]) == 0;
-        solve_batch_range(&part[0]);
-        for (int64_t i = 1; i < n; i++) {
-            if (started[i])
-                pthread_join(tid[i], NULL);
-            else
-                solve_batch_range(&part[i]);
-        }
+            started[i] = pthread_create(&tid[i], NULL, solve_batch_thread, &batch) == 0;
+        solve_batch_range(&batch); /* claims whatever a thread that failed to start leaves */
+        for (int64_t i = 1; i < n; i++)
+            if (started[i]) pthread_join(tid[i], NULL);
 #else
-        for (int64_t i = 0; i < n; i++) solve_batch_range(&part[i]);
+        solve_batch_range(&batch);
 #endif
         Py_END_ALLOW_THREADS
         for (int64_t g = 0; g < G; g++) oom |= ((int32_t *)b[7].buf)[g] == ST_NO_MEMORY;
