@@ -153,6 +153,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", help="JSON output")
     parser.add_argument("--md", help="markdown output with the environment")
+    parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     config = dict(dim=768, hidden=1536, num_experts=16, k=2, batch=8, length=512)
@@ -179,7 +180,7 @@ def main() -> int:
             json.dump({"config": config, "results": results}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# MoE layer benchmark ({args.device})\n\n{environment()}\n{text}\n")
+            f.write(f"# MoE layer benchmark ({args.device})\n\n{environment(args.concurrent)}\n{text}\n")
     return 0
 
 

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="write the rows as JSON")
     parser.add_argument("--md", help="write a markdown report")
+    parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
     args = parser.parse_args(argv)
     rows = []
     for preset in args.presets.split(","):
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(rows, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# Expert-parallel training throughput\n\n{environment()}\n{table}\n")
+            f.write(f"# Expert-parallel training throughput\n\n{environment(args.concurrent)}\n{table}\n")
     return 0
 
 

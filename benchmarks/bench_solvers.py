@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", help="JSON output")
     parser.add_argument("--md", help="markdown output with the environment")
+    parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     parser.add_argument("--device", default="cpu", help="where the scores live (cpu or cuda)")
     args = parser.parse_args()
@@ -52,7 +53,7 @@ def main() -> int:
             json.dump(rows_as_dicts(rows), f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# Solver benchmark\n\n{environment()}\n{table}\n")
+            f.write(f"# Solver benchmark\n\n{environment(args.concurrent)}\n{table}\n")
     return 0
 
 

@@ -256,8 +256,9 @@ def rows_as_dicts(rows: Iterable[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def environment() -> str:
-    """Markdown lines with the hardware, versions, commit and command of a benchmark run."""
+def environment(concurrent: str = "nothing") -> str:
+    """Markdown lines with the hardware, versions, commit and command of a benchmark run, and
+    what else ran on the machine meanwhile (``concurrent``)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -275,4 +276,5 @@ def environment() -> str:
         f"- python {platform.python_version()}, torch {torch.__version__}\n"
         f"- commit {commit}\n"
         f"- command: `python {' '.join(sys.argv)}`\n"
+        f"- also running: {concurrent}\n"
     )
