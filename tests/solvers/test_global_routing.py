@@ -39,42 +39,81 @@ def _split(num_tokens: int, world_size: int) -> list[int]:
     return sizes
 
 
-def _global_rank(rank, world_size, scores, valid, k, capacity_factor, out):
+def _global_rank(rank, world_size, scores, valid, k, capacity_factor, candidates, out):
     sizes = _split(scores.shape[0], world_size)
     begin = sum(sizes[:rank])
     rows = slice(begin, begin + sizes[rank])
     result = solve_global(
-        scores[rows], k, capacity_factor=capacity_factor, valid=None if valid is None else valid[rows]
+        scores[rows],
+        k,
+        capacity_factor=capacity_factor,
+        valid=None if valid is None else valid[rows],
+        candidates=candidates,
     )
     a = result.assignment
     summary = torch.tensor(
-        [a.score, a.gap, a.capacity, result.collectives, result.bytes_sent], dtype=torch.float64
+        [a.score, a.gap, a.capacity, result.collectives, result.bytes_sent, result.rounds],
+        dtype=torch.float64,
     )
-    torch.save({"experts": a.experts, "loads": a.loads, "summary": summary}, f"{out}/rank{rank}.pt")
+    certified = torch.tensor(result.certified_by_candidates)
+    torch.save(
+        {"experts": a.experts, "loads": a.loads, "summary": summary, "certified": certified},
+        f"{out}/rank{rank}.pt",
+    )
 
 
+def _run_ranks(world_size, scores, valid, k, candidates, out):
+    out.mkdir(exist_ok=True)
+    spawn(_global_rank, world_size, scores, valid, k, 1.0, candidates, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+# candidates: None (the default, 8 E per rank: the candidate round), 0 (repair rounds only),
+# 2 (a candidate round too small to be optimal, then the rounds)
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("kind", ["peaked", "padding"])
-def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind, tmp_path):
+@pytest.mark.parametrize("candidates", [None, 0, 2])
+def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind, candidates, tmp_path):
     num_tokens, num_experts, k = 240, 8, 2
     scores, valid = random_instance(5, num_tokens, num_experts, kind)
-    spawn(_global_rank, world_size, scores, valid, k, 1.0, str(tmp_path))
-    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    parts = _run_ranks(world_size, scores, valid, k, candidates, tmp_path)
     single = solve(scores, k, valid=valid)  # the compiled exact solver, one process
     experts = torch.cat([p["experts"] for p in parts])
     for p in parts:  # global results are identical on every rank
         assert torch.equal(p["loads"], single.loads)
-        score, gap, capacity, calls, sent = p["summary"].tolist()
+        score, gap, capacity, calls, sent, rounds = p["summary"].tolist()
         assert math.isclose(score, single.score, rel_tol=1e-9)
         assert abs(gap) < 1e-7 and capacity == single.capacity
-        # only [E]- or [2, E, E]-sized summaries crossed: never the [N, E] scores
-        assert calls > 0 and sent <= calls * 2 * num_experts * num_experts * 8
+        # every collective carries a summary whose size depends on E alone (at most the
+        # candidate round's 8E x (E + 1) + E numbers), never on the [N, E] scores
+        largest = max(2 * num_experts**2, 8 * num_experts * (num_experts + 1) + num_experts)
+        assert calls > 0 and sent <= calls * largest * 8
+        if candidates == 0:
+            assert not p["certified"] and rounds > 0
     check_feasible_concat = single.__class__(
         experts=experts, loads=single.loads, score=single.score, capacity=single.capacity, method="x"
     )
     check_feasible(check_feasible_concat, scores, k, valid, single.capacity, drops=False)
     assert torch.equal(experts.sort(1).values, single.experts.sort(1).values)  # unique optimum
+
+
+@pytest.mark.distributed
+def test_candidate_round_certifies_a_typical_routing_in_few_collectives(tmp_path):
+    """2 ranks x 1024 tokens, E = 16, k = 2, mild per-expert bias (a router early in training):
+    the candidate round is optimal, no repair round runs, and the call needs a handful of
+    collectives; the rounds alone need more for the same optimum."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2048, 16, generator=generator) + 0.5 * torch.randn(16, generator=generator)
+    scores = logits.softmax(-1)
+    fast = _run_ranks(2, scores, None, 2, None, tmp_path / "fast")
+    slow = _run_ranks(2, scores, None, 2, 0, tmp_path / "slow")
+    single = solve(scores, 2)
+    for p, q in zip(fast, slow, strict=True):
+        assert bool(p["certified"]) and p["summary"][5] == 0
+        assert math.isclose(float(p["summary"][0]), single.score, rel_tol=1e-9)
+        assert math.isclose(float(q["summary"][0]), single.score, rel_tol=1e-9)
+        assert p["summary"][3] <= 12 < q["summary"][3]
 
 
 def test_bad_input_is_named():

@@ -2,19 +2,26 @@
 
 Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation of every rank's
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
-scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduce``:
+scores; the ranks exchange only summaries whose size depends on E alone, never on N:
 
+0. **Check** (one all-reduce of 6 numbers): the token count, and that E and k agree on every
+   rank; warm-start prices are averaged over the ranks (one [E] all-reduce).
 1. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
    once the total overload is at most E units; a step that raises it is undone and the step
    size halved): every rank routes its tokens to their
    top-k of ``scores - prices``; the global loads are summed; each rank computes, per expert,
    the price at which it would shed (or take) its token share of the expert's global excess
    (a local best response); the token-weighted mean of the local responses, damped, is the
-   next global price vector.  On one process this is the exact best response.
-2. **Slack** (at most E + 1 all-reduces of E loads): an expert below capacity must have price 0
-   for optimality, so such prices are set to 0 and the tokens re-routed.  Now every token
-   holds its top-k of ``scores - prices``: the routing is optimal for its own loads.
-3. **Repair** (one all-gather of [2, E, E] per round): successive shortest paths on the
+   next global price vector.  On one process this is the exact best response.  Every token
+   now holds its top-k of ``scores - prices``.
+2. **Candidate round** (one all-gather of O(E^2) numbers and one all-reduce of 2): every rank
+   sends its ``8 E`` tokens of smallest margin and the loads of the rest; every rank solves
+   the same sub-problem with the compiled core (``maxscore.solvers.global_candidates``); the
+   joined routing is kept when its duality gap
+   ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks is 0 up to
+   rounding: the routing is then optimal.  This is the common case.
+3. **Repair rounds** otherwise (one all-gather of [2, E, E] per round), from the routing of
+   step 1: successive shortest paths on the
    expert graph plus a sink node.  Edge ``e -> f`` costs the cheapest move of one token from
    e to f, ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank
    (every rank's [E, E] minima and their tokens are gathered; the lowest rank holding the
@@ -23,11 +30,8 @@ scores; the ranks exchange only [E]- and [E, E]-sized summaries with ``all_reduc
    cost 0 it finds (each gathered token moves at most once per round); the owner of each
    edge on a path moves its token.  Zero-reduced-cost paths are shortest augmenting paths
    and keep the routing optimal for its loads, so the final routing is optimal (Ahuja,
-   Magnanti & Orlin, *Network Flows*, ch. 9); a round replaces what used to be one
-   collective per path.
-4. **Certificate** (one more [E, E] all-reduce and one of 2 values): prices from shortest
-   distances to the experts with spare capacity, and the duality gap
-   ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks (0 up to rounding).
+   Magnanti & Orlin, *Network Flows*, ch. 9).  Then the certificate: prices from shortest
+   distances to the experts with spare capacity (one [E, E] all-reduce) and the duality gap.
 
 The counters of ``GlobalAssignment`` say how many collectives (all-reduces and all-gathers)
 ran and how many bytes this rank contributed to them.  Every rank ends with its own tokens'
@@ -50,12 +54,14 @@ import torch.distributed as dist
 from maxscore.solvers._validate import expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact import solve_exact
+from maxscore.solvers.exact import check_counts, solve_exact
+from maxscore.solvers.global_candidates import CANDIDATES_PER_EXPERT, solve_candidates
 from maxscore.solvers.global_repair import certificate_prices, repair
 
 PRICE_ITERATIONS = 30
 DAMPING = 0.8
 MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
+GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality gap is 0 up to rounding
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,6 +74,7 @@ class GlobalAssignment:
     bytes_sent: int
     augmentations: int
     rounds: int = 0
+    certified_by_candidates: bool = False
 
 
 def solve_global(
@@ -80,6 +87,7 @@ def solve_global(
     prices: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     price_iterations: int = PRICE_ITERATIONS,
+    candidates: int | None = None,
 ) -> GlobalAssignment:
     """The optimal routing of all ranks' tokens together (collective: call it on every rank).
 
@@ -93,11 +101,14 @@ def solve_global(
         prices: float [E] warm-start prices (e.g. a router's averaged prices); averaged over ranks.
         group: the process group (default: the world; a single process works without one).
         price_iterations: cap on the price steps (0 skips them).
+        candidates: tokens per rank in the one-round candidate repair (default
+            ``CANDIDATES_PER_EXPERT * E``; 0 always takes the rounds of shortest paths).
 
     Raises:
         ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
             a capacity too small for all ranks' tokens.
     """
+    check_counts(price_iterations=price_iterations, candidates=candidates)
     problem = make_problem(scores, k, 0, capacity_factor, valid, require_feasible=False)
     reduce = Reducer(group)
     num_tokens, num_experts = problem.num_tokens, problem.num_experts
@@ -132,16 +143,25 @@ def solve_global(
             bytes_sent=0,
             augmentations=0,
         )
-    prices_E = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, reduce)
+    steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, reduce)
+    prices_E, held_NE, loads_E = steps
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
-    held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
-    augmentations, rounds = repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
-    prices_E = certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
-    experts_NK = _ranked(scores_NE, held_NE, k)
-    picked = scores_NE.gather(1, experts_NK).sum()
-    dual = torch.topk(scores_NE - prices_E, k, dim=1).values.sum()
-    totals = reduce(torch.stack([picked, dual]))
-    score, gap = float(totals[0]), float(totals[1] + capacity * prices_E.sum() - totals[0])
+    candidates = CANDIDATES_PER_EXPERT * num_experts if candidates is None else candidates
+    repaired = None
+    if candidates > 0:  # one round: the candidate sub-problem, certified by the duality gap
+        repaired = solve_candidates(scores_NE, held_NE, prices_E, capacity, k, candidates, reduce)
+    if repaired is not None:
+        candidate = (repaired.held_NE, repaired.prices_E)
+        experts_NK, score, gap = _certificate(scores_NE, *candidate, capacity, k, reduce)
+        if gap > GAP_TOLERANCE * max(1.0, abs(score)):
+            repaired = None
+    if repaired is not None:
+        loads_E, prices_E = repaired.loads_E, repaired.prices_E
+        augmentations, rounds = repaired.augmentations, 0
+    else:  # rounds of shortest paths from the routing at the price steps' prices
+        augmentations, rounds = repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
+        prices_E = certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
+        experts_NK, score, gap = _certificate(scores_NE, held_NE, prices_E, capacity, k, reduce)
     experts_TK = torch.full((num_tokens, k), -1, dtype=torch.int64)
     if problem.valid_T is None:
         experts_TK = experts_NK
@@ -164,7 +184,25 @@ def solve_global(
         bytes_sent=reduce.bytes,
         augmentations=augmentations,
         rounds=rounds,
+        certified_by_candidates=repaired is not None,
     )
+
+
+def _certificate(
+    scores_NE: torch.Tensor,
+    held_NE: torch.Tensor,
+    prices_E: torch.Tensor,
+    capacity: int,
+    k: int,
+    reduce: Reducer,
+) -> tuple[torch.Tensor, float, float]:
+    """This rank's experts [N, K] (best first), and the global score and duality gap
+    ``sum_t topk_k(s[t] - p) + C sum_e p_e - score`` (one all-reduce of two numbers)."""
+    experts_NK = _ranked(scores_NE, held_NE, k)
+    picked = scores_NE.gather(1, experts_NK).sum()
+    dual = torch.topk(scores_NE - prices_E, k, dim=1).values.sum()
+    totals = reduce(torch.stack([picked, dual]))
+    return experts_NK, float(totals[0]), float(totals[1] + capacity * prices_E.sum() - totals[0])
 
 
 def _initial_prices(prices: torch.Tensor | None, num_experts: int, reduce: Reducer) -> torch.Tensor:
@@ -206,11 +244,14 @@ def _price_steps(
     prices_E: torch.Tensor,
     iterations: int,
     reduce: Reducer,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Damped best-response steps; returns the prices of least overload with every token on
+    its top-k there (held [N, E]) and the global loads [E] (the last all-reduce's)."""
     num_tokens, num_experts = scores_NE.shape
-    if k == num_experts or total == 0:
-        return prices_E
+    if k == num_experts or total == 0 or iterations == 0:
+        return (prices_E, *_route(scores_NE, k, prices_E, reduce))
     best_prices, best_response, best_overload, step = prices_E, prices_E, math.inf, DAMPING
+    best_held, best_loads = None, None
     # prices are >= 0 (the dual of "load <= capacity"); with no slack at all (every expert must be
     # exactly full) only price differences matter, and letting unwanted experts go below the
     # others' prices is what brings tokens to them
@@ -227,8 +268,8 @@ def _price_steps(
                 break
             prices_E = best_prices + step * (best_response - best_prices)
             continue
-        best_prices, best_overload = prices_E, overload
-        if overload <= num_experts:  # a few units are cheaper to repair than more rounds
+        best_prices, best_overload, best_held, best_loads = prices_E, overload, held_NE, loads_E
+        if overload <= num_experts:  # a few units are cheaper to repair than more steps
             break
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
@@ -242,7 +283,7 @@ def _price_steps(
             response_E = ranked_NE.gather(0, position_E[None])[0].clamp(min=floor) * num_tokens
         best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
         prices_E = prices_E + step * (best_response - prices_E)
-    return best_prices
+    return best_prices, best_held, best_loads.long()
 
 
 def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: Reducer):

@@ -1,0 +1,115 @@
+"""The global solver's one-round repair: every rank solves the same candidate sub-problem.
+
+After the price steps every token holds its top-k of ``scores - prices`` and only a few units
+of overload are left.  A token's margin ``v_k - v_(k+1)`` (its k-th and (k+1)-th values of
+``s - p``) is the smallest price change that could make it switch experts, so the tokens of
+smallest margin are the ones an optimal repair moves:
+
+1. Each rank picks its ``candidates`` tokens of smallest margin and fixes the others.
+2. One all-gather of [candidates x (E scores + valid), E fixed loads] per rank: O(E^2)
+   numbers (``CANDIDATES_PER_EXPERT * E`` rows), never the [N, E] scores.
+3. Every rank solves the same sub-problem (the gathered candidates, capacities ``C`` minus the
+   fixed loads, warm-started from ``p``) with the compiled core by shortest paths only, so
+   every rank takes the same decisions and prices move as little as optimality allows.
+4. The caller certifies the joined routing with the duality gap at the new prices (one
+   all-reduce of two numbers): 0 means optimal; otherwise, e.g. when a fixed token would now
+   rather switch, it falls back to the rounds of ``maxscore.solvers.global_repair``.
+
+The number of tokens within reach of the remaining price changes grows with E, not with N
+(the price steps leave about E units of overload, and price errors shrink as 1/N), so the
+candidate count is a multiple of E.  Ties: candidates by margin, then lower token index; the
+sub-problem as the compiled core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maxscore.solvers._native import run_core_batch
+from maxscore.solvers._validate import Problems
+from maxscore.solvers.collectives import Reducer
+
+CANDIDATES_PER_EXPERT = 8  # candidates per rank: this many times E (the payload stays O(E^2))
+
+
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    """The candidate repair: this rank's held experts, the global loads and prices, and the
+    sub-problem's augmenting paths."""
+
+    held_NE: torch.Tensor
+    loads_E: torch.Tensor
+    prices_E: torch.Tensor
+    augmentations: int
+
+
+def solve_candidates(
+    scores_NE: torch.Tensor,
+    held_NE: torch.Tensor,
+    prices_E: torch.Tensor,
+    capacity: int,
+    k: int,
+    candidates: int,
+    reduce: Reducer,
+) -> Repaired | None:
+    """The routing with the candidates re-solved, or None when the sub-problem has no solution
+    (the fixed tokens alone overload an expert).  The caller checks its duality gap.
+
+    Args:
+        scores_NE: float64 [N, E] this rank's valid tokens.
+        held_NE: bool [N, E] each token's top-k of ``scores - prices``.
+        prices_E: float64 [E] the prices (identical on every rank).
+        capacity: the global capacity per expert.
+        k: experts per token.
+        candidates: tokens per rank in the sub-problem (fewer if the rank has fewer).
+        reduce: the ranks' collectives (one all-gather here).
+    """
+    num_tokens, num_experts = scores_NE.shape
+    count = min(candidates, num_tokens)
+    margin_N = _margins(scores_NE - prices_E, k)
+    order = torch.sort(margin_N, stable=True).indices
+    chosen, fixed = order[:count], order[count:]
+    payload = torch.zeros(candidates, num_experts + 1, dtype=torch.float64)
+    payload[:count, :num_experts] = scores_NE[chosen]
+    payload[:count, num_experts] = 1.0  # valid
+    fixed_loads_E = held_NE[fixed].sum(0).double()
+    every_RX = reduce.gather(torch.cat([payload.flatten(), fixed_loads_E]))
+    rows_RCX = every_RX[:, : payload.numel()].view(-1, candidates, num_experts + 1)
+    sub_capacity_E = capacity - every_RX[:, payload.numel() :].sum(0).long()
+    if (sub_capacity_E < 0).any():  # the fixed tokens alone overload an expert
+        return None
+    scores_ME = rows_RCX[..., :num_experts].reshape(-1, num_experts).contiguous()
+    valid_M = rows_RCX[..., num_experts].reshape(-1) > 0
+    zero = torch.zeros(1, dtype=torch.int64)  # capacities come per expert below
+    sub = Problems(scores_ME[None], k, zero, valid_M[None], valid_M.sum()[None], torch.device("cpu"))
+    # shortest paths only (no auction, no price steps): each price rises by no more than its
+    # path's length, so the fixed tokens are as likely as can be to keep their top-k
+    result = run_core_batch(
+        sub,
+        capacity_GE=sub_capacity_E.numpy()[None],
+        prices_GE=prices_E.numpy()[None].copy(),
+        max_moves=0,
+        price_iterations=0,
+        threads=1,
+        raise_errors=False,
+    )
+    if result.status_G[0] != 0:
+        return None
+    new_prices_E = torch.from_numpy(result.prices_GE[0])
+    experts_MK = torch.from_numpy(result.experts_GNK[0])
+    mine = slice(reduce.rank * candidates, reduce.rank * candidates + count)
+    held_NE = held_NE.clone()
+    held_NE[chosen] = False
+    held_NE[chosen[:, None], experts_MK[mine]] = True
+    loads_E = torch.from_numpy(result.loads_GE[0]) + (capacity - sub_capacity_E)
+    return Repaired(held_NE, loads_E, new_prices_E, int(result.stats_G9[0, 3]))
+
+
+def _margins(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 [N]: ``v_k - v_(k+1)`` of each row (infinite when k = E: nothing can enter)."""
+    if k == adjusted_NE.shape[1]:
+        return torch.full((adjusted_NE.shape[0],), float("inf"), dtype=torch.float64)
+    top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
+    return top_NK[:, k - 1] - top_NK[:, k]
