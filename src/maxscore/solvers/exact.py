@@ -52,7 +52,7 @@ def solve_exact(
         prices: float [E] warm-start prices (e.g. the previous step's ``Assignment.prices``);
             any values are accepted, they only change the running time.
         max_moves: auction budget in token moves (default ``2 * k * T``); 0 skips the auction.
-        price_iterations: cap on best-response price steps (run on large problems only).
+        price_iterations: cap on best-response price steps (run while the excess is large).
         threads: threads for the row passes (default ``torch.get_num_threads()``).
         engine: ``"auto"`` (by the scores' device), ``"host"`` or ``"device"``; ``solve`` sends
             device-engine problems to ``maxscore.solvers.device``, this function is the host one.
