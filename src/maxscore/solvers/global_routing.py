@@ -102,8 +102,8 @@ def solve_global(
         prices: float [E] warm-start prices (e.g. a router's averaged prices); averaged over ranks.
         group: the process group (default: the world; a single process works without one).
         price_iterations: cap on the price steps (0 skips them).
-        candidates: tokens per rank in the one-round candidate repair (default
-            ``CANDIDATES_PER_EXPERT * E``; 0 always takes the rounds of shortest paths).
+        candidates: tokens per rank in the candidate round (default ``CANDIDATES_PER_EXPERT *
+            E``; the same on every rank; 0 always takes the rounds of shortest paths).
 
     Raises:
         ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
