@@ -10,6 +10,9 @@ import torch
 from maxscore import solve
 from maxscore.parallel.launch import spawn
 from maxscore.solvers import solve_global
+from maxscore.solvers.collectives import Reducer
+from maxscore.solvers.global_candidates import solve_candidates
+from maxscore.solvers.global_routing import _route
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible
 
@@ -134,3 +137,31 @@ def _mismatched_rank(rank, world_size):
 def test_mismatched_experts_across_ranks_raise():
     with pytest.raises(Exception, match="E and k must be equal on every rank"):
         spawn(_mismatched_rank, 2)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties"])
+def test_candidate_round_is_feasible_and_optimal_with_every_token_a_candidate(kind):
+    """One process (no collectives): the candidate sub-problem's routing is always feasible
+    (k distinct experts per token, loads <= C, loads counted right), and with every token a
+    candidate it is the optimum with a zero duality gap at its prices."""
+    scores, _ = random_instance(11, 300, 8, kind)
+    scores_NE, k = scores.double(), 2
+    capacity = 300 * k // 8
+    reduce = Reducer(None)
+    prices_E = torch.zeros(8, dtype=torch.float64)
+    held_NE, _ = _route(scores_NE, k, prices_E, reduce)
+    optimum = solve(scores, k, capacity=capacity).score
+    for count in (20, 300):
+        repaired = solve_candidates(scores_NE, held_NE, prices_E, capacity, k, count, reduce)
+        if repaired is None:  # the fixed tokens alone overload an expert: allowed for few candidates
+            assert count < 300
+            continue
+        assert (repaired.held_NE.sum(1) == k).all()
+        assert torch.equal(repaired.loads_E, repaired.held_NE.sum(0))
+        assert (repaired.loads_E <= capacity).all()
+        score = float((scores_NE * repaired.held_NE).sum())
+        assert score <= optimum + 1e-9
+        if count == 300:
+            dual = torch.topk(scores_NE - repaired.prices_E, k, dim=1).values.sum()
+            gap = float(dual + capacity * repaired.prices_E.sum()) - score
+            assert math.isclose(score, optimum, rel_tol=1e-12) and abs(gap) < 1e-9
