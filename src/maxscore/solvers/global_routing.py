@@ -223,14 +223,15 @@ def _initial_prices(prices: torch.Tensor | None, num_experts: int, reduce: Reduc
     return (prices_E - prices_E.min()).clamp(min=0)
 
 
-def _top_k_mask(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """bool [N, E]: each token's top-k, ties to the lower expert index.
+def _top_k(adjusted_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k, ties to the lower expert index: (held bool [N, E], the row's k + 1
+    largest values [N, K + 1], empty when k = E: every expert is held).
 
     ``topk`` decides every row whose k-th and (k+1)-th values differ (its set is then unique);
     the rows with a tie at the boundary take a stable sort's order."""
     held_NE = torch.zeros(adjusted_NE.shape, dtype=torch.bool)
     if k == adjusted_NE.shape[1]:
-        return held_NE.fill_(True)
+        return held_NE.fill_(True), adjusted_NE.new_empty(len(adjusted_NE), 0)
     top = torch.topk(adjusted_NE, k + 1, dim=1)
     held_NE.scatter_(1, top.indices[:, :k], True)
     tied_N = top.values[:, k - 1] == top.values[:, k]
@@ -238,7 +239,7 @@ def _top_k_mask(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
         rows = adjusted_NE[tied_N]
         order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
         held_NE[tied_N] = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True)
-    return held_NE
+    return held_NE, top.values
 
 
 def _price_steps(
@@ -262,8 +263,7 @@ def _price_steps(
     # others' prices is what brings tokens to them
     floor = -math.inf if capacity * num_experts == k * total else 0.0
     for _ in range(iterations):
-        adjusted_NE = scores_NE - prices_E
-        held_NE = _top_k_mask(adjusted_NE, k)
+        held_NE, top_NK = _top_k(scores_NE - prices_E, k)  # k < E here: K + 1 values
         local_E = held_NE.sum(0).double()
         loads_E = reduce(local_E.clone())
         overload = float((loads_E - capacity).clamp(min=0).sum())
@@ -279,7 +279,6 @@ def _price_steps(
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
             # the price at which token t stops wanting e (holders) or starts wanting it (others)
-            top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
             threshold_NE = scores_NE - torch.where(held_NE, top_NK[:, k : k + 1], top_NK[:, k - 1 : k])
             ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
             # this rank's best response: shed (or take) its share of each expert's global excess
@@ -293,7 +292,7 @@ def _price_steps(
 
 def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: Reducer):
     """Every token on its top-k of ``scores - prices``: (held [N, E], global loads [E])."""
-    held_NE = _top_k_mask(scores_NE - prices_E, k)
+    held_NE, _ = _top_k(scores_NE - prices_E, k)
     return held_NE, reduce(held_NE.sum(0).double()).long()
 
 
