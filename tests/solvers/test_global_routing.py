@@ -11,7 +11,7 @@ from maxscore import solve
 from maxscore.parallel.launch import spawn
 from maxscore.solvers import solve_global
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.global_candidates import solve_candidates
+from maxscore.solvers.global_candidates import by_margin, solve_candidates
 from maxscore.solvers.global_routing import _route
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible
@@ -151,8 +151,9 @@ def test_candidate_round_is_feasible_and_optimal_with_every_token_a_candidate(ki
     prices_E = torch.zeros(8, dtype=torch.float64)
     held_NE, _ = _route(scores_NE, k, prices_E, reduce)
     optimum = solve(scores, k, capacity=capacity).score
+    order_N = by_margin(scores_NE - prices_E, k)
     for count in (20, 300):
-        repaired = solve_candidates(scores_NE, held_NE, prices_E, capacity, k, count, reduce)
+        repaired = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
         if repaired is None:  # the fixed tokens alone overload an expert: allowed for few candidates
             assert count < 300
             continue

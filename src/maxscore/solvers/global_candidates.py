@@ -45,10 +45,20 @@ class Repaired:
     augmentations: int
 
 
+def by_margin(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [N]: the tokens by increasing margin ``v_k - v_(k+1)`` of ``s - p`` (lower index
+    first on ties; any order when k = E, where nothing can enter)."""
+    if k == adjusted_NE.shape[1]:
+        return torch.arange(adjusted_NE.shape[0])
+    top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
+    return torch.sort(top_NK[:, k - 1] - top_NK[:, k], stable=True).indices
+
+
 def solve_candidates(
     scores_NE: torch.Tensor,
     held_NE: torch.Tensor,
     prices_E: torch.Tensor,
+    order_N: torch.Tensor,
     capacity: int,
     k: int,
     candidates: int,
@@ -61,6 +71,7 @@ def solve_candidates(
         scores_NE: float64 [N, E] this rank's valid tokens.
         held_NE: bool [N, E] each token's top-k of ``scores - prices``.
         prices_E: float64 [E] the prices (identical on every rank).
+        order_N: int64 [N] the tokens by increasing margin at these prices (``by_margin``).
         capacity: the global capacity per expert.
         k: experts per token.
         candidates: tokens per rank in the sub-problem (fewer if the rank has fewer).
@@ -68,9 +79,7 @@ def solve_candidates(
     """
     num_tokens, num_experts = scores_NE.shape
     count = min(candidates, num_tokens)
-    margin_N = _margins(scores_NE - prices_E, k)
-    order = torch.sort(margin_N, stable=True).indices
-    chosen, fixed = order[:count], order[count:]
+    chosen, fixed = order_N[:count], order_N[count:]
     payload = torch.zeros(candidates, num_experts + 1, dtype=torch.float64)
     payload[:count, :num_experts] = scores_NE[chosen]
     payload[:count, num_experts] = 1.0  # valid
@@ -105,11 +114,3 @@ def solve_candidates(
     held_NE[chosen[:, None], experts_MK[mine]] = True
     loads_E = torch.from_numpy(result.loads_GE[0]) + (capacity - sub_capacity_E)
     return Repaired(held_NE, loads_E, new_prices_E, int(result.stats_G9[0, 3]))
-
-
-def _margins(adjusted_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """float64 [N]: ``v_k - v_(k+1)`` of each row (infinite when k = E: nothing can enter)."""
-    if k == adjusted_NE.shape[1]:
-        return torch.full((adjusted_NE.shape[0],), float("inf"), dtype=torch.float64)
-    top_NK = torch.topk(adjusted_NE, k + 1, dim=1).values
-    return top_NK[:, k - 1] - top_NK[:, k]

@@ -56,7 +56,7 @@ from maxscore.solvers._validate import expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
 from maxscore.solvers.exact import check_counts, solve_exact
-from maxscore.solvers.global_candidates import CANDIDATES_PER_EXPERT, solve_candidates
+from maxscore.solvers.global_candidates import CANDIDATES_PER_EXPERT, by_margin, solve_candidates
 from maxscore.solvers.global_repair import certificate_prices, repair
 
 PRICE_ITERATIONS = 30
@@ -151,8 +151,9 @@ def solve_global(
     repaired = None
     # the candidate round, certified by the duality gap; once more with 4x the candidates (a
     # few more numbers) before the rounds, which cost a collective each
+    order_N = by_margin(scores_NE - prices_E, k) if candidates > 0 else None
     for count in (candidates, 4 * candidates) if candidates > 0 else ():
-        repaired = solve_candidates(scores_NE, held_NE, prices_E, capacity, k, count, reduce)
+        repaired = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
         if repaired is not None:
             candidate = (repaired.held_NE, repaired.prices_E)
             experts_NK, score, gap = _certificate(scores_NE, *candidate, capacity, k, reduce)
