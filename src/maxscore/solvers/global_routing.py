@@ -55,7 +55,7 @@ import torch.distributed as dist
 from maxscore.solvers._validate import expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact import check_counts, solve_exact
+from maxscore.solvers.exact import check_counts, check_prices, solve_exact
 from maxscore.solvers.global_candidates import CANDIDATES_PER_EXPERT, by_margin, solve_candidates
 from maxscore.solvers.global_repair import certificate_prices, repair
 
@@ -212,13 +212,10 @@ def _certificate(
 
 
 def _initial_prices(prices: torch.Tensor | None, num_experts: int, reduce: Reducer) -> torch.Tensor:
-    if prices is None:
+    given_1E = check_prices(prices, None, num_experts)  # the exact solver's checks: shape, finite
+    if given_1E is None:
         return torch.zeros(num_experts, dtype=torch.float64)
-    if not isinstance(prices, torch.Tensor) or prices.shape != (num_experts,):
-        raise ValueError(f"prices must be a float tensor of shape [E] = [{num_experts}], got {prices!r}")
-    prices_E = prices.detach().to("cpu", torch.float64).clone()
-    if not torch.isfinite(prices_E).all():
-        raise ValueError("prices must be finite; pass None to start from 0")
+    prices_E = torch.from_numpy(given_1E[0].copy())
     if reduce.distributed:
         prices_E = reduce(prices_E) / dist.get_world_size(reduce.group)
     return (prices_E - prices_E.min()).clamp(min=0)
