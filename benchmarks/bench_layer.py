@@ -27,7 +27,7 @@ import torch
 from maxscore import MoELayer
 from maxscore.bench import environment, paper_design
 from maxscore.routers import ROUTERS
-from maxscore.routers.base import Selection
+from maxscore.routers.groups import Selection
 from maxscore.routers.maxscore import MaxScoreRouter
 
 PAPER_DESIGN = "paper_hungarian"

@@ -83,13 +83,17 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
     ]
     raw = json.loads((out / "gshard+normalize=false-s1" / "final.json").read_text())
     assert raw["router"] == "gshard:normalize=false" and raw["seed"] == 1
+    # config.json stores every router option, resolved (a later default change cannot alter it)
     assert json.loads((out / "gshard+normalize=false-s1" / "config.json").read_text())["model"][
         "router_options"
-    ] == {"normalize": False}
+    ] == {"group": "sequence", "balance_coef": 0.01, "z_coef": 0.0, "score_function": "softmax"} | {
+        "normalize": False
+    }
     scheduled = json.loads(
         (out / "maxscore+schedule.steps=50pct+normalize=true-s0" / "config.json").read_text()
-    )
-    assert scheduled["model"]["router_options"] == {"schedule": {"steps": 3}, "normalize": True}
+    )["model"]["router_options"]
+    assert scheduled["schedule"] == {"start": 4.0, "end": 1.0, "steps": 3, "kind": "linear"}
+    assert scheduled["normalize"] is True and scheduled["method"] == "exact"
     flow = json.loads((out / "maxscore-s0" / "final.json").read_text())
     assert flow["causal_load"]["min"] <= 1.0 <= flow["causal_load"]["max"] * 1.000001
     assert flow["validation_batch"]["tokens"] > 0

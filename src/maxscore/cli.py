@@ -38,15 +38,21 @@ def _solve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace, **fixed):
-    from maxscore.train.config import make_config, parse_override
+def _overrides(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (``--set KEY=VALUE`` and the named flags)."""
+    from maxscore.train.config import parse_override
 
     overrides = dict(parse_override(text) for text in args.set or [])
     for name in ("steps", "data", "device", "hf_model"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    overrides.update(fixed)
-    return make_config(args.preset, **overrides)
+    return overrides
+
+
+def _config(args: argparse.Namespace, **fixed):
+    from maxscore.train.config import make_config
+
+    return make_config(args.preset, **{**_overrides(args), **fixed})
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -123,7 +129,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     variants = parse_variants(args.routers)
     steps = _config(args).steps
-    base_options = _config(args).model.router_options
+    base_options = _overrides(args).get("router_options") or {}  # options of every variant
+    if not isinstance(base_options, dict):
+        raise ValueError(f"--set router_options must be a JSON object of options, got {base_options!r}")
     configs = {}
     for seed in range(args.seeds):  # seed-major: an interrupted comparison still covers every router
         for variant in variants:  # every setting is checked before the first run starts

@@ -11,7 +11,9 @@ token (GShard, Mixtral, DeepSeek-V3).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -64,12 +66,16 @@ class TemperatureScheduleConfig:
     """SoftTopk temperature ``t(step)``: ``start`` at step 0, ``end`` from step ``steps`` on.
 
     ``kind`` is ``"linear"`` (the paper: ``max(4 - 3 * step / 30000, 1)``), ``"cosine"``, or
-    ``"constant"`` (``t = start`` always).
+    ``"constant"`` (``t = start`` always).  ``steps=None``: the length of the training run where
+    the harness trains (``maxscore train`` / ``compare`` set it), else ``DEFAULT_STEPS`` (the
+    paper's 30000; ``MoELayer``, ``upcycle`` and ``swap_router`` know no run length).
     """
+
+    DEFAULT_STEPS: ClassVar[int] = 30000
 
     start: float = 4.0
     end: float = 1.0
-    steps: int = 30000
+    steps: int | None = None
     kind: str = "linear"
 
     def __post_init__(self) -> None:
@@ -79,8 +85,31 @@ class TemperatureScheduleConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        steps = self.steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"steps must be an int >= 0 or None (the run's length), got {steps!r}")
+
+    @property
+    def num_steps(self) -> int:
+        """``steps``, with ``None`` read as ``DEFAULT_STEPS``."""
+        return self.DEFAULT_STEPS if self.steps is None else self.steps
+
+
+def schedule_config(value: TemperatureScheduleConfig | Mapping | None) -> TemperatureScheduleConfig:
+    """A schedule config from a config, its fields as a dict (e.g. from JSON), or None (defaults)."""
+    if value is None:
+        return TemperatureScheduleConfig()
+    if isinstance(value, Mapping):
+        names = [f.name for f in fields(TemperatureScheduleConfig)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"unknown schedule field(s) {unknown}; a schedule has {names}")
+        return TemperatureScheduleConfig(**value)
+    if not isinstance(value, TemperatureScheduleConfig):
+        raise ValueError(
+            f"schedule must be a TemperatureScheduleConfig or a dict of its fields, got {value!r}"
+        )
+    return value
 
 
 class TemperatureSchedule(nn.Module):
@@ -93,11 +122,9 @@ class TemperatureSchedule(nn.Module):
     after each optimizer step (``maxscore.moe.install_step_hook`` does it).
     """
 
-    def __init__(self, config: TemperatureScheduleConfig | dict | None = None) -> None:
+    def __init__(self, config: TemperatureScheduleConfig | Mapping | None = None) -> None:
         super().__init__()
-        if isinstance(config, dict):  # e.g. from a JSON run configuration
-            config = TemperatureScheduleConfig(**config)
-        self.config = config or TemperatureScheduleConfig()
+        self.config = schedule_config(config)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
         self._num_steps = 0
         self.register_load_state_dict_post_hook(lambda module, _: module.sync())
@@ -120,9 +147,9 @@ class TemperatureSchedule(nn.Module):
         cfg = self.config
         if cfg.kind == "constant":
             return float(cfg.start)
-        if self.num_steps >= cfg.steps:
+        if self.num_steps >= cfg.num_steps:
             return float(cfg.end)
-        progress = self.num_steps / cfg.steps
+        progress = self.num_steps / cfg.num_steps
         if cfg.kind == "cosine":
             progress = 0.5 * (1.0 - math.cos(math.pi * progress))
         return float(cfg.start + (cfg.end - cfg.start) * progress)
@@ -133,4 +160,4 @@ class TemperatureSchedule(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return f"{cfg.kind} {cfg.start} -> {cfg.end} over {cfg.steps} steps, at step {self.num_steps}"
+        return f"{cfg.kind} {cfg.start} -> {cfg.end} over {cfg.num_steps} steps, at step {self.num_steps}"

@@ -7,7 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from maxscore.gates import TemperatureScheduleConfig  # noqa: E402
 from maxscore.hf import upcycle  # noqa: E402
+from maxscore.routers import MaxScoreRouterConfig  # noqa: E402
 from tests.hf.helpers import FAMILIES, SMALL, dense_model, tokens  # noqa: E402
 
 
@@ -55,6 +57,19 @@ def test_save_and_load_round_trip_with_router_state(tmp_path):
     torch.testing.assert_close(loaded_router.prices, router.prices)
     assert router.prices.abs().sum() > 0
     torch.testing.assert_close(loaded(ids).logits, moe(ids).logits, atol=0, rtol=0)
+
+
+def test_hf_configs_store_resolved_router_options_and_old_ones_load_as_saved(tmp_path):
+    moe = upcycle(dense_model("llama"), num_experts=4, k=2, router="maxscore", method="two_stage")
+    stored = moe.config.router_options
+    assert stored == MaxScoreRouterConfig(method="two_stage").to_dict()  # complete, JSON-ready
+    # a config saved with only some options: the others take the defaults they had then
+    moe.config.router_options = {"schedule": {"steps": 40}}
+    moe.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    config = loaded.model.layers[0].mlp.moe.router.config
+    assert config.normalize is False and config.method == "exact"
+    assert config.schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=40, kind="linear")
 
 
 def test_generate_with_and_without_cache_agree_in_causal_mode():

@@ -80,7 +80,6 @@ def build_hf_decoder(config: ModelConfig, hf_model: str, hf_config_json: str | N
         dense = AutoConfig.for_model(**values)
     else:
         raise ValueError(f"hf_model={hf_model!r} is neither a model directory nor a JSON config file")
-    options = dict(config.router_options)
     hf = upcycle(
         dense,
         config.num_experts,
@@ -88,7 +87,7 @@ def build_hf_decoder(config: ModelConfig, hf_model: str, hf_config_json: str | N
         capacity_factor=config.capacity_factor,
         router=config.router,
         noise=0.01,
-        **options,
+        router_config=config.router_options,
     )
     return HFDecoder(hf.float(), config)
 

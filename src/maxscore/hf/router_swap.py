@@ -23,12 +23,14 @@ are replaced (MaxScore balances by capacity and chooses among all experts).
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.hf.upcycle import attention_mask_of
 from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
 
@@ -87,7 +89,7 @@ def swap_router(
     capacity_factor: float = 1.0,
     method: str = "exact",
     soft_topk: bool = False,
-    schedule: dict | None = None,
+    schedule: TemperatureScheduleConfig | dict | None = None,
     causal_routing: bool = False,
     group: str = "sequence",
 ) -> nn.Module:
@@ -97,8 +99,9 @@ def swap_router(
         model: the HF model (``*ForCausalLM`` or its base model), modified in place.
         capacity_factor: capacity per routing group = ``ceil(capacity_factor * k * valid tokens / E)``.
         method: the MaxScore solver, ``exact`` (default), ``two_stage`` or ``sinkhorn``.
-        soft_topk: SoftTopk weights with the temperature ``schedule`` (default 4 -> 1 over
-            30000 optimizer steps); False keeps the plain probabilities.
+        soft_topk: SoftTopk weights with the temperature ``schedule`` (a config or a dict of its
+            fields; default 4 -> 1 over 30000 optimizer steps); False keeps the plain
+            probabilities.
         causal_routing: route every forward causally (price-based), e.g. for generation that
             must not depend on later tokens.
         group: ``"sequence"`` (default: each sequence is a routing group) or ``"batch"`` (the
@@ -125,7 +128,7 @@ def swap_router(
         capacity_factor=capacity_factor,
         method=method,
         soft_topk=soft_topk,
-        schedule=schedule,
+        schedule=asdict(schedule_config(schedule)) if soft_topk else None,  # stored resolved
         causal_routing=causal_routing,
         group=group,
     )
@@ -145,7 +148,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     num_experts, hidden = gate.weight.shape
     normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral always renormalizes
     router_class = MaxScoreRouter if settings["soft_topk"] else FlowOnlyRouter
-    options = {"schedule": settings["schedule"]} if settings["schedule"] else {}
+    options = {"schedule": settings["schedule"]} if settings["soft_topk"] else {}
     router = router_class(
         hidden,
         num_experts,

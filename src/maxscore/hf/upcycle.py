@@ -20,6 +20,8 @@ with ``output_router_logits=True``, the router logits of every layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from transformers import (
@@ -37,6 +39,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from maxscore.gates import TemperatureSchedule
 from maxscore.moe.layer import MoELayer
+from maxscore.routers import GatedRouterConfig
+from maxscore.routers import router_config as _router_config
 
 DENSE_FAMILIES = {  # dense model_type -> (config class, model class)
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -50,7 +54,6 @@ class MaxScoreMLP(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        options = dict(config.router_options or {})
         self.moe = MoELayer(
             config.hidden_size,
             config.intermediate_size,
@@ -58,7 +61,7 @@ class MaxScoreMLP(nn.Module):
             config.num_experts_per_tok,
             router=config.router,
             capacity_factor=config.capacity_factor,
-            **options,
+            router_config=_router_config(config.router, config.router_options or {}, saved=True),
         )
         self.causal_routing = bool(config.causal_routing)
         self.attention_mask: torch.Tensor | None = None  # [B, past + L], set per forward by the model
@@ -170,6 +173,7 @@ def upcycle(
     router_std: float = 1e-3,
     causal_routing: bool = False,
     seed: int = 0,
+    router_config: GatedRouterConfig | Mapping | None = None,
     **router_options,
 ) -> PreTrainedModel:
     """A MaxScore MoE model from a dense Llama / Qwen2 / Mistral model (or a fresh one from a config).
@@ -184,8 +188,10 @@ def upcycle(
         router_std: std of the router's initial weights (small: near-uniform scores).
         causal_routing: route every forward causally (see the module docstring).
         seed: of the noise and the router initialization.
-        **router_options: options of the router, e.g. ``method="two_stage"``,
-            ``schedule={"steps": 1000}``.
+        router_config: the router's config (``maxscore.routers.router_config``) or a dict of
+            its options; the model's config stores it complete (``router_options``).
+        **router_options: options of the router by name, over ``router_config``, e.g.
+            ``method="two_stage"``, ``schedule={"steps": 1000}``.
     """
     dense = model_or_config if isinstance(model_or_config, PreTrainedModel) else None
     config = dense.config if dense is not None else model_or_config
@@ -201,7 +207,7 @@ def upcycle(
         num_experts_per_tok=k,
         capacity_factor=capacity_factor,
         router=router,
-        router_options=router_options or None,
+        router_options=_router_config(router, router_config, **router_options).to_dict(),
         causal_routing=causal_routing,
     )
     moe_config = moe_class.config_class(

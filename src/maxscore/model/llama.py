@@ -10,7 +10,8 @@ baseline).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.moe import MoELayer, SwiGLU
 from maxscore.moe.experts import count_parameters
-from maxscore.routers import ROUTERS
+from maxscore.routers import ROUTERS, GatedRouterConfig, router_config
 from maxscore.routers.stats import RoutingStats
 
 DENSE = "dense"
@@ -26,7 +27,12 @@ DENSE = "dense"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    """Shape of the decoder and its MoE layers."""
+    """Shape of the decoder and its MoE layers.
+
+    ``router_options`` is the router's typed config (``maxscore.routers.router_config``); a dict
+    of options (from the CLI or JSON) or None is turned into it with the current defaults.  A
+    dense model has none.  ``from_saved`` reads a saved config (see ``SAVED_DEFAULTS``).
+    """
 
     vocab_size: int = 8192
     dim: int = 256
@@ -38,7 +44,7 @@ class ModelConfig:
     expert_hidden: int = 512
     router: str = "maxscore"
     capacity_factor: float = 1.0
-    router_options: dict = field(default_factory=dict)
+    router_options: GatedRouterConfig | Mapping | None = None
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -50,6 +56,22 @@ class ModelConfig:
             raise ValueError(f"k={self.k} must be <= num_experts={self.num_experts}")
         if self.router != DENSE and self.router not in ROUTERS:
             raise ValueError(f"router must be 'dense' or one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.router == DENSE:
+            if self.router_options:
+                raise ValueError("router='dense' takes no router_options")
+            object.__setattr__(self, "router_options", None)
+        else:
+            object.__setattr__(self, "router_options", router_config(self.router, self.router_options))
+
+    @classmethod
+    def from_saved(cls, values: Mapping) -> ModelConfig:
+        """The config of a saved model (``asdict`` of one, from ``config.json`` or a checkpoint):
+        router options it lacks take the defaults they had when it was saved."""
+        values = dict(values)
+        router, options = values.get("router", "maxscore"), values.get("router_options")
+        if router != DENSE and router in ROUTERS and isinstance(options, Mapping):
+            values["router_options"] = router_config(router, options, saved=True)
+        return cls(**values)
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +127,7 @@ class Block(nn.Module):
                 config.k,
                 router=config.router,
                 capacity_factor=config.capacity_factor,
-                **config.router_options,
+                router_config=config.router_options,
             )
 
     def forward(self, x, cos, sin, valid, causal):

@@ -9,6 +9,7 @@ the token, as in GShard.  Padding tokens (``valid`` False) get output 0 and use 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.moe.dispatch import LocalDispatcher
 from maxscore.moe.experts import SwiGLU, SwiGLUExperts
-from maxscore.routers import Router, RouterOutput, make_router
+from maxscore.routers import GatedRouterConfig, Router, RouterOutput, make_router
 from maxscore.routers.stats import RoutingStats
 
 
@@ -44,7 +45,9 @@ class MoELayer(nn.Module):
             following the ``Router`` protocol.
         capacity_factor: capacity per routing group = ``ceil(capacity_factor * k * tokens / E)``.
         shared_hidden: hidden size of an always-on shared SwiGLU expert (0: none).
-        **router_options: options of the named router (see ``router_options(name)``).
+        router_config: the named router's config (``maxscore.routers.router_config``), or a
+            dict of its options.
+        **router_options: options of the named router by name, over ``router_config``.
     """
 
     def __init__(
@@ -57,14 +60,17 @@ class MoELayer(nn.Module):
         capacity_factor: float = 1.0,
         *,
         shared_hidden: int = 0,
+        router_config: GatedRouterConfig | Mapping | None = None,
         **router_options,
     ) -> None:
         super().__init__()
         for name, value, low in (("hidden", hidden, 1), ("shared_hidden", shared_hidden, 0)):
             check_int(name, value, low)
         if isinstance(router, str):
-            router = make_router(router, dim, num_experts, k, capacity_factor, **router_options)
-        elif router_options or not isinstance(router, Router):
+            router = make_router(
+                router, dim, num_experts, k, capacity_factor, config=router_config, **router_options
+            )
+        elif router_config is not None or router_options or not isinstance(router, Router):
             raise ValueError("router must be a router name, or a Router module given without router_options")
         self.dim, self.num_experts, self.k = dim, num_experts, k
         self.router = router

@@ -19,22 +19,30 @@ name                routing                                                     
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Mapping
+from dataclasses import fields
 
 import torch
 from torch import nn
 
-from maxscore.routers.balanced import BaseRouter, SBaseRouter
-from maxscore.routers.base import GatedRouter, Router, RouterOutput
-from maxscore.routers.deepseek import DeepSeekV3Router
-from maxscore.routers.expert_choice import ExpertChoiceRouter
-from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
+from maxscore.routers.balanced import BaseRouter, BaseRouterConfig, SBaseRouter, SBaseRouterConfig
+from maxscore.routers.base import GatedRouter, GatedRouterConfig, Router, RouterOutput
+from maxscore.routers.deepseek import DeepSeekV3Router, DeepSeekV3RouterConfig
+from maxscore.routers.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
+from maxscore.routers.maxscore import (
+    FlowOnlyRouter,
+    FlowOnlyRouterConfig,
+    MaxScoreRouter,
+    MaxScoreRouterConfig,
+)
 from maxscore.routers.stats import RoutingStats
 from maxscore.routers.topk import (
     DroplessRouter,
     GShardRouter,
+    GShardRouterConfig,
     IterativeRouter,
     SoftTopkOnlyRouter,
+    SoftTopkOnlyRouterConfig,
     SwitchRouter,
 )
 
@@ -53,30 +61,64 @@ ROUTERS: dict[str, type[GatedRouter]] = {
 }
 
 
+# Defaults as they were before any router default changed.  A config read from a file is
+# completed from these, so a model saved with a partial dict keeps the behaviour it was
+# trained with; configs written now are complete (``router_config(...).to_dict()``).
+_PAPER_SCHEDULE = {"start": 4.0, "end": 1.0, "steps": 30000, "kind": "linear"}
+SAVED_DEFAULTS: dict[str, dict] = {
+    "maxscore": {"normalize": False, "schedule": _PAPER_SCHEDULE},
+    "softtopk_only": {"schedule": _PAPER_SCHEDULE},
+}
+
+
 def router_options(name: str) -> tuple[str, ...]:
-    """Keyword options accepted by router ``name`` (its own and ``GatedRouter``'s)."""
-    names: list[str] = []
-    for cls in ROUTERS[name].__mro__:
-        if cls in (nn.Module, object) or "__init__" not in vars(cls):
-            continue
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names:
-                names.append(p.name)
-    return tuple(names)
+    """Option names of router ``name``: the fields of its config class."""
+    return tuple(f.name for f in fields(_router_class(name).config_class))
+
+
+def router_config(
+    name: str, config: GatedRouterConfig | Mapping | None = None, *, saved: bool = False, **options
+) -> GatedRouterConfig:
+    """The typed config of router ``name``: ``config`` (a config, a dict of options, or None
+    for the defaults) with ``options`` set over it.
+
+    ``saved=True`` marks a dict read from a file (``config.json``, a checkpoint, an HF
+    config): options it lacks take ``SAVED_DEFAULTS`` (nested dicts field by field) before the
+    current defaults.
+    """
+    router_class = _router_class(name)
+    if saved and isinstance(config, Mapping):
+        config = _merged(SAVED_DEFAULTS.get(name, {}), config)
+    return router_class.make_config(config, **options)
 
 
 def make_router(
-    name: str, dim: int, num_experts: int, k: int, capacity_factor: float = 1.0, **options
+    name: str,
+    dim: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float = 1.0,
+    *,
+    config: GatedRouterConfig | Mapping | None = None,
+    **options,
 ) -> GatedRouter:
-    """Builds router ``name`` (see ``ROUTERS``); unknown names and options are ValueErrors."""
+    """Builds router ``name`` (see ``ROUTERS``) with ``config`` and ``options`` (see
+    ``router_config``); unknown names and options are ValueErrors."""
+    return _router_class(name)(dim, num_experts, k, capacity_factor, config=config, **options)
+
+
+def _router_class(name: str) -> type[GatedRouter]:
     if name not in ROUTERS:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
-    unknown = sorted(set(options) - set(router_options(name)))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for router={name!r}; it accepts {list(router_options(name))}"
-        )
-    return ROUTERS[name](dim, num_experts, k, capacity_factor, **options)
+    return ROUTERS[name]
+
+
+def _merged(defaults: Mapping, given: Mapping) -> dict:
+    merged = dict(defaults)
+    for key, value in given.items():
+        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
 
 
 def step_routers(model: nn.Module) -> None:
@@ -93,12 +135,23 @@ def install_step_hook(optimizer: torch.optim.Optimizer, model: nn.Module):
 
 __all__ = [
     "ROUTERS",
+    "SAVED_DEFAULTS",
+    "BaseRouterConfig",
+    "DeepSeekV3RouterConfig",
+    "ExpertChoiceRouterConfig",
+    "FlowOnlyRouterConfig",
+    "GShardRouterConfig",
     "GatedRouter",
+    "GatedRouterConfig",
+    "MaxScoreRouterConfig",
     "Router",
     "RouterOutput",
     "RoutingStats",
+    "SBaseRouterConfig",
+    "SoftTopkOnlyRouterConfig",
     "install_step_hook",
     "make_router",
+    "router_config",
     "router_options",
     "step_routers",
 ]

@@ -14,21 +14,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+from maxscore.gates import SCORE_FUNCTIONS
+from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.greedy import drop_overflow
 from maxscore.solvers.sinkhorn import sinkhorn_potentials
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BaseRouterConfig(GatedRouterConfig):
+    """Options of ``base``: ``GatedRouterConfig``'s, with sigmoid scores and no balance loss by default."""
+
+    balance_coef: float = 0.0
+    score_function: str = "sigmoid"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SBaseRouterConfig(GatedRouterConfig):
+    """Options of ``sbase``: ``GatedRouterConfig``'s, no balance loss by default, and
+
+    Attributes:
+        score_function: also ``"auto"`` (default): sigmoid for k = 1 (as BASE), else softmax.
+        iterations: Sinkhorn iterations per forward (>= 1).
+    """
+
+    score_functions: ClassVar[tuple[str, ...]] = SCORE_FUNCTIONS + ("auto",)
+
+    balance_coef: float = 0.0
+    score_function: str = "auto"
+    iterations: int = 10
+
+    def __post_init__(self) -> None:
+        GatedRouterConfig.__post_init__(self)
+        iterations = self.iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
 
 
 class BaseRouter(GatedRouter):
     """BASE layers: balanced assignment of the gate logits in training, greedy top-k at eval."""
 
-    default_balance_coef = 0.0
-
-    def __init__(self, dim: int, num_experts: int, k: int, capacity_factor: float = 1.0, **options) -> None:
-        options.setdefault("score_function", "sigmoid")
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
+    config_class = BaseRouterConfig
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         if not self.training:
@@ -37,13 +69,10 @@ class BaseRouter(GatedRouter):
 
 
 class SBaseRouter(GatedRouter):
-    """S-BASE: Sinkhorn-balanced top-k of the gate logits in training, greedy top-k at eval.
+    """S-BASE: Sinkhorn-balanced top-k of the gate logits in training, greedy top-k at eval
+    (options: ``SBaseRouterConfig``)."""
 
-    Args (beyond ``GatedRouter``'s):
-        iterations: Sinkhorn iterations per forward (>= 1).
-    """
-
-    default_balance_coef = 0.0
+    config_class = SBaseRouterConfig
 
     def __init__(
         self,
@@ -52,14 +81,12 @@ class SBaseRouter(GatedRouter):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        iterations: int = 10,
+        config: SBaseRouterConfig | Mapping | None = None,
         **options,
     ) -> None:
-        options.setdefault("score_function", "sigmoid" if k == 1 else "softmax")
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-        self.iterations = iterations
+        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+        if self.score_function == "auto":
+            self.score_function = "sigmoid" if k == 1 else "softmax"
 
     def select(
         self,
@@ -78,7 +105,7 @@ class SBaseRouter(GatedRouter):
             mass_GN = mass_GN * valid_T.view(shape)
         logits_GNE = logits_TE.view(*shape, self.num_experts)
         col_mass_GE = capacity_G.float()[:, None].expand(-1, self.num_experts)
-        g_GE, _ = sinkhorn_potentials(logits_GNE, mass_GN, col_mass_GE, self.iterations)
+        g_GE, _ = sinkhorn_potentials(logits_GNE, mass_GN, col_mass_GE, self.config.iterations)
         choices_GNK = torch.topk(logits_GNE + g_GE[:, None, :], self.k, dim=2).indices
         if valid_T is not None:
             choices_GNK = choices_GNK.masked_fill(~valid_T.view(*shape, 1), -1)

@@ -20,21 +20,23 @@ padding uses no capacity.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
+from maxscore.routers.groups import Groups, Selection
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
-from maxscore.solvers import Assignment, expert_capacity, solve_finite
+from maxscore.solvers import expert_capacity
 from maxscore.solvers._validate import group_capacity
 
 GROUPS = ("sequence", "batch")
+ALL_GROUPS = GROUPS + ("global",)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,64 +97,80 @@ class Router(Protocol):
         """Advances step-based state (temperature schedules, bias updates)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Groups:
-    """Routing groups: ``count`` groups of ``size`` consecutive tokens; ``slots``: the capacity
-    of a group with no padding, the per-group size of the static dispatch buffer (computed once
-    per call)."""
-
-    count: int
-    size: int
-    slots: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Selection:
-    """What a router's ``select`` decided: experts [T, K] and whether capacity was enforced."""
-
-    experts_TK: torch.Tensor
-    dropless: bool = False
-    solver_gap: float | torch.Tensor | None = None
-    solver_ms: float | None = None
-    solver_fallbacks: int | torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, solved: Solved) -> Selection:
-        """The selection of one batched solve: its experts, summed gap, time and fallbacks."""
-        a = solved.assignment
-        return cls(
-            experts_TK=solved.experts_TK,
-            solver_gap=None if a.gap is None else a.gap.sum(),
-            solver_ms=solved.ms,
-            solver_fallbacks=a.fallback.sum() if a.method == "exact" else None,
-        )
-
-
 def _check_coefficient(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatedRouterConfig:
+    """Options every built-in router takes; each router's config (``<Router>Config``) derives
+    from this one with the router's own defaults and options.
+
+    Attributes:
+        group: ``"sequence"`` (one routing group per sequence), ``"batch"``, or for MaxScore
+            ``"global"`` (see the module docstring).
+        balance_coef: weight of the load-balancing loss (0 disables it).
+        z_coef: weight of the router z-loss (0 disables it).
+        score_function: ``"softmax"`` or ``"sigmoid"``.
+        normalize: renormalize each token's combine weights to sum to 1.
+    """
+
+    score_functions: ClassVar[tuple[str, ...]] = SCORE_FUNCTIONS
+
+    group: str = "sequence"
+    balance_coef: float = 0.01
+    z_coef: float = 0.0
+    score_function: str = "softmax"
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group not in ALL_GROUPS:
+            raise ValueError(f"group must be one of {ALL_GROUPS}, got {self.group!r}")
+        if self.score_function not in self.score_functions:
+            raise ValueError(
+                f"score_function must be one of {self.score_functions}, got {self.score_function!r}"
+            )
+        _check_coefficient("balance_coef", self.balance_coef)
+        _check_coefficient("z_coef", self.z_coef)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> GatedRouterConfig:
+        """The config from keyword options (JSON values welcome); unknown names are ValueErrors."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; it accepts {names}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        """Every option by name, nested configs as dicts (JSON-ready; ``from_options`` reads it)."""
+        return asdict(self)
+
+    def label(self, router: str) -> str:
+        """How reports name ``router`` run with this config."""
+        return router
 
 
 class GatedRouter(nn.Module):
     """Linear gate -> scores -> ``select`` -> SoftTopk-family weights -> losses and stats.
 
     Subclasses implement ``select`` and may override ``temperature``, ``auxiliary_losses`` and
-    ``after_optimizer_step``.
+    ``after_optimizer_step``; each declares its ``config_class``.
 
     Args:
         dim: model dimension D.
         num_experts: E.
         k: experts per token.
         capacity_factor: capacity per group is ``ceil(capacity_factor * k * valid / E)``.
-        group: ``"sequence"`` or ``"batch"``.
-        balance_coef: weight of the load-balancing loss (0 disables it; default per router).
-        z_coef: weight of the router z-loss (0 disables it).
-        score_function: ``"softmax"`` or ``"sigmoid"``.
-        normalize: renormalize each token's combine weights to sum to 1.
+        config: the router's options (an instance of its ``config_class``, or their dict);
+            default: the config's defaults.
+        **options: options by name, over ``config`` (see ``config_class``).
     """
 
-    default_normalize = False
-    default_balance_coef = 0.01
+    config_class: ClassVar[type[GatedRouterConfig]] = GatedRouterConfig
     has_causal_mode = True
     fills_capacity = False
     has_schedule = False
@@ -166,31 +184,41 @@ class GatedRouter(nn.Module):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        group: str = "sequence",
-        balance_coef: float | None = None,
-        z_coef: float = 0.0,
-        score_function: str = "softmax",
-        normalize: bool | None = None,
+        config: GatedRouterConfig | Mapping | None = None,
+        **options,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
             check_int(name, value)
         expert_capacity(0, num_experts, k, capacity_factor)  # validates k and capacity_factor
-        if group not in self.supported_groups:
+        self.config = self.make_config(config, **options)
+        if self.config.group not in self.supported_groups:
             raise ValueError(
-                f"group must be one of {self.supported_groups} for {type(self).__name__}, got {group!r}"
+                f"group must be one of {self.supported_groups} for {type(self).__name__}, "
+                f"got {self.config.group!r}"
             )
-        if score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
-        balance_coef = self.default_balance_coef if balance_coef is None else balance_coef
-        _check_coefficient("balance_coef", balance_coef)
-        _check_coefficient("z_coef", z_coef)
         self.num_experts, self.k, self.capacity_factor = num_experts, k, float(capacity_factor)
-        self.group, self.score_function = group, score_function
-        self.balance_coef, self.z_coef = float(balance_coef), float(z_coef)
-        self.normalize = self.default_normalize if normalize is None else bool(normalize)
+        self.group, self.score_function = self.config.group, self.config.score_function
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
+
+    @classmethod
+    def make_config(cls, config: GatedRouterConfig | Mapping | None = None, **options) -> GatedRouterConfig:
+        """This router's config: ``config`` (or the defaults) with ``options`` set over it."""
+        if isinstance(config, GatedRouterConfig):
+            if type(config) is not cls.config_class:
+                raise ValueError(
+                    f"config must be a {cls.config_class.__name__} for {cls.__name__}, "
+                    f"got {type(config).__name__}"
+                )
+            if not options:
+                return config
+            config = {f.name: getattr(config, f.name) for f in fields(config)}
+        elif config is not None and not isinstance(config, Mapping):
+            raise ValueError(
+                f"config must be a {cls.config_class.__name__} or a dict of its options, got {config!r}"
+            )
+        return cls.config_class.from_options({**(config or {}), **options})
 
     # ---- the spine -------------------------------------------------------------------------
     def forward(
@@ -274,10 +302,10 @@ class GatedRouter(nn.Module):
         return 1.0
 
     def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        return soft_topk(scores_TE, experts_TK, self.temperature(), normalize=self.normalize)
+        return soft_topk(scores_TE, experts_TK, self.temperature(), normalize=self.config.normalize)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"balance": self.balance_coef, "z": self.z_coef}
+        return {"balance": self.config.balance_coef, "z": self.config.z_coef}
 
     def auxiliary_losses(
         self,
@@ -335,36 +363,3 @@ def _check_finite(logits_TE: torch.Tensor) -> None:
             raise ValueError(message)
     else:  # no host sync on accelerators: a device-side assert
         torch._assert_async(finite, message)
-
-
-@dataclass(frozen=True, slots=True)
-class Solved:
-    """One batched solve of a layer's routing groups."""
-
-    experts_TK: torch.Tensor
-    assignment: Assignment
-    ms: float
-
-
-def solve_groups(
-    scores_TE: torch.Tensor,
-    valid_T: torch.Tensor | None,
-    groups: Groups,
-    k: int,
-    capacity_G: torch.Tensor,
-    method: str,
-    **options,
-) -> Solved:
-    """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device.
-
-    Returns the experts [T, K] on the scores' device, the batched ``Assignment`` and the time
-    of the call in milliseconds (for CUDA scores, the time until the device engine's one host
-    round trip, not the device work queued after it).
-    """
-    begin = time.perf_counter()
-    shape = (groups.count, groups.size)
-    valid_GN = None if valid_T is None else valid_T.view(shape)
-    # the scores come from logits checked finite: solve need not scan them again
-    assignment = solve_finite(scores_TE.detach().view(*shape, -1), k, capacity_G, method, valid_GN, **options)
-    experts_TK = assignment.experts.reshape(-1, k)
-    return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3)

@@ -12,23 +12,52 @@ default 1e-4) complements it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 
-from maxscore.routers.base import GatedRouter, Groups, Selection
+from maxscore._checks import check_int
+from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.groups import Groups, Selection
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 
 
-class DeepSeekV3Router(GatedRouter):
-    """Sigmoid scores + bias-adjusted top-k selection; bias updated after each optimizer step.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeepSeekV3RouterConfig(GatedRouterConfig):
+    """Options of ``deepseek_v3``: ``GatedRouterConfig``'s (sigmoid scores, renormalized weights and
+    a balance loss of 1e-4 by default), and
 
-    Args (beyond ``GatedRouter``'s):
+    Attributes:
         bias_rate: bias update speed u (DeepSeek-V3: 0.001).
         scaling: routed scaling factor of the combine weights.
         num_groups, top_groups: group-limited routing (1, 1: off).
     """
 
-    default_normalize = True
-    default_balance_coef = 1e-4
+    balance_coef: float = 1e-4
+    score_function: str = "sigmoid"
+    normalize: bool = True
+    bias_rate: float = 1e-3
+    scaling: float = 1.0
+    num_groups: int = 1
+    top_groups: int = 1
+
+    def __post_init__(self) -> None:
+        GatedRouterConfig.__post_init__(self)
+        for name, low, relation in (("bias_rate", 0.0, ">="), ("scaling", 0.0, ">")):
+            value = getattr(self, name)
+            valid = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not valid or not (value >= low if relation == ">=" else value > low):
+                raise ValueError(f"{name} must be a number {relation} {low:g}, got {value!r}")
+        for name in ("num_groups", "top_groups"):
+            check_int(name, getattr(self, name))
+
+
+class DeepSeekV3Router(GatedRouter):
+    """Sigmoid scores + bias-adjusted top-k selection; bias updated after each optimizer step
+    (options: ``DeepSeekV3RouterConfig``)."""
+
+    config_class = DeepSeekV3RouterConfig
 
     def __init__(
         self,
@@ -37,19 +66,12 @@ class DeepSeekV3Router(GatedRouter):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        bias_rate: float = 1e-3,
-        scaling: float = 1.0,
-        num_groups: int = 1,
-        top_groups: int = 1,
+        config: DeepSeekV3RouterConfig | Mapping | None = None,
         **options,
     ) -> None:
-        options.setdefault("score_function", "sigmoid")
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
-        if not isinstance(bias_rate, (int, float)) or not bias_rate >= 0:
-            raise ValueError(f"bias_rate must be a number >= 0, got {bias_rate!r}")
-        if not isinstance(scaling, (int, float)) or not scaling > 0:
-            raise ValueError(f"scaling must be a number > 0, got {scaling!r}")
-        if num_groups < 1 or num_experts % num_groups or not 1 <= top_groups <= num_groups:
+        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+        num_groups, top_groups = self.config.num_groups, self.config.top_groups
+        if num_experts % num_groups or not 1 <= top_groups <= num_groups:
             raise ValueError(
                 f"num_groups={num_groups} must divide num_experts={num_experts}, "
                 f"and top_groups={top_groups} must be in [1, num_groups]"
@@ -58,8 +80,6 @@ class DeepSeekV3Router(GatedRouter):
             raise ValueError(
                 f"top_groups={top_groups} groups of {num_experts // num_groups} experts hold fewer than k={k}"
             )
-        self.bias_rate, self.scaling = float(bias_rate), float(scaling)
-        self.num_groups, self.top_groups = num_groups, top_groups
         self.register_buffer("bias", torch.zeros(num_experts))
         self.register_buffer("pending_loads", torch.zeros(num_experts))
 
@@ -76,19 +96,19 @@ class DeepSeekV3Router(GatedRouter):
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Top-k of the biased scores: DeepSeek-V3 routes every token alone in every mode."""
         biased_TE = scores_TE + self.bias
-        if self.num_groups > 1:
+        if self.config.num_groups > 1:
             biased_TE = self._limit_groups(biased_TE)
         return torch.topk(biased_TE, self.k, dim=1).indices
 
     def _limit_groups(self, biased_TE: torch.Tensor) -> torch.Tensor:
-        grouped_TGE = biased_TE.view(biased_TE.shape[0], self.num_groups, -1)
+        grouped_TGE = biased_TE.view(biased_TE.shape[0], self.config.num_groups, -1)
         group_score_TG = grouped_TGE.topk(min(2, grouped_TGE.shape[2]), dim=2).values.sum(2)
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_score_TG.topk(self.top_groups, dim=1).indices, True)
+        keep_TG.scatter_(1, group_score_TG.topk(self.config.top_groups, dim=1).indices, True)
         return grouped_TGE.masked_fill(~keep_TG[..., None], -torch.inf).view_as(biased_TE)
 
     def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-        return self.scaling * super().combine_weights(scores_TE, experts_TK)
+        return self.config.scaling * super().combine_weights(scores_TE, experts_TK)
 
     def auxiliary_losses(
         self, logits_TE, scores_TE, experts_TK, valid_T, groups: Groups
@@ -107,5 +127,5 @@ class DeepSeekV3Router(GatedRouter):
     def after_optimizer_step(self) -> None:
         """``bias += bias_rate * sign(mean load - load)`` over the loads since the last step."""
         loads_E = self.pending_loads
-        self.bias += self.bias_rate * torch.sign(loads_E.mean() - loads_E)
+        self.bias += self.config.bias_rate * torch.sign(loads_E.mean() - loads_E)
         loads_E.zero_()

@@ -9,15 +9,25 @@ tokens of its group (not causal).  Ties: as ``torch.topk``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from maxscore.routers.base import GatedRouter, Selection
+from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.groups import Selection
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertChoiceRouterConfig(GatedRouterConfig):
+    """Options of ``expert_choice``: ``GatedRouterConfig``'s, with no balance loss by default."""
+
+    balance_coef: float = 0.0
 
 
 class ExpertChoiceRouter(GatedRouter):
     """Each expert takes its top-C tokens; no token-side constraint; balanced by construction."""
 
-    default_balance_coef = 0.0
+    config_class = ExpertChoiceRouterConfig
     has_causal_mode = False
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:

@@ -25,28 +25,63 @@ the layer takes its variable-size (grouped) path.  Its prices are global, identi
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
-from maxscore.routers.base import GROUPS, GatedRouter, Groups, Selection, solve_groups
+from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig, schedule_config
+from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
+from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.global_routing import solve_global
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
 
 
-class MaxScoreRouter(GatedRouter):
-    """MaxScore: min-cost max-flow routing with SoftTopk weights.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlowOnlyRouterConfig(GatedRouterConfig):
+    """Options of ``flow_only`` (beyond ``GatedRouterConfig``'s).
 
-    Args (beyond ``GatedRouter``'s):
+    Attributes:
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
-        schedule: the SoftTopk temperature schedule, a config or its fields as a dict
-            (default linear 4 -> 1 over 30000 steps).
-        price_momentum: momentum of the prices' running average; the
-            first ``1 / (1 - price_momentum)`` updates are averaged plainly.
+        price_momentum: momentum of the prices' running average; the first
+            ``1 / (1 - price_momentum)`` updates are averaged plainly.
     """
 
+    method: str = "exact"
+    price_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        GatedRouterConfig.__post_init__(self)
+        if self.method not in FLOW_METHODS:
+            raise ValueError(f"method must be one of {FLOW_METHODS}, got {self.method!r}")
+        if self.group == "global" and self.method != "exact":
+            raise ValueError(f"group='global' routes with the exact solver only; got method={self.method!r}")
+        momentum = self.price_momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"price_momentum must be in [0, 1), got {momentum!r}")
+
+    def label(self, router: str) -> str:
+        return router if self.method == "exact" else f"{router}@{self.method}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MaxScoreRouterConfig(FlowOnlyRouterConfig):
+    """Options of ``maxscore``: ``flow_only``'s and ``schedule``, the SoftTopk temperature
+    schedule (a config or its fields as a dict; default linear 4 -> 1 over the run)."""
+
+    schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
+
+    def __post_init__(self) -> None:
+        FlowOnlyRouterConfig.__post_init__(self)
+        object.__setattr__(self, "schedule", schedule_config(self.schedule))
+
+
+class MaxScoreRouter(GatedRouter):
+    """MaxScore: min-cost max-flow routing with SoftTopk weights (options: ``MaxScoreRouterConfig``)."""
+
+    config_class = MaxScoreRouterConfig
     supported_groups = GROUPS + ("global",)
     has_schedule = True
 
@@ -57,20 +92,13 @@ class MaxScoreRouter(GatedRouter):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        method: str = "exact",
-        schedule: TemperatureScheduleConfig | dict | None = None,
-        price_momentum: float = 0.99,
+        config: FlowOnlyRouterConfig | Mapping | None = None,
         **options,
     ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
-        if method not in FLOW_METHODS:
-            raise ValueError(f"method must be one of {FLOW_METHODS}, got {method!r}")
-        if self.group == "global" and method != "exact":
-            raise ValueError(f"group='global' routes with the exact solver only; got method={method!r}")
-        if not isinstance(price_momentum, (int, float)) or not 0 <= price_momentum < 1:
-            raise ValueError(f"price_momentum must be in [0, 1), got {price_momentum!r}")
-        self.method, self.price_momentum = method, float(price_momentum)
-        self.schedule = TemperatureSchedule(schedule)
+        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+        self.method, self.price_momentum = self.config.method, self.config.price_momentum
+        if self.has_schedule:
+            self.schedule = TemperatureSchedule(self.config.schedule)
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
@@ -148,9 +176,19 @@ class MaxScoreRouter(GatedRouter):
 
 
 class FlowOnlyRouter(MaxScoreRouter):
-    """Ablation "flow only": MaxScore's flow routing with plain softmax weights (t = 1 always)."""
+    """Ablation "flow only": MaxScore's flow routing with plain softmax weights (t = 1 always;
+    options: ``FlowOnlyRouterConfig``)."""
 
+    config_class = FlowOnlyRouterConfig
     has_schedule = False
 
     def temperature(self) -> float:
         return 1.0
+
+    def after_optimizer_step(self) -> None:
+        """No step-based state."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # models saved before flow_only's options were typed carry an unused schedule counter
+        state_dict.pop(f"{prefix}schedule.step_count", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -13,10 +13,14 @@ All run on the device with no host sync except ``iterative`` (its rerouting runs
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 
-from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig
-from maxscore.routers.base import GatedRouter, Groups, Selection, solve_groups
+from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig, schedule_config
+from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.greedy import drop_overflow
 
 
@@ -31,10 +35,30 @@ def greedy_select(
     return drop_overflow(choices_GNK, scores_TE.shape[1], capacity_G).view(-1, k)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GShardRouterConfig(GatedRouterConfig):
+    """Options of ``gshard``, ``iterative`` and ``dropless``: ``GatedRouterConfig``'s, with the
+    combine weights renormalized over the k by default."""
+
+    normalize: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SoftTopkOnlyRouterConfig(GatedRouterConfig):
+    """Options of ``softtopk_only``: ``GatedRouterConfig``'s and ``schedule``, the SoftTopk
+    temperature schedule (a config or its fields as a dict; default linear 4 -> 1 over the run)."""
+
+    schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
+
+    def __post_init__(self) -> None:
+        GatedRouterConfig.__post_init__(self)
+        object.__setattr__(self, "schedule", schedule_config(self.schedule))
+
+
 class GShardRouter(GatedRouter):
     """GShard: top-k greedy with capacity, overflow dropped, weights renormalized over the k."""
 
-    default_normalize = True
+    config_class = GShardRouterConfig
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         return Selection(experts_TK=greedy_select(scores_TE, valid_T, groups, self.k, capacity_G))
@@ -43,22 +67,30 @@ class GShardRouter(GatedRouter):
 class SwitchRouter(GShardRouter):
     """Switch Transformer: top-1 with capacity, overflow dropped, weight = router probability."""
 
-    default_normalize = False
+    config_class = GatedRouterConfig
 
     def __init__(
-        self, dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0, **options
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        *,
+        config: GatedRouterConfig | Mapping | None = None,
+        **options,
     ) -> None:
         if k != 1:
             raise ValueError(
                 f"router='switch' routes each token to 1 expert, got k={k}; use k=1 or router='gshard'"
             )
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
+        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
 
 
 class SoftTopkOnlyRouter(GShardRouter):
-    """Ablation "SoftTopk only": GShard's greedy routing with SoftTopk weights (no renormalization)."""
+    """Ablation "SoftTopk only": GShard's greedy routing with SoftTopk weights (no renormalization;
+    options: ``SoftTopkOnlyRouterConfig``)."""
 
-    default_normalize = False
+    config_class = SoftTopkOnlyRouterConfig
     has_schedule = True
 
     def __init__(
@@ -68,11 +100,11 @@ class SoftTopkOnlyRouter(GShardRouter):
         k: int,
         capacity_factor: float = 1.0,
         *,
-        schedule: TemperatureScheduleConfig | dict | None = None,
+        config: SoftTopkOnlyRouterConfig | Mapping | None = None,
         **options,
     ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, **options)
-        self.schedule = TemperatureSchedule(schedule)
+        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+        self.schedule = TemperatureSchedule(self.config.schedule)
 
     def temperature(self) -> float:
         return self.schedule.temperature()
@@ -84,7 +116,7 @@ class SoftTopkOnlyRouter(GShardRouter):
 class IterativeRouter(GatedRouter):
     """Switch-style iterative rerouting (``solve(method="iterative")`` per group), no drops."""
 
-    default_normalize = True
+    config_class = GShardRouterConfig
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         return Selection.of(solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, "iterative"))
@@ -93,7 +125,7 @@ class IterativeRouter(GatedRouter):
 class DroplessRouter(GatedRouter):
     """Dropless top-k: no capacity, weights renormalized over the k."""
 
-    default_normalize = True
+    config_class = GShardRouterConfig
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         return Selection(experts_TK=torch.topk(scores_TE.detach(), self.k, dim=1).indices, dropless=True)

@@ -94,7 +94,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         values = json.loads(text)
-        return cls(**{**values, "model": ModelConfig(**values["model"])})
+        return cls(**{**values, "model": ModelConfig.from_saved(values["model"])})
 
 
 def _model(**values) -> ModelConfig:
@@ -174,7 +174,10 @@ def make_config(preset: str, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; settings are {sorted(MODEL_FIELDS | TRAIN_FIELDS)}")
     base = PRESETS[preset]
-    model = dataclasses.replace(base.model, **{k: v for k, v in overrides.items() if k in MODEL_FIELDS})
+    model_overrides = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
+    if "router" in model_overrides:  # another router's options do not carry over
+        model_overrides.setdefault("router_options", None)
+    model = dataclasses.replace(base.model, **model_overrides)
     return dataclasses.replace(base, model=model, **{k: v for k, v in overrides.items() if k in TRAIN_FIELDS})
 
 

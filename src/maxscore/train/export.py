@@ -86,7 +86,7 @@ def _as_llama(model: Decoder):
             num_experts_per_tok=config.k,
             capacity_factor=config.capacity_factor,
             router=config.router,
-            router_options=dict(config.router_options) or None,
+            router_options=config.router_options.to_dict(),
             causal_routing=False,
         )
         hf = MaxScoreLlamaForCausalLM(MaxScoreLlamaConfig(**shape, **moe))

@@ -34,8 +34,8 @@ def finish(
     """Final evaluation (validation and test, batch and causal routing) written to ``final.json``
     (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
     topology = topology or Topology()
-    method = config.model.router_options.get("method")
-    label = config.label or config.model.router + (f"@{method}" if method else "")
+    router, options = config.model.router, config.model.router_options
+    label = config.label or (router if options is None else options.label(router))
     final: dict = {
         "router": label,
         "seed": config.seed,

@@ -44,16 +44,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def with_schedule(config: TrainConfig) -> TrainConfig:
-    """SoftTopk's temperature decays over the whole run unless the router options say otherwise
-    (a schedule given as a dict without ``steps`` also takes the run's length)."""
+    """A SoftTopk schedule with no length of its own (``steps=None``) decays over the whole run."""
     model = config.model
-    given = model.router_options.get("schedule")
-    scheduled = model.router != DENSE and ROUTERS[model.router].has_schedule
-    if not scheduled or (given is not None and not isinstance(given, dict)):
+    if model.router == DENSE or not ROUTERS[model.router].has_schedule:
         return config
-    if isinstance(given, dict) and "steps" in given:
+    schedule = model.router_options.schedule
+    if schedule.steps is not None:
         return config
-    options = {**model.router_options, "schedule": {"steps": config.steps, **(given or {})}}
+    schedule = dataclasses.replace(schedule, steps=config.steps)
+    options = dataclasses.replace(model.router_options, schedule=schedule)
     return dataclasses.replace(config, model=dataclasses.replace(model, router_options=options))
 
 

@@ -1,0 +1,96 @@
+"""Typed router configs: one frozen dataclass per router, built from options, dicts or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from maxscore.gates import TemperatureScheduleConfig
+from maxscore.routers import (
+    ROUTERS,
+    FlowOnlyRouterConfig,
+    GatedRouterConfig,
+    GShardRouterConfig,
+    MaxScoreRouterConfig,
+    SBaseRouterConfig,
+    make_router,
+    router_config,
+    router_options,
+)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_declares_a_frozen_config_that_round_trips_through_json(name):
+    router = make_router(name, 16, 4, 1 if name == "switch" else 2)
+    config = router.config
+    assert isinstance(config, ROUTERS[name].config_class) and isinstance(config, GatedRouterConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.group = "batch"
+    assert set(config.to_dict()) == set(router_options(name))
+    again = router_config(name, json.loads(json.dumps(config.to_dict())))
+    assert again == config and type(again) is type(config)
+
+
+def test_router_defaults_live_in_their_configs():
+    assert router_config("gshard").normalize is True and router_config("switch").normalize is False
+    assert router_config("deepseek_v3").score_function == "sigmoid"
+    assert router_config("expert_choice").balance_coef == 0.0
+    assert router_config("maxscore").schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=None)
+    # S-BASE picks its score function by k, as the paper does
+    assert make_router("sbase", 8, 4, 1).score_function == "sigmoid"
+    assert make_router("sbase", 8, 4, 2).score_function == "softmax"
+    assert make_router("sbase", 8, 4, 1, score_function="softmax").score_function == "softmax"
+
+
+def test_options_dicts_and_configs_build_the_same_router_config():
+    typed = MaxScoreRouterConfig(method="two_stage", schedule=TemperatureScheduleConfig(start=2.0))
+    from_dict = router_config("maxscore", {"method": "two_stage", "schedule": {"start": 2.0}})
+    from_options = make_router("maxscore", 8, 4, 2, method="two_stage", schedule={"start": 2}).config
+    assert typed == from_dict == from_options
+    # options set over a given config; the config itself is unchanged
+    over = make_router("maxscore", 8, 4, 2, config=typed, normalize=True).config
+    assert over.normalize is True and over.method == "two_stage" and typed.normalize is False
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: router_config("gshard", temperature=2.0), r"unknown option\(s\) \['temperature'\]"),
+        (lambda: router_config("flow_only", schedule={"start": 2}), r"unknown option\(s\) \['schedule'\]"),
+        (lambda: router_config("maxscore", schedule={"begin": 2}), r"schedule field\(s\) \['begin'\]"),
+        (lambda: router_config("maxscore", normalize="yes"), "normalize must be true or false"),
+        (lambda: router_config("maxscore", method="greedy"), "method must be one of"),
+        (lambda: router_config("maxscore", group="global", method="sinkhorn"), "exact solver only"),
+        (lambda: router_config("gshard", group="world"), "group must be one of"),
+        (lambda: router_config("gshard", balance_coef=-1.0), "balance_coef must be a finite number >= 0"),
+        (lambda: router_config("sbase", iterations=0), "iterations must be an int >= 1"),
+        (lambda: router_config("deepseek_v3", scaling=0.0), "scaling must be a number > 0"),
+        (lambda: router_config("gshard", score_function="auto"), "score_function must be one of"),
+        (lambda: router_config("gshard", FlowOnlyRouterConfig()), "must be a GShardRouterConfig"),
+        (lambda: router_config("gshard", "normalize=true"), "or a dict of its options"),
+        (lambda: make_router("gshard", 8, 4, 2, group="global"), "for GShardRouter"),
+    ],
+)
+def test_bad_router_configs_are_named_value_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_flow_only_has_no_schedule_and_labels_its_method():
+    router = make_router("flow_only", 8, 4, 2, method="two_stage")
+    assert not hasattr(router, "schedule") and router.temperature() == 1.0
+    assert router.config.label("flow_only") == "flow_only@two_stage"
+    assert GShardRouterConfig().label("gshard") == "gshard" and SBaseRouterConfig().score_function == "auto"
+
+
+def test_saved_dicts_take_the_defaults_they_were_saved_with():
+    # a dict read from a file without an option keeps the behaviour it was trained with
+    saved = router_config("maxscore", {"schedule": {"steps": 250}}, saved=True)
+    assert saved.normalize is False
+    assert saved.schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=250, kind="linear")
+    assert router_config("maxscore", {}, saved=True).schedule.steps == 30000  # no run length then
+    # a complete dict (what is written now) is read back as written
+    written = router_config("maxscore", normalize=True, schedule={"kind": "constant", "start": 1.0})
+    assert router_config("maxscore", written.to_dict(), saved=True) == written
