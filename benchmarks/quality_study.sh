@@ -2,8 +2,9 @@
 # The quality study: which MaxScore recipe trains the best model (paired seeds, tiny preset,
 # 2 CPU cores).  Each stage resumes: finished runs under $out/runs/<stage>/ are kept.
 #   bash benchmarks/quality_study.sh stage1      # screening: 20 configurations x 3 seeds x 250 steps
-#   bash benchmarks/quality_study.sh stage2      # the 5 best of stage 1 (validation), the current
-#                                                # defaults and the paper-faithful pair: 5 seeds x 1000 steps
+#   bash benchmarks/quality_study.sh stage2      # the 4 best of stage 1 (validation), the current
+#                                                # default, the paper-faithful pair, normalized flow and
+#                                                # iterative rerouting: 5 seeds x 1000 steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
@@ -38,8 +39,11 @@ case "${1:-}" in
     chosen=$("$PY" - "$out/stage1/results.json" "$baseline" <<'PYTHON'
 import json, sys
 rows = json.load(open(sys.argv[1]))["configurations"]  # sorted by mean validation loss
-best = [row["label"] for row in rows[:5]]
-fixed = ["maxscore:normalize=false", "gshard:normalize=false", "flow_only:normalize=true", sys.argv[2]]
+best = [row["label"] for row in rows[:4]]
+# the current default and the paper-faithful pair (raw weights), iterative rerouting against exact
+# flow at equal weights, and the baseline
+fixed = ["maxscore:normalize=false", "gshard:normalize=false", "flow_only:normalize=true",
+         "iterative:normalize=true", sys.argv[2]]
 print(",".join(dict.fromkeys(best + fixed)))
 PYTHON
 )
