@@ -117,6 +117,13 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
     report_dir = tmp_path / "report"
     assert main(["report", str(out / "maxscore-s0"), str(out / "gshard-s0"), "--out", str(report_dir)]) == 0
     assert "| gshard | 1 |" in (report_dir / "results.md").read_text()
+    # a report of the same runs against another baseline
+    args = ["report", str(out), "--out", str(tmp_path / "raw"), "--baseline", "gshard:normalize=false"]
+    assert main(args) == 0
+    raw = json.loads((tmp_path / "raw" / "results.json").read_text())
+    assert raw["baseline"] == "gshard:normalize=false"
+    flipped = {row["label"]: row for row in raw["configurations"]}["gshard"]["val_differences"]
+    assert flipped == pytest.approx([-d for d in differences])
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from maxscore.train.report import write_report
 
-    print(write_report(args.runs, args.out or args.runs[0]))
+    print(write_report(args.runs, args.out or args.runs[0], baseline=args.baseline))
     return 0
 
 
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="markdown report and plots from finished runs")
     report.add_argument("runs", nargs="+", help="run directories, or folders holding them")
     report.add_argument("--out", help="output folder (default: the first argument)")
+    report.add_argument(
+        "--baseline", help="label of the configuration paired differences are taken to (default: gshard)"
+    )
     report.set_defaults(run=_report)
     return parser
 
