@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from maxscore._checks import check_int
-from maxscore.gates import SCORE_FUNCTIONS, router_scores, soft_topk
+from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
 from maxscore.routers.groups import Groups, Selection
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
@@ -201,6 +201,8 @@ class GatedRouter(nn.Module):
         self.group, self.score_function = self.config.group, self.config.score_function
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
+        if self.has_schedule:  # the config of a scheduled router has a schedule
+            self.schedule = TemperatureSchedule(self.config.schedule)
 
     @classmethod
     def make_config(cls, config: GatedRouterConfig | Mapping | None = None, **options) -> GatedRouterConfig:
@@ -298,8 +300,9 @@ class GatedRouter(nn.Module):
         return torch.topk(scores_TE, self.k, dim=1).indices
 
     def temperature(self) -> float:
-        """SoftTopk temperature of the combine weights (1: plain scores)."""
-        return 1.0
+        """SoftTopk temperature of the combine weights: the schedule's (``has_schedule``), else 1
+        (plain scores)."""
+        return self.schedule.temperature() if self.has_schedule else 1.0
 
     def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         return soft_topk(scores_TE, experts_TK, self.temperature(), normalize=self.config.normalize)
@@ -322,7 +325,9 @@ class GatedRouter(nn.Module):
         return {"balance": balance, "z": router_z_loss(logits_TE, valid_T)}
 
     def after_optimizer_step(self) -> None:
-        """Called once after every optimizer step; the base router has no step-based state."""
+        """Called once after every optimizer step: advances the SoftTopk schedule, if any."""
+        if self.has_schedule:
+            self.schedule.step()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _groups(

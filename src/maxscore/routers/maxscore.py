@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig, schedule_config
+from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.global_routing import solve_global
@@ -97,8 +97,6 @@ class MaxScoreRouter(GatedRouter):
     ) -> None:
         super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
         self.method, self.price_momentum = self.config.method, self.config.price_momentum
-        if self.has_schedule:
-            self.schedule = TemperatureSchedule(self.config.schedule)
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
@@ -109,12 +107,6 @@ class MaxScoreRouter(GatedRouter):
     def fills_capacity(self) -> bool:
         """True when every rank's routing fills a static [E, C] buffer (local routing groups)."""
         return self.group != "global"
-
-    def temperature(self) -> float:
-        return self.schedule.temperature()
-
-    def after_optimizer_step(self) -> None:
-        self.schedule.step()
 
     def select(
         self,
@@ -181,12 +173,6 @@ class FlowOnlyRouter(MaxScoreRouter):
 
     config_class = FlowOnlyRouterConfig
     has_schedule = False
-
-    def temperature(self) -> float:
-        return 1.0
-
-    def after_optimizer_step(self) -> None:
-        """No step-based state."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # models saved before flow_only's options were typed carry an unused schedule counter

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig, schedule_config
+from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.greedy import drop_overflow
@@ -92,25 +92,6 @@ class SoftTopkOnlyRouter(GShardRouter):
 
     config_class = SoftTopkOnlyRouterConfig
     has_schedule = True
-
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int,
-        capacity_factor: float = 1.0,
-        *,
-        config: SoftTopkOnlyRouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
-        self.schedule = TemperatureSchedule(self.config.schedule)
-
-    def temperature(self) -> float:
-        return self.schedule.temperature()
-
-    def after_optimizer_step(self) -> None:
-        self.schedule.step()
 
 
 class IterativeRouter(GatedRouter):
