@@ -11,6 +11,7 @@ the code path, in topk units, not a device timing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -146,19 +147,14 @@ def bench_solvers(
                 if progress:
                     progress(f"{num_tokens}x{num_experts} k={k} {distribution} {method}")
                 result = run()
-                ms = median_ms(run, budget_s)
-                device_ratio = _device_ratio(scores, k, topk_ms, budget_s) if method == "exact" else None
+                row = _timed_row(case, method, run, scores, topk_ms, budget_s)
                 rows.append(
-                    BenchRow(
-                        **case,
-                        method=method,
-                        ms=ms,
-                        ratio_to_topk=ms / topk_ms,
+                    dataclasses.replace(
+                        row,
                         gap_vs_exact=(optimum - result.score) / abs(optimum),
                         dropped_fraction=result.dropped_fraction,
                         max_load_ratio=float(result.loads.max()) / result.capacity,
                         certificate_gap=result.gap,
-                        device_ratio=device_ratio,
                     )
                 )
             rows.append(_topk_row(case, topk_ms))
@@ -180,9 +176,34 @@ def _topk_row(case: dict, topk_ms: float, groups: int = 1) -> BenchRow:
     )
 
 
-def _device_ratio(scores: torch.Tensor, k: int, topk_ms: float, budget_s: float) -> float:
-    """The exact method's device engine on ``scores``, in units of ``torch.topk``'s time."""
-    return median_ms(lambda: solve(scores, k, engine="device"), budget_s) / topk_ms
+def _timed_row(
+    case: dict,
+    method: str,
+    run: Callable[[], object],
+    scores: torch.Tensor,
+    topk_ms: float,
+    budget_s: float,
+    groups: int = 1,
+) -> BenchRow:
+    """``method``'s median time in ms and in units of ``torch.topk``'s (for ``exact`` also its
+    device engine's), with the loads of a routing that fills every expert (callers replace the
+    quality columns they measure)."""
+    ms = median_ms(run, budget_s)
+    device_ratio = None
+    if method == "exact":
+        device_ratio = median_ms(lambda: solve(scores, case["k"], engine="device"), budget_s) / topk_ms
+    return BenchRow(
+        **case,
+        method=method,
+        ms=ms,
+        ratio_to_topk=ms / topk_ms,
+        gap_vs_exact=math.nan,
+        dropped_fraction=0.0,
+        max_load_ratio=1.0,
+        certificate_gap=None,
+        groups=groups,
+        device_ratio=device_ratio,
+    )
 
 
 def bench_batched(
@@ -212,22 +233,8 @@ def bench_batched(
                     progress(f"{groups}x{num_tokens}x{num_experts} k={k} {distribution} {method}")
                 result = run()
                 score = result.score.sum().item() if method == "exact" else sum(a.score for a in result)
-                ms = median_ms(run, budget_s)
-                device_ratio = _device_ratio(scores, k, topk_ms, budget_s) if method == "exact" else None
-                rows.append(
-                    BenchRow(
-                        **case,
-                        method=method,
-                        ms=ms,
-                        ratio_to_topk=ms / topk_ms,
-                        gap_vs_exact=(optimum - score) / abs(optimum),
-                        dropped_fraction=0.0,
-                        max_load_ratio=1.0,
-                        certificate_gap=None,
-                        groups=groups,
-                        device_ratio=device_ratio,
-                    )
-                )
+                row = _timed_row(case, method, run, scores, topk_ms, budget_s, groups)
+                rows.append(dataclasses.replace(row, gap_vs_exact=(optimum - score) / abs(optimum)))
             rows.append(_topk_row(case, topk_ms, groups))
     return rows
 
