@@ -76,6 +76,26 @@ def test_save_swap_and_reload(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+def test_settings_are_stored_resolved_and_older_ones_load(tmp_path):
+    model = moe_model("qwen3_moe")
+    swap_router(model, soft_topk=True, schedule={"steps": 10})
+    stored = model.config.maxscore_routing["schedule"]
+    assert stored == {"start": 4.0, "end": 1.0, "steps": 10, "kind": "linear"}
+    # settings saved before the schedule was stored resolved (and before groups were a setting)
+    model.config.maxscore_routing = {
+        "capacity_factor": 1.0,
+        "method": "exact",
+        "soft_topk": True,
+        "schedule": None,
+        "causal_routing": False,
+    }
+    model.save_pretrained(tmp_path)
+    loaded = load_swapped(tmp_path)
+    router = next(m.router for m in loaded.modules() if hasattr(m, "router"))
+    assert router.config.group == "batch" and router.config.schedule.num_steps == 30000
+    assert router.temperature() == 4.0
+
+
 def test_unsupported_architecture_and_double_swap_raise():
     with pytest.raises(
         ValueError, match=r"supports \['deepseek_v3', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\]"
