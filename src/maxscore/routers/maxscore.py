@@ -96,7 +96,6 @@ class MaxScoreRouter(GatedRouter):
         **options,
     ) -> None:
         super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
-        self.method, self.price_momentum = self.config.method, self.config.price_momentum
         self.register_buffer("prices", torch.zeros(num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
@@ -118,11 +117,11 @@ class MaxScoreRouter(GatedRouter):
     ) -> Selection:
         if self.group == "global":
             return self._select_global(scores_TE, valid_T)
-        options = {"prices": self.prices} if self.method == "exact" else {}
-        solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.method, **options)
+        options = {"prices": self.prices} if self.config.method == "exact" else {}
+        solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.config.method, **options)
         if self.training:
             priced = solved
-            if self.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
+            if self.config.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
                 priced = solve_groups(
                     scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices
                 )
@@ -162,7 +161,7 @@ class MaxScoreRouter(GatedRouter):
         # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
         centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
         updates = int(self.price_updates)  # a plain mean over the first updates, then the EMA
-        momentum = min(self.price_momentum, updates / (updates + 1))
+        momentum = min(self.config.price_momentum, updates / (updates + 1))
         self.prices.mul_(momentum).add_((1 - momentum) * centered_E)
         self.price_updates += 1
 
