@@ -29,6 +29,7 @@ EXPECTED = {
     "gshard": "6394e82d0862b89e",
     "iterative": "a43eba0cb6063c74",
     "maxscore": "0e28d93f4dce881c",
+    "maxscore_paper": "f0edc66816d22bed",
     "sbase": "96169ee078c012f2",
     "softtopk_only": "28eba94b78541b12",
     "switch": "a5a7188dbf57ef2e",

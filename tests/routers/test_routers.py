@@ -69,6 +69,19 @@ def test_switch_top1_drops_in_token_order():
     )
 
 
+def test_maxscore_paper_routes_as_maxscore_with_raw_softtopk_weights():
+    logits = biased_logits(2, 16, 4)
+    paper = identity_router("maxscore_paper", 4, 2)
+    out = paper(logits, sequence_length=16)
+    flow = identity_router("flow_only", 4, 2)(logits, sequence_length=16)
+    assert torch.equal(out.experts, flow.experts)
+    assert paper.temperature() == 4.0  # step 0 of the 4 -> 1 schedule
+    picked = logits.softmax(-1).gather(1, out.experts)
+    best = picked.argmax(1, keepdim=True)
+    expected = torch.where(torch.arange(2) == best, picked, 4.0 * picked)  # raw: no renormalization
+    torch.testing.assert_close(out.weights, expected)
+
+
 @pytest.mark.parametrize("method", ["exact", "two_stage", "sinkhorn"])
 @pytest.mark.parametrize(("num_experts", "k", "length"), [(4, 2, 32), (8, 3, 64), (16, 2, 64)])
 def test_maxscore_fills_every_expert_exactly(method, num_experts, k, length):

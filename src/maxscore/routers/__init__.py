@@ -4,6 +4,7 @@
 name                routing                                                     capacity
 ==================  ==========================================================  ===========
 ``maxscore``        exact flow routing per group + SoftTopk weights             no drops
+``maxscore_paper``  the same, with the paper's weights (raw SoftTopk, 4 -> 1)   no drops
 ``flow_only``       the same flow routing, plain softmax weights (ablation)     no drops
 ``softtopk_only``   GShard greedy routing + SoftTopk weights (ablation)         drops
 ``gshard``          top-k greedy, first choices first, renormalized weights     drops
@@ -34,6 +35,8 @@ from maxscore.routers.maxscore import (
     FlowOnlyRouterConfig,
     MaxScoreRouter,
     MaxScoreRouterConfig,
+    PaperMaxScoreRouter,
+    PaperMaxScoreRouterConfig,
 )
 from maxscore.routers.stats import RoutingStats
 from maxscore.routers.topk import (
@@ -48,6 +51,7 @@ from maxscore.routers.topk import (
 
 ROUTERS: dict[str, type[GatedRouter]] = {
     "maxscore": MaxScoreRouter,
+    "maxscore_paper": PaperMaxScoreRouter,
     "flow_only": FlowOnlyRouter,
     "softtopk_only": SoftTopkOnlyRouter,
     "gshard": GShardRouter,
@@ -144,6 +148,7 @@ __all__ = [
     "GatedRouter",
     "GatedRouterConfig",
     "MaxScoreRouterConfig",
+    "PaperMaxScoreRouterConfig",
     "Router",
     "RouterOutput",
     "RoutingStats",

@@ -78,6 +78,16 @@ class MaxScoreRouterConfig(FlowOnlyRouterConfig):
         object.__setattr__(self, "schedule", schedule_config(self.schedule))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PaperMaxScoreRouterConfig(MaxScoreRouterConfig):
+    """Options of ``maxscore_paper``, the paper's recipe (PAPER.md §3): ``maxscore``'s, with raw
+    SoftTopk combine weights (no renormalization) and the temperature linear 4 -> 1 over the
+    run (30000 optimizer steps where there is no run: ``MoELayer``, ``upcycle``)."""
+
+    normalize: bool = False
+    schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
+
+
 class MaxScoreRouter(GatedRouter):
     """MaxScore: min-cost max-flow routing with SoftTopk weights (options: ``MaxScoreRouterConfig``)."""
 
@@ -177,3 +187,9 @@ class FlowOnlyRouter(MaxScoreRouter):
         # models saved before flow_only's options were typed carry an unused schedule counter
         state_dict.pop(f"{prefix}schedule.step_count", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PaperMaxScoreRouter(MaxScoreRouter):
+    """MaxScore with the paper's combine weights (options: ``PaperMaxScoreRouterConfig``)."""
+
+    config_class = PaperMaxScoreRouterConfig
