@@ -147,25 +147,54 @@ static void heap_pop(Heap *h) {
  * row_topk: top-k of row - p sorted by value (lower index first on ties), plus the best
  * expert left out: writes up to kk = k+1 candidates, returns how many allowed ones it found.
  * Only values > thr are considered: thr = -inf, or just below a proven lower bound on the
- * row's kk-th value (then far fewer insertions); -inf entries never enter.
+ * row's kk-th value; without one, the least maximum of kk disjoint blocks is such a bound.
+ * Each tile of the row is first filtered branch-free, so only the few values above the bound
+ * pay for a sorted insertion; -inf entries never enter.
  * row_best: the best allowed expert not held.
  */
+#define ROW_TILE 64
+
+/* inserts (e, v) into the sorted top list idx/val of *m <= kk entries; *thr: its least once full */
+static void row_insert(int64_t e, double v, int64_t kk, int64_t *m, double *thr, int64_t *idx, double *val) {
+    int64_t i = (*m < kk) ? (*m)++ : *m - 1;
+    while (i > 0 && v > val[i - 1]) {
+        val[i] = val[i - 1];
+        idx[i] = idx[i - 1];
+        i--;
+    }
+    val[i] = v;
+    idx[i] = e;
+    if (*m == kk) *thr = val[kk - 1];
+}
+
 #define ROW_KERNELS(T)                                                                               \
     static int64_t row_topk_##T(const T *row, const double *p, int64_t E, int64_t kk, double thr,     \
                                 int64_t *idx, double *val) {                                         \
         int64_t m = 0;                                                                               \
-        for (int64_t e = 0; e < E; e++) {                                                            \
-            double v = (double)row[e] - p[e];                                                        \
-            if (!(v > thr)) continue;                                                                \
-            int64_t i = (m < kk) ? m++ : m - 1;                                                      \
-            while (i > 0 && v > val[i - 1]) {                                                        \
-                val[i] = val[i - 1];                                                                 \
-                idx[i] = idx[i - 1];                                                                 \
-                i--;                                                                                 \
+        if (thr == -INFINITY && E >= 4 * kk) { /* kk disjoint blocks: the least block maximum */     \
+            double low = INFINITY;                                                                   \
+            for (int64_t b = 0; b < kk; b++) {                                                       \
+                double mx = -INFINITY;                                                               \
+                for (int64_t e = E * b / kk; e < E * (b + 1) / kk; e++) {                            \
+                    double v = (double)row[e] - p[e];                                                \
+                    mx = v > mx ? v : mx;                                                            \
+                }                                                                                    \
+                low = mx < low ? mx : low;                                                           \
             }                                                                                        \
-            val[i] = v;                                                                              \
-            idx[i] = e;                                                                              \
-            if (m == kk) thr = val[kk - 1];                                                          \
+            if (low != -INFINITY) thr = nextafter(low, -INFINITY); /* kk values are >= low */        \
+        }                                                                                            \
+        int32_t ce[ROW_TILE];                                                                        \
+        double cv[ROW_TILE];                                                                         \
+        for (int64_t e0 = 0; e0 < E; e0 += ROW_TILE) { /* branch-free filter, then insert */         \
+            int64_t e1 = e0 + ROW_TILE < E ? e0 + ROW_TILE : E, n = 0;                               \
+            for (int64_t e = e0; e < e1; e++) {                                                      \
+                double v = (double)row[e] - p[e];                                                    \
+                ce[n] = (int32_t)e;                                                                  \
+                cv[n] = v;                                                                           \
+                n += v > thr;                                                                        \
+            }                                                                                        \
+            for (int64_t i = 0; i < n; i++)                                                          \
+                if (cv[i] > thr) row_insert(ce[i], cv[i], kk, &m, &thr, idx, val);                  \
         }                                                                                            \
         return m;                                                                                    \
     }                                                                                                \
@@ -306,7 +335,7 @@ typedef char double_is_int64_sized[sizeof(double) == sizeof(int64_t) ? 1 : -1]; 
 typedef struct {
     Ctx *c;
     int64_t t0, t1;
-    double rise;     /* assign pass: see assign_topk */
+    int fresh;       /* assign pass: see assign_topk */
     int64_t *loads;  /* assign pass: this chunk's loads */
     int64_t nbad;    /* assign pass: tokens with fewer than k allowed experts */
     double total;    /* dual pass: this chunk's sum */
@@ -317,6 +346,8 @@ typedef struct {
     double *buf;
     const int64_t *off, *want;
     int64_t *cnt;
+    double *gate;        /* [E]: see gather_rows */
+    const uint8_t *over; /* [E]: loads > cap */
 } Chunk;
 
 static void assign_rows(Chunk *ch) {
@@ -326,11 +357,18 @@ static void assign_rows(Chunk *ch) {
     for (int64_t t = ch->t0; t < ch->t1; t++) {
         int64_t *row = c->experts + t * c->k;
         uint8_t *h = c->held + t * c->E;
+        /* the k held experts and the best other one are k+1 distinct allowed experts: the least
+         * of their new values bounds the new (k+1)-th value from below */
+        double bound = (!ch->fresh && c->barg[t] >= 0) ? S(c, t, c->barg[t]) - c->p[c->barg[t]] : -INFINITY;
         for (int64_t j = 0; j < c->k; j++) {
-            if (row[j] >= 0) h[row[j]] = 0;
+            if (row[j] >= 0) {
+                h[row[j]] = 0;
+                bound = fmin(bound, S(c, t, row[j]) - c->p[row[j]]);
+            } else {
+                bound = -INFINITY;
+            }
             row[j] = -1;
         }
-        double bound = (ch->rise >= 0 && c->barg[t] >= 0) ? c->best[t] - ch->rise : -INFINITY;
         c->best[t] = -INFINITY;
         c->barg[t] = -1;
         if (!is_valid(c, t)) continue;
@@ -398,7 +436,7 @@ static int64_t pass_threads(const Ctx *c) {
 }
 
 /* splits the tokens into chunks, one per thread when the pass is big enough; 0 = no memory */
-static int64_t split_rows(Ctx *c, Chunk *ch, double rise, int64_t **scratch) {
+static int64_t split_rows(Ctx *c, Chunk *ch, int fresh, int64_t **scratch) {
     int64_t n = pass_threads(c);
     if (n > c->N) n = c->N < 1 ? 1 : c->N;
     *scratch = malloc(sizeof(int64_t) * (size_t)(2 * n * (c->k + 1)));
@@ -407,7 +445,7 @@ static int64_t split_rows(Ctx *c, Chunk *ch, double rise, int64_t **scratch) {
         ch[i].c = c;
         ch[i].t0 = c->N * i / n;
         ch[i].t1 = c->N * (i + 1) / n;
-        ch[i].rise = rise;
+        ch[i].fresh = fresh;
         ch[i].nbad = 0;
         ch[i].total = 0;
         ch[i].idx = *scratch + 2 * i * (c->k + 1);
@@ -436,17 +474,17 @@ static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread
 
 /*
  * Phase 1: every valid token takes its top-k of s - p; returns 0 if some token has < k allowed
- * (listing them in bad).  rise >= 0: the assignment in place is the top-k at prices that were
- * at most `rise` lower, so best[t] - rise bounds the new (k+1)-th value from below; rise < 0:
- * start from scratch (the experts buffer is then first cleared).
+ * (listing them in bad).  fresh = 0: the assignment in place is a top-k at other prices, and a
+ * token's k experts and its best other one bound its new (k+1)-th value from below (few
+ * insertions); fresh = 1: start from scratch (the experts buffer is then first cleared).
  */
-static int assign_topk(Ctx *c, double rise, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+static int assign_topk(Ctx *c, int fresh, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     Chunk ch[MAX_THREADS];
-    if (rise < 0) {
+    if (fresh) {
         for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
         memset(c->held, 0, (size_t)(c->N * c->E));
     }
-    int64_t *scratch, n = split_rows(c, ch, rise, &scratch);
+    int64_t *scratch, n = split_rows(c, ch, fresh, &scratch);
     int64_t *loads = calloc((size_t)(n * c->E) + 1, sizeof(int64_t));
     if (!n || !loads) {
         free(scratch);
@@ -526,23 +564,33 @@ static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
     h[i] = v;
 }
 
-/* price-step thresholds of experts [e0, e1) over all tokens (see price_step) */
+/* price-step thresholds of experts [e0, e1) over all tokens (see price_step): an overloaded
+ * expert's holders come from the tokens' expert lists; an underloaded one's entering prices
+ * pass a filter, gate[e] (the heap's root once it is full, -inf before, +inf for an expert
+ * that is not underloaded), before they reach its heap */
 static void gather_rows(Chunk *ch) {
-    Ctx *c = ch->c;
-    const int64_t N = c->N, E = c->E;
+    const Ctx *c = ch->c;
+    const int64_t N = c->N, E = c->E, k = c->k, e0 = ch->e0, e1 = ch->e1;
+    const float *s32 = c->s32;
+    const double *s64 = c->s64;
+    double *restrict gate = ch->gate, *restrict buf = ch->buf;
+    const int64_t *off = ch->off, *want = ch->want;
+    int64_t *cnt = ch->cnt;
     for (int64_t t = 0; t < N; t += ch->stride) {
         if (!is_valid(c, t)) continue;
         const uint8_t *h = c->held + t * E;
+        const int64_t *row = c->experts + t * k;
         double bt = c->best[t], kt = c->kth[t];
-        for (int64_t e = ch->e0; e < ch->e1; e++) {
-            int64_t L = c->loads[e], C = c->cap[e];
-            if (L == C) continue;
-            if (h[e]) {
-                if (L > C) ch->buf[ch->off[e] + ch->cnt[e]++] = S(c, t, e) - bt;
-            } else if (L < C) {
-                double v = S(c, t, e);
-                if (v != -INFINITY) dheap_offer(ch->buf + ch->off[e], &ch->cnt[e], ch->want[e], v - kt);
-            }
+        for (int64_t j = 0; j < k; j++) {
+            int64_t e = row[j];
+            if (e >= e0 && e < e1 && ch->over[e]) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
+        }
+        for (int64_t e = e0; e < e1; e++) {
+            double v = (s32 ? (double)s32[t * E + e] : s64[t * E + e]) - kt;
+            if (!(v > gate[e]) || h[e]) continue;
+            double *heap = buf + off[e];
+            dheap_offer(heap, &cnt[e], want[e], v);
+            if (cnt[e] == want[e]) gate[e] = heap[0];
         }
     }
 }
@@ -561,18 +609,23 @@ static void *gather_thread(void *arg) {
  * its holders; an underloaded one keeps only its C - L + 1 best entering prices in a
  * bounded heap.  With stride > 1 the same quantiles are estimated on every stride-th token
  * (cheap early steps while the excess is large; exactness comes from the later phases).
- * O(N E / stride) plus the selections.  Sets *rise to the largest price increase.
+ * O(N E / stride) plus the selections.  Returns 0 when no price moved.
  */
 static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, double *buf, int64_t *off,
-                      int64_t *want, int64_t *cnt, double *rise) {
+                      int64_t *want, int64_t *cnt) {
     const int64_t E = c->E;
     int64_t total = 0;
+    double *gate = malloc(sizeof(double) * (size_t)E + (size_t)E);
+    if (!gate) return c->oom = 1, 0;
+    uint8_t *over = (uint8_t *)(gate + E);
     for (int64_t e = 0; e < E; e++) {
         int64_t L = c->loads[e], C = c->cap[e];
         off[e] = total;
         cnt[e] = 0;
         want[e] = L < C ? (C - L + stride - 1) / stride + 1 : 0;
         total += L > C ? L : want[e];
+        gate[e] = L < C ? -INFINITY : INFINITY;
+        over[e] = L > C;
     }
     Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
     int64_t n = pass_threads(c) < E ? pass_threads(c) : E;
@@ -585,10 +638,12 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
         ch[i].off = off;
         ch[i].want = want;
         ch[i].cnt = cnt;
+        ch[i].gate = gate;
+        ch[i].over = over;
     }
     run_chunks(ch, n, gather_rows, gather_thread);
+    free(gate);
     int moved = 0;
-    *rise = 0;
     for (int64_t e = 0; e < E; e++) {
         int64_t L = c->loads[e], C = c->cap[e], n = cnt[e];
         if (L == C || n == 0) continue;
@@ -610,7 +665,6 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
         if (floor_zero && target < 0) target = 0;
         double np = c->p[e] + alpha * (target - c->p[e]);
         if (np != c->p[e]) moved = 1;
-        *rise = fmax(*rise, np - c->p[e]);
         c->p[e] = np;
     }
     return moved;
@@ -819,18 +873,18 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
-    if (!assign_topk(c, -1, bad, nbad_max, nbad)) return 0;
+    if (!assign_topk(c, 1, bad, nbad_max, nbad)) return 0;
     /* the price phase pays off on big problems with much excess, and on small ones only with a
      * very large excess (a strong per-expert bias); the auction ends the rest */
     int64_t enough = c->N * c->E >= ((int64_t)1 << 16) ? units / 64 : units / 4;
     if (price_iters > 0 && total_excess(c) > enough) {
-        double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1)), rise;
+        double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
         for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > enough; it++) {
             int64_t stride = total_excess(c) > units / 16 ? 4 : 1; /* coarse steps while far off */
-            if (!price_step(c, alpha, slack, stride, buf, off, want, cnt, &rise)) break;
-            assign_topk(c, rise, bad, nbad_max, nbad);
+            if (!price_step(c, alpha, slack, stride, buf, off, want, cnt)) break;
+            assign_topk(c, 0, bad, nbad_max, nbad);
         }
         free(buf);
         free(off);
@@ -843,7 +897,7 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
                 changed = 1;
             }
         if (!changed) break;
-        assign_topk(c, 0, bad, nbad_max, nbad); /* prices only fell */
+        assign_topk(c, 0, bad, nbad_max, nbad);
     }
     free(c->kth);
     c->kth = NULL;
