@@ -5,6 +5,8 @@
 #   bash benchmarks/quality_study.sh stage2      # the 4 best of stage 1 (validation), the current
 #                                                # default, the paper-faithful pair, normalized flow and
 #                                                # iterative rerouting: 5 seeds x 1000 steps
+#   bash benchmarks/quality_study.sh stage3      # the 2 best of stage 2 (validation) and the
+#                                                # baseline: 3 seeds x 3000 steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
@@ -52,8 +54,22 @@ PYTHON
       --routers "$chosen" --baseline "$baseline" \
       --out "$out/runs/stage2" --report "$out/stage2"
     ;;
+  stage3)
+    # selection reads stage 2's validation means only (results.json), never the test split
+    chosen=$("$PY" - "$out/stage2/results.json" "$baseline" <<'PYTHON'
+import json, sys
+rows = json.load(open(sys.argv[1]))["configurations"]  # sorted by mean validation loss
+best = [row["label"] for row in rows if row["label"] != sys.argv[2]][:2]
+print(",".join(best + [sys.argv[2]]))
+PYTHON
+)
+    echo "stage 3 configurations: $chosen" >&2
+    "$MAXSCORE" compare --preset tiny --steps 3000 --seeds 3 --device cpu --quiet \
+      --routers "$chosen" --baseline "$baseline" \
+      --out "$out/runs/stage3" --report "$out/stage3"
+    ;;
   *)
-    echo "usage: bash benchmarks/quality_study.sh stage1|stage2" >&2
+    echo "usage: bash benchmarks/quality_study.sh stage1|stage2|stage3" >&2
     exit 2
     ;;
 esac
