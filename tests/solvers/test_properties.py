@@ -168,3 +168,33 @@ def test_sinkhorn_rounding_reaches_the_stage_two_optimum(kind):
         sinkhorn = maxscore.solve(scores, k, valid=valid, method="sinkhorn")
         two_stage = maxscore.solve(scores, k, valid=valid, method="two_stage")
         assert math.isclose(sinkhorn.score, two_stage.score, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(("num_tokens", "num_experts", "k"), [(2048, 32, 2), (1024, 64, 8)])
+def test_strongly_biased_large_instances_against_reference(num_tokens, num_experts, k):
+    """A per-expert logit bias overloads a few experts many times over: the price phase runs,
+    first on a sample of the tokens; padding and forbidden pairs sit on sampled and other rows."""
+    generator = torch.Generator().manual_seed(num_experts)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    logits += 2.0 * torch.randn(num_experts, generator=generator)
+    scores = logits.softmax(-1)
+    scores[1::7, :3] = -math.inf
+    scores[4::9, -2:] = -math.inf
+    valid = torch.rand(num_tokens, generator=generator) > 0.1
+    top_loads = torch.bincount(torch.topk(scores, k, dim=1).indices.flatten(), minlength=num_experts)
+    capacity = expert_capacity(int(valid.sum()), num_experts, k)
+    assert int((top_loads - capacity).clamp(min=0).sum()) > k * num_tokens // 4  # far from balanced
+    exact, reference = _solve_both(scores, k, valid, 1.0)
+    check_feasible(exact, scores, k, valid, exact.capacity, drops=False)
+    assert abs(exact.score - reference.score) <= 1e-9 * abs(reference.score)
+    assert abs(exact.gap) <= 1e-9 * abs(reference.score)
+
+
+def test_a_token_with_too_few_allowed_experts_in_a_large_biased_problem_is_named():
+    generator = torch.Generator().manual_seed(5)
+    scores = (
+        torch.randn(2048, 32, generator=generator) + 2.0 * torch.randn(32, generator=generator)
+    ).softmax(-1)
+    scores[1001, 1:] = -math.inf  # one allowed expert, k = 2
+    with pytest.raises(ValueError, match=r"tokens \[1001\] have fewer than k=2 allowed experts"):
+        maxscore.solve(scores, 2)

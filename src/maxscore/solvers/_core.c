@@ -11,7 +11,9 @@
  *      of the units on large problems, 1/4 on small ones, where the auction is cheaper), a
  *      few damped best-response (Jacobi) steps move every price toward the value that would
  *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
- *      s - p.  With slack capacity (sum cap > k x tokens) non-full experts are lowered to
+ *      s - p.  On large problems the first steps see only every 4th token (assigned alone,
+ *      loads scaled) while the estimated excess is large; the other tokens are assigned once,
+ *      before the first step over all tokens or at the end.  With slack capacity (sum cap > k x tokens) non-full experts are lowered to
  *      price 0 until every non-full expert has it (at most E rounds);
  *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
@@ -87,6 +89,7 @@ typedef struct {
     int repair_mode;  /* moves may raise a token's best alternative: refresh all its entries */
     int threads;      /* for the row passes */
     int64_t moves;
+    int64_t scale;    /* price phase: loads count every scale-th token only (a sample), 1 = all */
 } Ctx;
 
 static inline double S(const Ctx *c, int64_t t, int64_t e) {
@@ -336,6 +339,7 @@ typedef struct {
     Ctx *c;
     int64_t t0, t1;
     int fresh;       /* assign pass: see assign_topk */
+    int64_t sample;  /* assign pass: 0 all tokens, S > 0 every S-th, -S the others */
     int64_t *loads;  /* assign pass: this chunk's loads */
     int64_t nbad;    /* assign pass: tokens with fewer than k allowed experts */
     double total;    /* dual pass: this chunk's sum */
@@ -354,7 +358,9 @@ static void assign_rows(Chunk *ch) {
     Ctx *c = ch->c;
     int64_t *idx = ch->idx;
     double *val = ch->val;
+    const int64_t sample = ch->sample;
     for (int64_t t = ch->t0; t < ch->t1; t++) {
+        if (sample > 0 ? t % sample != 0 : (sample < 0 && t % -sample == 0)) continue;
         int64_t *row = c->experts + t * c->k;
         uint8_t *h = c->held + t * c->E;
         /* the k held experts and the best other one are k+1 distinct allowed experts: the least
@@ -478,11 +484,12 @@ static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread
  * token's k experts and its best other one bound its new (k+1)-th value from below (few
  * insertions); fresh = 1: start from scratch (the experts buffer is then first cleared).
  */
-static int assign_topk(Ctx *c, int fresh, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+static int assign_topk(Ctx *c, int fresh, int64_t sample, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     Chunk ch[MAX_THREADS];
     if (fresh) {
         for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
         memset(c->held, 0, (size_t)(c->N * c->E));
+        for (int64_t t = 0; t < c->N; t++) c->barg[t] = -1;
     }
     int64_t *scratch, n = split_rows(c, ch, fresh, &scratch);
     int64_t *loads = calloc((size_t)(n * c->E) + 1, sizeof(int64_t));
@@ -491,11 +498,16 @@ static int assign_topk(Ctx *c, int fresh, int64_t *bad, int64_t nbad_max, int64_
         free(loads);
         return c->oom = 1, 1;
     }
-    for (int64_t i = 0; i < n; i++) ch[i].loads = loads + i * c->E;
+    for (int64_t i = 0; i < n; i++) {
+        ch[i].loads = loads + i * c->E;
+        ch[i].sample = sample;
+    }
     run_chunks(ch, n, assign_rows, assign_thread);
     free(scratch);
     *nbad = 0;
-    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
+    if (sample >= 0) /* a completing pass (sample < 0) adds the other tokens to the sample's loads */
+        memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
+    c->scale = sample > 0 ? sample : 1;
     for (int64_t i = 0; i < n; i++) {
         *nbad += ch[i].nbad;
         for (int64_t e = 0; e < c->E; e++) c->loads[e] += ch[i].loads[e];
@@ -619,11 +631,11 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
     if (!gate) return c->oom = 1, 0;
     uint8_t *over = (uint8_t *)(gate + E);
     for (int64_t e = 0; e < E; e++) {
-        int64_t L = c->loads[e], C = c->cap[e];
+        int64_t L = c->loads[e] * c->scale, C = c->cap[e]; /* scale is 1 or stride */
         off[e] = total;
         cnt[e] = 0;
         want[e] = L < C ? (C - L + stride - 1) / stride + 1 : 0;
-        total += L > C ? L : want[e];
+        total += L > C ? c->loads[e] : want[e]; /* at most loads[e] holders are gathered */
         gate[e] = L < C ? -INFINITY : INFINITY;
         over[e] = L > C;
     }
@@ -645,7 +657,7 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
     free(gate);
     int moved = 0;
     for (int64_t e = 0; e < E; e++) {
-        int64_t L = c->loads[e], C = c->cap[e], n = cnt[e];
+        int64_t L = c->loads[e] * c->scale, C = c->cap[e], n = cnt[e];
         if (L == C || n == 0) continue;
         double *a = buf + off[e], hi, lo;
         if (L > C) { /* keep C holders: between the (C+1)-th and the C-th leaving price */
@@ -849,10 +861,13 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
     return target >= 0;
 }
 
+/* the total overload (estimated from the sample while loads count one) */
+#define COARSE 4 /* the sample's stride while the excess is large */
+
 static int64_t total_excess(const Ctx *c) {
     int64_t x = 0;
     for (int64_t e = 0; e < c->E; e++)
-        if (c->loads[e] > c->cap[e]) x += c->loads[e] - c->cap[e];
+        if (c->loads[e] * c->scale > c->cap[e]) x += c->loads[e] * c->scale - c->cap[e];
     return x;
 }
 
@@ -873,22 +888,34 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
-    if (!assign_topk(c, 1, bad, nbad_max, nbad)) return 0;
+    /* large problems start on a sample, every COARSE-th token: while the estimated excess is
+     * large the price steps need only the sample; the other tokens join (one completing pass)
+     * before the first exact step, or at the end */
+    int64_t big = c->N * c->E >= ((int64_t)1 << 16), sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
+    if (!assign_topk(c, 1, sample, bad, nbad_max, nbad)) return 0;
     /* the price phase pays off on big problems with much excess, and on small ones only with a
      * very large excess (a strong per-expert bias); the auction ends the rest */
-    int64_t enough = c->N * c->E >= ((int64_t)1 << 16) ? units / 64 : units / 4;
+    int64_t enough = big ? units / 64 : units / 4;
+    int complete = 1; /* every token with k allowed experts, as far as assigned */
     if (price_iters > 0 && total_excess(c) > enough) {
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
         for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > enough; it++) {
-            int64_t stride = total_excess(c) > units / 16 ? 4 : 1; /* coarse steps while far off */
+            /* coarse steps while far off; a sample overstates the excess (noise only adds to it) */
+            int64_t stride = total_excess(c) > units / (c->scale > 1 ? 12 : 16) ? COARSE : 1;
+            if (stride == 1 && c->scale > 1) {
+                complete = assign_topk(c, 0, -COARSE, bad, nbad_max, nbad);
+                if (!complete || total_excess(c) <= enough) break;
+            }
             if (!price_step(c, alpha, slack, stride, buf, off, want, cnt)) break;
-            assign_topk(c, 0, bad, nbad_max, nbad);
+            assign_topk(c, 0, c->scale > 1 ? COARSE : 0, bad, nbad_max, nbad);
         }
         free(buf);
         free(off);
     }
+    if (c->scale > 1) complete = assign_topk(c, 0, -COARSE, bad, nbad_max, nbad);
+    if (!complete) return 0;
     for (int64_t round = 0; slack && round < c->E; round++) {
         int changed = 0;
         for (int64_t e = 0; e < c->E; e++)
@@ -897,7 +924,7 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
                 changed = 1;
             }
         if (!changed) break;
-        assign_topk(c, 0, bad, nbad_max, nbad);
+        assign_topk(c, 0, 0, bad, nbad_max, nbad);
     }
     free(c->kth);
     c->kth = NULL;
@@ -965,6 +992,7 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     c->ver = calloc((size_t)(N * k + 1), sizeof(int32_t));
     c->repair_mode = mode == 1;
     c->threads = threads;
+    c->scale = 1;
     c->heaps = calloc((size_t)E, sizeof(Heap));
     w.d = malloc(sizeof(double) * (size_t)E);
     w.ev = malloc(sizeof(double) * (size_t)E);
