@@ -13,8 +13,9 @@
  *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
  *      s - p.  On large problems the first steps see only every 4th token (assigned alone,
  *      loads scaled) while the estimated excess is large; the other tokens are assigned once,
- *      before the first step over all tokens or at the end.  With slack capacity (sum cap > k x tokens) non-full experts are lowered to
- *      price 0 until every non-full expert has it (at most E rounds);
+ *      before the first step over all tokens or at the end.  With slack capacity (sum cap >
+ *      k x tokens) non-full experts are lowered to price 0 until every non-full expert has
+ *      it (at most E rounds);
  *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
