@@ -484,6 +484,8 @@ static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread
  * (listing them in bad).  fresh = 0: the assignment in place is a top-k at other prices, and a
  * token's k experts and its best other one bound its new (k+1)-th value from below (few
  * insertions); fresh = 1: start from scratch (the experts buffer is then first cleared).
+ * sample = 0: every token; S > 0: every S-th token only (the loads count that sample: scale S);
+ * -S: the tokens that sample left out, their loads added to its loads (scale 1 again).
  */
 static int assign_topk(Ctx *c, int fresh, int64_t sample, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     Chunk ch[MAX_THREADS];
