@@ -590,6 +590,7 @@ static void gather_rows(Chunk *ch) {
     const double *s64 = c->s64;
     double *restrict gate = ch->gate, *restrict buf = ch->buf;
     const int64_t *off = ch->off, *want = ch->want;
+    const uint8_t *over = ch->over;
     int64_t *cnt = ch->cnt;
     for (int64_t t = 0; t < N; t += ch->stride) {
         if (!is_valid(c, t)) continue;
@@ -598,7 +599,7 @@ static void gather_rows(Chunk *ch) {
         double bt = c->best[t], kt = c->kth[t];
         for (int64_t j = 0; j < k; j++) {
             int64_t e = row[j];
-            if (e >= e0 && e < e1 && ch->over[e]) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
+            if (e >= e0 && e < e1 && over[e]) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
         }
         for (int64_t e = e0; e < e1; e++) {
             double v = (s32 ? (double)s32[t * E + e] : s64[t * E + e]) - kt;
@@ -864,9 +865,9 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
     return target >= 0;
 }
 
-/* the total overload (estimated from the sample while loads count one) */
 #define COARSE 4 /* the sample's stride while the excess is large */
 
+/* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
     int64_t x = 0;
     for (int64_t e = 0; e < c->E; e++)
