@@ -5,24 +5,33 @@ valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its ow
 scores; the ranks exchange only summaries whose size depends on E alone, never on N:
 
 0. **Check** (one all-reduce of 6 numbers): the token count, and that E and k agree on every
-   rank; warm-start prices are averaged over the ranks (one [E] all-reduce).
-1. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
-   once the total overload is at most E units; a step that raises it is undone and the step
-   size halved): every rank routes its tokens to their
+   rank.
+1. **Warm start** (one [E] all-reduce): every rank solves its own tokens exactly with the
+   compiled core, at the capacity scaled to its share of the tokens (warm-started from the
+   given prices), and the token-weighted mean of these local optimal prices is the first
+   global price vector.  Each rank's prices estimate the global ones from a sample of the
+   tokens, so the overload left is a sampling error: measured on routers early in training
+   (E = 16, 2 ranks), 1-15% of the units, where the given prices (a router's averaged prices)
+   left 50-70%.
+2. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
+   once the candidate round can take the overload left, see ``candidate_count``; a step that
+   raises it is undone and the step size halved): every rank routes its tokens to their
    top-k of ``scores - prices``; the global loads are summed; each rank computes, per expert,
    the price at which it would shed (or take) its token share of the expert's global excess
    (a local best response); the token-weighted mean of the local responses, damped, is the
    next global price vector.  On one process this is the exact best response.  Every token
    now holds its top-k of ``scores - prices``.
-2. **Candidate round** (one all-gather of O(E^2) numbers and one all-reduce of 2): every rank
-   sends its ``8 E`` tokens of smallest margin and the loads of the rest; every rank solves
+3. **Candidate round** (one all-gather of O(E^2) numbers and one all-reduce of 2): every rank
+   sends ``candidate_count`` tokens (8 E plus 8 per unit of its share of the overload, at
+   most 64 E): the holders it must give up for its share of each overloaded expert, then the
+   tokens of smallest margin, and the loads of the rest; every rank solves
    the same sub-problem with the compiled core (``maxscore.solvers.global_candidates``); the
    joined routing is kept when its duality gap
    ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks is 0 up to
    rounding: the routing is then optimal.  This is the common case; otherwise the round is
-   tried once more with ``32 E`` candidates.
-3. **Repair rounds** otherwise (one all-gather of [2, E, E] per round), from the routing of
-   step 1: successive shortest paths on the
+   tried once more with 4x the candidates.
+4. **Repair rounds** otherwise (one all-gather of [2, E, E] per round), from the routing of
+   step 2: successive shortest paths on the
    expert graph plus a sink node.  Edge ``e -> f`` costs the cheapest move of one token from
    e to f, ``min_t scores[t, e] - scores[t, f]`` over tokens holding e and not f, on any rank
    (every rank's [E, E] minima and their tokens are gathered; the lowest rank holding the
@@ -52,11 +61,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maxscore.solvers._validate import expert_capacity, make_problem
+from maxscore.solvers._validate import Problem, expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
 from maxscore.solvers.exact import check_counts, check_prices, solve_exact
-from maxscore.solvers.global_candidates import CANDIDATES_PER_EXPERT, by_margin, solve_candidates
+from maxscore.solvers.global_candidates import (
+    MAX_CANDIDATES_PER_EXPERT,
+    candidate_count,
+    candidate_order,
+    solve_candidates,
+)
 from maxscore.solvers.global_repair import certificate_prices, repair
 
 PRICE_ITERATIONS = 30
@@ -99,11 +113,13 @@ def solve_global(
             capacity_factor)``.
         capacity_factor: used when ``capacity`` is None.
         valid: bool [N]; invalid tokens get no expert and use no capacity.
-        prices: float [E] warm-start prices (e.g. a router's averaged prices); averaged over ranks.
+        prices: float [E] warm-start prices of this rank's own solve (e.g. a router's averaged
+            prices).
         group: the process group (default: the world; a single process works without one).
         price_iterations: cap on the price steps (0 skips them).
-        candidates: tokens per rank in the candidate round (default ``CANDIDATES_PER_EXPERT *
-            E``; the same on every rank; 0 always takes the rounds of shortest paths).
+        candidates: tokens per rank in the candidate round (default ``candidate_count`` of the
+            overload the price steps leave; the same on every rank; 0 always takes the rounds
+            of shortest paths).
 
     Raises:
         ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
@@ -135,36 +151,50 @@ def solve_global(
             f"capacity={capacity} is infeasible for all ranks' {total} valid tokens: {num_experts} experts "
             f"x {capacity} < k x tokens = {k * total}; use capacity >= {-(-k * total // num_experts)}"
         )
-    prices_E = _initial_prices(prices, num_experts, reduce)
+    given_E = _given_prices(prices, num_experts)
     if not reduce.distributed:  # one process: the compiled core solves the same problem
-        alone = solve_exact(dataclasses.replace(problem, capacity=capacity), prices=prices_E)
+        alone = solve_exact(dataclasses.replace(problem, capacity=capacity), prices=given_E)
         return GlobalAssignment(
             assignment=dataclasses.replace(alone, method="global_exact"),
             collectives=0,
             bytes_sent=0,
             augmentations=0,
         )
-    steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, reduce)
+    prices_E = _local_prices(problem, capacity, total, given_E, reduce)
+    ranks = int(ranks)
+    steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, ranks, reduce)
     prices_E, held_NE, loads_E = steps
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
-    candidates = CANDIDATES_PER_EXPERT * num_experts if candidates is None else candidates
-    repaired = None
-    # the candidate round, certified by the duality gap; once more with 4x the candidates (a
-    # few more numbers) before the rounds, which cost a collective each
-    order_N = by_margin(scores_NE - prices_E, k) if candidates > 0 else None
-    for count in (candidates, 4 * candidates) if candidates > 0 else ():
-        repaired = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
-        if repaired is not None:
-            candidate = (repaired.held_NE, repaired.prices_E)
-            experts_NK, score, gap = _certificate(scores_NE, *candidate, capacity, k, reduce)
-            if gap > GAP_TOLERANCE * max(1.0, abs(score)):
-                repaired = None
-        if repaired is not None or count * ranks >= total:  # done, or every token was a candidate
+    share = capacity * len(scores_NE) // total if total else 0  # the shares sum to at most C
+    repaired, count = None, candidates
+    # the candidate round, certified by the duality gap, at most twice before the rounds (which
+    # cost a collective each): again from the first round's prices, which are closer to the
+    # optimum (every token re-routed there), or with 4x the candidates when the first had too
+    # few to relieve the fixed tokens (or the count was given)
+    for attempt in range(2) if candidates != 0 else ():
+        if count is None:
+            count = candidate_count(int((loads_E - capacity).clamp(min=0).sum()), num_experts, ranks)
+        order_N = candidate_order(scores_NE - prices_E, held_NE, k, share)
+        tried = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
+        if tried is not None:
+            experts_NK, score, gap = _certificate(
+                scores_NE, tried.held_NE, tried.prices_E, capacity, k, reduce
+            )
+            if gap <= GAP_TOLERANCE * max(1.0, abs(score)):
+                repaired = tried
+                break
+        if attempt == 1 or count * ranks >= total:  # the last try, or every token was a candidate
             break
+        if tried is None or candidates is not None:
+            count *= 4
+        else:
+            prices_E = tried.prices_E
+            held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
+            count = None
     if repaired is not None:
         loads_E, prices_E = repaired.loads_E, repaired.prices_E
         augmentations, rounds = repaired.augmentations, 0
-    else:  # rounds of shortest paths from the routing at the price steps' prices
+    else:  # rounds of shortest paths from the last routing on a top-k of ``scores - prices``
         augmentations, rounds = repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
         prices_E = certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
         experts_NK, score, gap = _certificate(scores_NE, held_NE, prices_E, capacity, k, reduce)
@@ -211,14 +241,27 @@ def _certificate(
     return experts_NK, float(totals[0]), float(totals[1] + capacity * prices_E.sum() - totals[0])
 
 
-def _initial_prices(prices: torch.Tensor | None, num_experts: int, reduce: Reducer) -> torch.Tensor:
+def _given_prices(prices: torch.Tensor | None, num_experts: int) -> torch.Tensor | None:
     given_1E = check_prices(prices, None, num_experts)  # the exact solver's checks: shape, finite
-    if given_1E is None:
-        return torch.zeros(num_experts, dtype=torch.float64)
-    prices_E = torch.from_numpy(given_1E[0].copy())
-    if reduce.distributed:
-        prices_E = reduce(prices_E) / dist.get_world_size(reduce.group)
-    return (prices_E - prices_E.min()).clamp(min=0)
+    return None if given_1E is None else torch.from_numpy(given_1E[0].copy())
+
+
+def _local_prices(
+    problem: Problem, capacity: int, total: int, prices_E: torch.Tensor | None, reduce: Reducer
+) -> torch.Tensor:
+    """The token-weighted mean over the ranks of the optimal prices of each rank's own problem
+    (its tokens, the capacity scaled to its share of the tokens; one [E] all-reduce)."""
+    num_experts, k, valid = problem.num_experts, problem.k, problem.num_valid
+    mean_E = torch.zeros(num_experts, dtype=torch.float64)
+    if valid:
+        share = max(math.ceil(capacity * valid / total), -(-k * valid // num_experts))
+        local = solve_exact(dataclasses.replace(problem, capacity=share), prices=prices_E)
+        mean_E = local.prices.double()
+        if capacity * num_experts == k * total:  # exactly full: prices only matter up to a shift
+            mean_E = mean_E - mean_E.mean()
+        mean_E = mean_E * valid
+    mean_E = reduce(mean_E) / max(total, 1)
+    return (mean_E - mean_E.min()).clamp(min=0)
 
 
 def _top_k(adjusted_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,10 +290,12 @@ def _price_steps(
     total: int,
     prices_E: torch.Tensor,
     iterations: int,
+    ranks: int,
     reduce: Reducer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Damped best-response steps; returns the prices of least overload with every token on
-    its top-k there (held [N, E]) and the global loads [E] (the last all-reduce's)."""
+    """Damped best-response steps, until the candidate round can take the overload that is
+    left; returns the prices of least overload with every token on its top-k there (held
+    [N, E]) and the global loads [E] (the last all-reduce's)."""
     num_tokens, num_experts = scores_NE.shape
     if k == num_experts or total == 0 or iterations == 0:
         return (prices_E, *_route(scores_NE, k, prices_E, reduce))
@@ -272,8 +317,8 @@ def _price_steps(
             prices_E = best_prices + step * (best_response - best_prices)
             continue
         best_prices, best_overload, best_held, best_loads = prices_E, overload, held_NE, loads_E
-        if overload <= num_experts:  # a few units are cheaper to repair than more steps
-            break
+        if candidate_count(int(overload), num_experts, ranks) < MAX_CANDIDATES_PER_EXPERT * num_experts:
+            break  # the candidate round's payload is cheaper than more steps
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
             # the price at which token t stops wanting e (holders) or starts wanting it (others)
