@@ -88,8 +88,9 @@ def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind,
         score, gap, capacity, calls, sent, rounds = p["summary"].tolist()
         assert math.isclose(score, single.score, rel_tol=1e-9)
         assert abs(gap) < 1e-7 and capacity == single.capacity
-        # every collective carries a summary whose size depends on E alone (at most the second
-        # candidate round's 4 x 64E x (E + 1) + E numbers), never on the [N, E] scores
+        # every collective carries a summary whose size depends on E alone (at most a later
+        # candidate round's 4 x MAX_CANDIDATES_PER_EXPERT x E rows of E + 1 numbers, and E
+        # loads), never on the [N, E] scores
         rows = 4 * MAX_CANDIDATES_PER_EXPERT * num_experts
         largest = max(2 * num_experts**2, rows * (num_experts + 1) + num_experts)
         assert calls > 0 and sent <= calls * largest * 8

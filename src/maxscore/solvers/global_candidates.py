@@ -34,7 +34,7 @@ from maxscore.solvers.collectives import Reducer
 
 CANDIDATES_PER_EXPERT = 8  # candidates per rank: at least this many times E
 CANDIDATES_PER_UNIT = 8  # and this many per unit of overload left to each rank
-MAX_CANDIDATES_PER_EXPERT = 64  # at most this many times E (the payload stays O(E^2))
+MAX_CANDIDATES_PER_EXPERT = 128  # at most this many times E (the payload stays O(E^2))
 
 
 def candidate_count(overload: int, num_experts: int, ranks: int) -> int:

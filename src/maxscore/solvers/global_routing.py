@@ -23,13 +23,14 @@ scores; the ranks exchange only summaries whose size depends on E alone, never o
    now holds its top-k of ``scores - prices``.
 3. **Candidate round** (one all-gather of O(E^2) numbers and one all-reduce of 2): every rank
    sends ``candidate_count`` tokens (8 E plus 8 per unit of its share of the overload, at
-   most 64 E): the holders it must give up for its share of each overloaded expert, then the
+   most 128 E): the holders it must give up for its share of each overloaded expert, then the
    tokens of smallest margin, and the loads of the rest; every rank solves
    the same sub-problem with the compiled core (``maxscore.solvers.global_candidates``); the
    joined routing is kept when its duality gap
    ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks is 0 up to
    rounding: the routing is then optimal.  This is the common case; otherwise the round is
-   tried once more with 4x the candidates.
+   tried again with 4x the candidates, then once more from the last round's prices (which
+   are closer to the optimum; one more [E] all-reduce of the loads there).
 4. **Repair rounds** otherwise (one all-gather of [2, E, E] per round), from the routing of
    step 2: successive shortest paths on the
    expert graph plus a sink node.  Edge ``e -> f`` costs the cheapest move of one token from
@@ -167,11 +168,10 @@ def solve_global(
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
     share = capacity * len(scores_NE) // total if total else 0  # the shares sum to at most C
     repaired, count = None, candidates
-    # the candidate round, certified by the duality gap, at most twice before the rounds (which
-    # cost a collective each): again from the first round's prices, which are closer to the
-    # optimum (every token re-routed there), or with 4x the candidates when the first had too
-    # few to relieve the fixed tokens (or the count was given)
-    for attempt in range(2) if candidates != 0 else ():
+    # the candidate round, certified by the duality gap, at most three times before the rounds
+    # (which cost a collective each): again with 4x the candidates, then from the last round's
+    # prices, which are closer to the optimum (every token re-routed there)
+    for attempt in range(3) if candidates != 0 else ():
         if count is None:
             count = candidate_count(int((loads_E - capacity).clamp(min=0).sum()), num_experts, ranks)
         order_N = candidate_order(scores_NE - prices_E, held_NE, k, share)
@@ -183,14 +183,14 @@ def solve_global(
             if gap <= GAP_TOLERANCE * max(1.0, abs(score)):
                 repaired = tried
                 break
-        if attempt == 1 or count * ranks >= total:  # the last try, or every token was a candidate
-            break
-        if tried is None or candidates is not None:
+        if attempt == 0 and count * ranks < total:
             count *= 4
-        else:
+        elif attempt == 1 and tried is not None and candidates is None:
             prices_E = tried.prices_E
             held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
-            count = None
+            count = 4 * candidate_count(int((loads_E - capacity).clamp(min=0).sum()), num_experts, ranks)
+        else:
+            break
     if repaired is not None:
         loads_E, prices_E = repaired.loads_E, repaired.prices_E
         augmentations, rounds = repaired.augmentations, 0
