@@ -56,14 +56,14 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
         "compare",
         *run_options(small_corpus_dir),
         "--routers",
-        "maxscore,maxscore@two_stage,gshard,dense,gshard:normalize=false,maxscore:schedule.steps=50%:normalize=true",
+        "maxscore,maxscore@two_stage,gshard,dense,gshard:normalize=false,maxscore:soft_topk=true:schedule.steps=50%",
         "--seeds",
         "2",
     ]
     assert main([*args, "--out", str(out)]) == 0
     table = capsys.readouterr().out
     labels = ("maxscore", "maxscore@two_stage", "gshard", "dense", "gshard:normalize=false")
-    for label in (*labels, "maxscore:schedule.steps=50%:normalize=true"):
+    for label in (*labels, "maxscore:soft_topk=true:schedule.steps=50%"):
         assert f"| {label} | 2 |" in table
     for name in ("results.md", "results.json", "loss.png", "load_ratio.png", "affinity.png", "paired.png"):
         assert (out / name).stat().st_size > 0
@@ -74,8 +74,8 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
         "gshard+normalize=false-s1",
         "gshard-s0",
         "gshard-s1",
-        "maxscore+schedule.steps=50pct+normalize=true-s0",
-        "maxscore+schedule.steps=50pct+normalize=true-s1",
+        "maxscore+soft_topk=true+schedule.steps=50pct-s0",
+        "maxscore+soft_topk=true+schedule.steps=50pct-s1",
         "maxscore-s0",
         "maxscore-s1",
         "maxscore@two_stage-s0",
@@ -90,7 +90,7 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
         "normalize": False
     }
     scheduled = json.loads(
-        (out / "maxscore+schedule.steps=50pct+normalize=true-s0" / "config.json").read_text()
+        (out / "maxscore+soft_topk=true+schedule.steps=50pct-s0" / "config.json").read_text()
     )["model"]["router_options"]
     assert scheduled["schedule"] == {"start": 4.0, "end": 1.0, "steps": 3, "kind": "linear"}
     assert scheduled["normalize"] is True and scheduled["method"] == "exact"

@@ -88,7 +88,9 @@ def test_schedule_config_errors(options, match):
 
 
 def test_schedule_moves_on_optimizer_steps_only():
-    layer = maxscore.MoELayer(8, 16, 4, 2, router="maxscore", schedule=TemperatureScheduleConfig(steps=10))
+    layer = maxscore.MoELayer(
+        8, 16, 4, 2, router="maxscore_paper", schedule=TemperatureScheduleConfig(steps=10)
+    )
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
     maxscore.install_step_hook(optimizer, layer)
     x = torch.randn(2, 8, 8)

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains every router variant for every seed into --out/<variant>-s<seed> (runs "
         "that finished are kept: an interrupted comparison resumes), then writes results.md, "
         "results.json and the plots.  A variant is ROUTER[@METHOD][:KEY=VALUE]..., e.g. "
-        "'maxscore@two_stage', 'gshard:normalize=false', 'maxscore:schedule.steps=10%%:normalize=true', "
+        "'maxscore@two_stage', 'gshard:normalize=false', 'maxscore:soft_topk=true:schedule.steps=10%%', "
         "'flow_only:capacity_factor=1.25'; 'switch' runs with k=1.  Within a seed every variant starts "
         "from the same weights and sees the same batches: results list paired differences to --baseline.",
     )

@@ -42,7 +42,9 @@ def test_experts_start_as_noisy_copies_and_the_model_trains():
 
 
 def test_save_and_load_round_trip_with_router_state(tmp_path):
-    moe = upcycle(dense_model("qwen2"), num_experts=4, k=2, noise=0.01, schedule={"steps": 100})
+    moe = upcycle(
+        dense_model("qwen2"), num_experts=4, k=2, noise=0.01, soft_topk=True, schedule={"steps": 100}
+    )
     ids = tokens()
     moe.train()
     moe(ids, labels=ids)  # a training forward: the routers' dual prices move

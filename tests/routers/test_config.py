@@ -37,7 +37,12 @@ def test_router_defaults_live_in_their_configs():
     assert router_config("gshard").normalize is True and router_config("switch").normalize is False
     assert router_config("deepseek_v3").score_function == "sigmoid"
     assert router_config("expert_choice").balance_coef == 0.0
-    assert router_config("maxscore").schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=None)
+    # maxscore: normalized flow weights, SoftTopk off; maxscore_paper: raw SoftTopk 4 -> 1 over the run
+    maxscore, paper = router_config("maxscore"), router_config("maxscore_paper")
+    assert maxscore.normalize is True and maxscore.soft_topk is False and not maxscore.scheduled
+    assert make_router("maxscore", 8, 4, 2).temperature() == 1.0
+    assert paper.normalize is False and paper.soft_topk is True and paper.scheduled
+    assert paper.schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=None)
     # S-BASE picks its score function by k, as the paper does
     assert make_router("sbase", 8, 4, 1).score_function == "sigmoid"
     assert make_router("sbase", 8, 4, 2).score_function == "softmax"
@@ -45,13 +50,19 @@ def test_router_defaults_live_in_their_configs():
 
 
 def test_options_dicts_and_configs_build_the_same_router_config():
-    typed = MaxScoreRouterConfig(method="two_stage", schedule=TemperatureScheduleConfig(start=2.0))
-    from_dict = router_config("maxscore", {"method": "two_stage", "schedule": {"start": 2.0}})
-    from_options = make_router("maxscore", 8, 4, 2, method="two_stage", schedule={"start": 2}).config
+    typed = MaxScoreRouterConfig(
+        method="two_stage", soft_topk=True, schedule=TemperatureScheduleConfig(start=2.0)
+    )
+    from_dict = router_config(
+        "maxscore", {"method": "two_stage", "soft_topk": True, "schedule": {"start": 2.0}}
+    )
+    from_options = make_router(
+        "maxscore", 8, 4, 2, method="two_stage", soft_topk=True, schedule={"start": 2}
+    ).config
     assert typed == from_dict == from_options
     # options set over a given config; the config itself is unchanged
-    over = make_router("maxscore", 8, 4, 2, config=typed, normalize=True).config
-    assert over.normalize is True and over.method == "two_stage" and typed.normalize is False
+    over = make_router("maxscore", 8, 4, 2, config=typed, normalize=False).config
+    assert over.normalize is False and over.method == "two_stage" and typed.normalize is True
 
 
 @pytest.mark.parametrize(
@@ -61,6 +72,8 @@ def test_options_dicts_and_configs_build_the_same_router_config():
         (lambda: router_config("flow_only", schedule={"start": 2}), r"unknown option\(s\) \['schedule'\]"),
         (lambda: router_config("maxscore", schedule={"begin": 2}), r"schedule field\(s\) \['begin'\]"),
         (lambda: router_config("maxscore", normalize="yes"), "normalize must be true or false"),
+        (lambda: router_config("maxscore", soft_topk=1), "soft_topk must be true or false"),
+        (lambda: router_config("maxscore", schedule={"start": 2}), "soft_topk is false, so no schedule"),
         (lambda: router_config("maxscore", method="greedy"), "method must be one of"),
         (lambda: router_config("maxscore", group="global", method="sinkhorn"), "exact solver only"),
         (lambda: router_config("gshard", group="world"), "group must be one of"),
@@ -88,9 +101,16 @@ def test_flow_only_has_no_schedule_and_labels_its_method():
 def test_saved_dicts_take_the_defaults_they_were_saved_with():
     # a dict read from a file without an option keeps the behaviour it was trained with
     saved = router_config("maxscore", {"schedule": {"steps": 250}}, saved=True)
-    assert saved.normalize is False
+    assert saved.normalize is False and saved.soft_topk is True
     assert saved.schedule == TemperatureScheduleConfig(start=4.0, end=1.0, steps=250, kind="linear")
     assert router_config("maxscore", {}, saved=True).schedule.steps == 30000  # no run length then
+    # a complete dict written before soft_topk existed had SoftTopk on
+    complete = router_config("maxscore_paper", normalize=True).to_dict()
+    del complete["soft_topk"]
+    assert router_config("maxscore", complete, saved=True).soft_topk is True
     # a complete dict (what is written now) is read back as written
-    written = router_config("maxscore", normalize=True, schedule={"kind": "constant", "start": 1.0})
-    assert router_config("maxscore", written.to_dict(), saved=True) == written
+    for written in (
+        router_config("maxscore"),
+        router_config("maxscore", soft_topk=True, schedule={"start": 2.0}),
+    ):
+        assert router_config("maxscore", written.to_dict(), saved=True) == written

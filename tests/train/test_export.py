@@ -15,7 +15,12 @@ from tests.hf.helpers import hf_loss  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    ("router", "model_class"), [("maxscore", "MaxScoreLlamaForCausalLM"), ("dense", "LlamaForCausalLM")]
+    ("router", "model_class"),
+    [
+        ("maxscore", "MaxScoreLlamaForCausalLM"),
+        ("maxscore_paper", "MaxScoreLlamaForCausalLM"),
+        ("dense", "LlamaForCausalLM"),
+    ],
 )
 def test_export_loads_offline_generates_and_matches_eval(
     router, model_class, tmp_path, capsys, small_corpus_dir, monkeypatch
@@ -29,8 +34,10 @@ def test_export_loads_offline_generates_and_matches_eval(
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [model_class]
-    if router != "dense":
-        assert config["router"] == "maxscore" and config["router_options"]["schedule"]["steps"] == 6
+    if router != "dense":  # the options stored resolved: the paper's schedule over the run's 6 steps
+        options = config["router_options"]
+        assert config["router"] == router and options["soft_topk"] is (router == "maxscore_paper")
+        assert options["schedule"]["steps"] == (6 if router == "maxscore_paper" else None)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == model_class
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

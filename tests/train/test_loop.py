@@ -50,9 +50,9 @@ def test_resume_equals_uninterrupted(router, small_corpus_dir, tmp_path):
 
 
 def test_checkpoint_is_self_contained(small_corpus_dir, tmp_path):
-    train(tiny_config(small_corpus_dir, steps=10), tmp_path, progress=False)
+    train(tiny_config(small_corpus_dir, steps=10, router="maxscore_paper"), tmp_path, progress=False)
     model, checkpoint = load_model(tmp_path / "checkpoint.pt")
-    assert checkpoint.step == 10 and checkpoint.config.model.router == "maxscore"
+    assert checkpoint.step == 10 and checkpoint.config.model.router == "maxscore_paper"
     assert model.blocks[0].mlp.router.schedule.num_steps == 10
     assert model.blocks[0].mlp.router.price_updates > 0
     assert checkpoint.tokenizer.decode(checkpoint.tokenizer.encode("Union").ids) == "Union"

@@ -36,11 +36,12 @@ def _old_checkpoint(path, router: str, options: dict, state: dict) -> None:
 
 def test_a_checkpoint_saved_with_the_old_default_loads_with_the_old_behaviour(tmp_path):
     torch.manual_seed(0)
-    trained = Decoder(ModelConfig(**SHAPE, router="maxscore", router_options={"schedule": {"steps": 250}}))
+    old_default = {"normalize": False, "soft_topk": True, "schedule": {"steps": 250}}  # as trained then
+    trained = Decoder(ModelConfig(**SHAPE, router="maxscore", router_options=old_default))
     _old_checkpoint(tmp_path / "old.pt", "maxscore", {"schedule": {"steps": 250}}, trained.state_dict())
     model, checkpoint = load_model(tmp_path / "old.pt")
     options = checkpoint.config.model.router_options
-    assert options.normalize is False  # the default when it was saved
+    assert options.normalize is False and options.soft_topk is True  # the defaults when it was saved
     assert (options.schedule.start, options.schedule.end, options.schedule.kind) == (4.0, 1.0, "linear")
     assert options.schedule.steps == 250
     routers = [block.mlp.router for block in model.blocks]
@@ -75,11 +76,15 @@ def test_configs_store_every_option_and_round_trip():
 
 
 def test_the_schedule_spans_the_run_unless_given_a_length():
-    config = with_schedule(make_config("tiny", steps=120))
+    config = with_schedule(make_config("tiny", steps=120, router="maxscore_paper"))
     assert config.model.router_options.schedule.steps == 120
-    given = make_config("tiny", steps=120, router_options={"schedule": {"steps": 30000, "start": 2}})
+    options = {"soft_topk": True, "schedule": {"steps": 30000, "start": 2}}
+    given = make_config("tiny", steps=120, router_options=options)
     assert with_schedule(given).model.router_options.schedule.steps == 30000
-    typed = MaxScoreRouterConfig(normalize=True)
+    # without SoftTopk (maxscore's default) there is no schedule to fit to the run
+    plain = make_config("tiny", steps=120)
+    assert with_schedule(plain) == plain and plain.model.router_options.schedule.steps is None
+    typed = MaxScoreRouterConfig(soft_topk=True)
     assert with_schedule(make_config("tiny", steps=50, router_options=typed)).model.router_options == (
         dataclasses.replace(typed, schedule=dataclasses.replace(typed.schedule, steps=50))
     )

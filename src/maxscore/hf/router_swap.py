@@ -148,7 +148,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     num_experts, hidden = gate.weight.shape
     normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral always renormalizes
     router_class = MaxScoreRouter if settings["soft_topk"] else FlowOnlyRouter
-    options = {"schedule": settings["schedule"]} if settings["soft_topk"] else {}
+    options = {"soft_topk": True, "schedule": settings["schedule"]} if settings["soft_topk"] else {}
     router = router_class(
         hidden,
         num_experts,

@@ -3,7 +3,7 @@
 ==================  ==========================================================  ===========
 name                routing                                                     capacity
 ==================  ==========================================================  ===========
-``maxscore``        exact flow routing per group + SoftTopk weights             no drops
+``maxscore``        exact flow routing per group, renormalized weights          no drops
 ``maxscore_paper``  the same, with the paper's weights (raw SoftTopk, 4 -> 1)   no drops
 ``flow_only``       the same flow routing, plain softmax weights (ablation)     no drops
 ``softtopk_only``   GShard greedy routing + SoftTopk weights (ablation)         drops
@@ -70,7 +70,7 @@ ROUTERS: dict[str, type[GatedRouter]] = {
 # trained with; configs written now are complete (``router_config(...).to_dict()``).
 _PAPER_SCHEDULE = {"start": 4.0, "end": 1.0, "steps": 30000, "kind": "linear"}
 SAVED_DEFAULTS: dict[str, dict] = {
-    "maxscore": {"normalize": False, "schedule": _PAPER_SCHEDULE},
+    "maxscore": {"normalize": False, "soft_topk": True, "schedule": _PAPER_SCHEDULE},
     "softtopk_only": {"schedule": _PAPER_SCHEDULE},
 }
 

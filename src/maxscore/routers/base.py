@@ -153,6 +153,11 @@ class GatedRouterConfig:
         """How reports name ``router`` run with this config."""
         return router
 
+    @property
+    def scheduled(self) -> bool:
+        """True when the combine weights follow the config's SoftTopk ``schedule``."""
+        return False
+
 
 class GatedRouter(nn.Module):
     """Linear gate -> scores -> ``select`` -> SoftTopk-family weights -> losses and stats.
@@ -173,7 +178,6 @@ class GatedRouter(nn.Module):
     config_class: ClassVar[type[GatedRouterConfig]] = GatedRouterConfig
     has_causal_mode = True
     fills_capacity = False
-    has_schedule = False
     process_group = None
     supported_groups = GROUPS
 
@@ -201,8 +205,13 @@ class GatedRouter(nn.Module):
         self.group, self.score_function = self.config.group, self.config.score_function
         self.gate = nn.Linear(dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
-        if self.has_schedule:  # the config of a scheduled router has a schedule
+        if self.has_schedule:
             self.schedule = TemperatureSchedule(self.config.schedule)
+
+    @property
+    def has_schedule(self) -> bool:
+        """The combine weights follow a SoftTopk schedule (declared by the config: ``scheduled``)."""
+        return self.config.scheduled
 
     @classmethod
     def make_config(cls, config: GatedRouterConfig | Mapping | None = None, **options) -> GatedRouterConfig:

@@ -1,10 +1,13 @@
-"""MaxScore routing (PAPER.md §2): flow routing of the router scores + SoftTopk weights.
+"""MaxScore routing (PAPER.md §2): flow routing of the router scores, optional SoftTopk weights.
 
 All routing groups of a layer are solved in one batched call of ``solve(method=exact |
 two_stage | sinkhorn)``, on the scores' device (the compiled core on the CPU, the device engine
 on CUDA; every token gets k distinct experts, every expert at most its capacity, total score maximal:
-no drops, and at capacity_factor 1 every expert exactly full).  Combine weights are SoftTopk
-with the scheduled temperature.
+no drops, and at capacity_factor 1 every expert exactly full).  Combine weights are the selected
+experts' scores, renormalized (the recipe that trained the best models in the library's quality
+study, ``benchmarks/results/quality_tiny_cpu-2core_202611``); ``soft_topk=True`` applies the
+paper's SoftTopk with its temperature schedule, and ``maxscore_paper`` is the paper's recipe
+(raw SoftTopk weights, 4 -> 1 over the run).
 
 Causal mode (PAPER.md §5.4): batch routing lets a token's experts depend on later tokens.  The
 exact solver's dual prices are the per-expert offsets under which independent top-k routing is
@@ -68,14 +71,33 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MaxScoreRouterConfig(FlowOnlyRouterConfig):
-    """Options of ``maxscore``: ``flow_only``'s and ``schedule``, the SoftTopk temperature
-    schedule (a config or its fields as a dict; default linear 4 -> 1 over the run)."""
+    """Options of ``maxscore``: ``flow_only``'s, with renormalized weights by default, and
 
+    Attributes:
+        soft_topk: SoftTopk combine weights (PAPER.md §3) with the temperature ``schedule``;
+            default False: the selected scores themselves (temperature 1).
+        schedule: the SoftTopk temperature schedule, used when ``soft_topk`` is true (a config
+            or its fields as a dict; default linear 4 -> 1 over the run).
+    """
+
+    normalize: bool = True
+    soft_topk: bool = False
     schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
 
     def __post_init__(self) -> None:
         FlowOnlyRouterConfig.__post_init__(self)
         object.__setattr__(self, "schedule", schedule_config(self.schedule))
+        if not isinstance(self.soft_topk, bool):
+            raise ValueError(f"soft_topk must be true or false, got {self.soft_topk!r}")
+        if not self.soft_topk and self.schedule != TemperatureScheduleConfig():
+            raise ValueError(
+                f"schedule={self.schedule} is set but soft_topk is false, so no schedule applies; "
+                "set soft_topk=true to use SoftTopk weights with this schedule"
+            )
+
+    @property
+    def scheduled(self) -> bool:
+        return self.soft_topk
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,15 +107,14 @@ class PaperMaxScoreRouterConfig(MaxScoreRouterConfig):
     run (30000 optimizer steps where there is no run: ``MoELayer``, ``upcycle``)."""
 
     normalize: bool = False
-    schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
+    soft_topk: bool = True
 
 
 class MaxScoreRouter(GatedRouter):
-    """MaxScore: min-cost max-flow routing with SoftTopk weights (options: ``MaxScoreRouterConfig``)."""
+    """MaxScore: min-cost max-flow routing (options: ``MaxScoreRouterConfig``)."""
 
     config_class = MaxScoreRouterConfig
     supported_groups = GROUPS + ("global",)
-    has_schedule = True
 
     def __init__(
         self,
@@ -181,7 +202,6 @@ class FlowOnlyRouter(MaxScoreRouter):
     options: ``FlowOnlyRouterConfig``)."""
 
     config_class = FlowOnlyRouterConfig
-    has_schedule = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # models saved before flow_only's options were typed carry an unused schedule counter

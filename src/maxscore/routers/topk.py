@@ -50,6 +50,10 @@ class SoftTopkOnlyRouterConfig(GatedRouterConfig):
 
     schedule: TemperatureScheduleConfig = TemperatureScheduleConfig()
 
+    @property
+    def scheduled(self) -> bool:
+        return True
+
     def __post_init__(self) -> None:
         GatedRouterConfig.__post_init__(self)
         object.__setattr__(self, "schedule", schedule_config(self.schedule))
@@ -91,7 +95,6 @@ class SoftTopkOnlyRouter(GShardRouter):
     options: ``SoftTopkOnlyRouterConfig``)."""
 
     config_class = SoftTopkOnlyRouterConfig
-    has_schedule = True
 
 
 class IterativeRouter(GatedRouter):

@@ -25,7 +25,7 @@ from maxscore.model import DENSE, Decoder
 from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
-from maxscore.routers import ROUTERS, install_step_hook
+from maxscore.routers import install_step_hook
 from maxscore.routers.stats import RoutingStats
 from maxscore.train.checkpoint import CHECKPOINT, checkpoint_path, load_checkpoint, save_run_checkpoint
 from maxscore.train.config import TrainConfig
@@ -46,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
 def with_schedule(config: TrainConfig) -> TrainConfig:
     """A SoftTopk schedule with no length of its own (``steps=None``) decays over the whole run."""
     model = config.model
-    if model.router == DENSE or not ROUTERS[model.router].has_schedule:
+    if model.router == DENSE or not model.router_options.scheduled:
         return config
     schedule = model.router_options.schedule
     if schedule.steps is not None:

@@ -12,7 +12,7 @@ router option given as a dict (``schedule.start=2``).  VALUE is JSON when it par
 the run, ``10%``.  Examples::
 
     gshard:normalize=false                        GShard with raw combine weights
-    maxscore:schedule.steps=10%:normalize=true    SoftTopk 4 -> 1 over the first 10% of the run
+    maxscore:soft_topk=true:schedule.steps=10%    SoftTopk 4 -> 1 over the first 10% of the run
     flow_only:normalize=true:capacity_factor=1.25
 
 The label itself goes into ``final.json["router"]`` and the report; the run folder is the
