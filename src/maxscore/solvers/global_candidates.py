@@ -7,10 +7,10 @@ smallest margin are the ones an optimal repair moves:
 
 1. Each rank picks its ``candidates`` tokens of smallest margin and fixes the others.
 2. One all-gather of [candidates x (E scores + valid), E fixed loads] per rank: O(E^2)
-   numbers (``CANDIDATES_PER_EXPERT * E`` rows), never the [N, E] scores.
+   numbers (``candidate_count``: 8 E to 128 E rows), never the [N, E] scores.
 3. Every rank solves the same sub-problem (the gathered candidates, capacities ``C`` minus the
-   fixed loads, warm-started from ``p``) with the compiled core by shortest paths only, so
-   every rank takes the same decisions and prices move as little as optimality allows.
+   fixed loads, warm-started from ``p``) with the compiled core, without its price steps (the
+   prices are already close), so every rank takes the same decisions.
 4. The caller certifies the joined routing with the duality gap at the new prices (one
    all-reduce of two numbers): 0 means optimal; otherwise, e.g. when a fixed token would now
    rather switch, it falls back to the rounds of ``maxscore.solvers.global_repair``.
@@ -127,13 +127,14 @@ def solve_candidates(
     valid_M = rows_RCX[..., num_experts].reshape(-1) > 0
     zero = torch.zeros(1, dtype=torch.int64)  # capacities come per expert below
     sub = Problems(scores_ME[None], k, zero, valid_M[None], valid_M.sum()[None], torch.device("cpu"))
-    # shortest paths only (no auction, no price steps): each price rises by no more than its
-    # path's length, so the fixed tokens are as likely as can be to keep their top-k
+    # no price steps: they would move the prices further from the fixed tokens' top-k.  The
+    # core's auction before its shortest paths is kept: measured on the small preset (2 ranks,
+    # 66 calls) a candidate round certified every call, with 8.4 collectives per call
+    # instead of 9.3 and 13% less time in the core
     result = run_core_batch(
         sub,
         capacity_GE=sub_capacity_E.numpy()[None],
         prices_GE=prices_E.numpy()[None].copy(),
-        max_moves=0,
         price_iterations=0,
         threads=1,
         raise_errors=False,
