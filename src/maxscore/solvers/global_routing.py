@@ -11,7 +11,7 @@ scores; the ranks exchange only summaries whose size depends on E alone, never o
    given prices), and the token-weighted mean of these local optimal prices is the first
    global price vector.  Each rank's prices estimate the global ones from a sample of the
    tokens, so the overload left is a sampling error: measured on routers early in training
-   (E = 16, 2 ranks), 1-15% of the units, where the given prices (a router's averaged prices)
+   (E = 16, 2 ranks), 0.4-19% of the units, where the given prices (a router's averaged prices)
    left 50-70%.
 2. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
    once the candidate round can take the overload left, see ``candidate_count``; a step that
