@@ -183,7 +183,7 @@ def solve_global(
             if gap <= GAP_TOLERANCE * max(1.0, abs(score)):
                 repaired = tried
                 break
-        if attempt == 0 and count * ranks < total:
+        if attempt == 0:  # (a round that took every rank's every token cannot fail)
             count *= 4
         elif attempt == 1 and tried is not None and candidates is None:
             prices_E = tried.prices_E
