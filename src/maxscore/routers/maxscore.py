@@ -72,6 +72,7 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MaxScoreRouterConfig(FlowOnlyRouterConfig):
     """Options of ``maxscore``: ``flow_only``'s, with renormalized weights by default, and
+    SoftTopk weights as an option.
 
     Attributes:
         soft_topk: SoftTopk combine weights (PAPER.md §3) with the temperature ``schedule``;

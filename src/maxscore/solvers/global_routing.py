@@ -144,7 +144,7 @@ def solve_global(
             f"E and k must be equal on every rank; this rank has E={num_experts}, k={k}, "
             f"the ranks' means are E={sum_e / ranks:g}, k={sum_k / ranks:g}"
         )
-    total = int(total)
+    total, ranks = int(total), int(ranks)
     if capacity is None:
         capacity = expert_capacity(total, num_experts, k, capacity_factor)
     if capacity * num_experts < k * total:
@@ -162,7 +162,6 @@ def solve_global(
             augmentations=0,
         )
     prices_E = _local_prices(problem, capacity, total, given_E, reduce)
-    ranks = int(ranks)
     steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, ranks, reduce)
     prices_E, held_NE, loads_E = steps
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
@@ -173,7 +172,7 @@ def solve_global(
     # prices, which are closer to the optimum (every token re-routed there)
     for attempt in range(3) if candidates != 0 else ():
         if count is None:
-            count = candidate_count(int((loads_E - capacity).clamp(min=0).sum()), num_experts, ranks)
+            count = candidate_count(_overload(loads_E, capacity), num_experts, ranks)
         order_N = candidate_order(scores_NE - prices_E, held_NE, k, share)
         tried = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
         if tried is not None:
@@ -188,7 +187,7 @@ def solve_global(
         elif attempt == 1 and tried is not None and candidates is None:
             prices_E = tried.prices_E
             held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
-            count = 4 * candidate_count(int((loads_E - capacity).clamp(min=0).sum()), num_experts, ranks)
+            count = 4 * candidate_count(_overload(loads_E, capacity), num_experts, ranks)
         else:
             break
     if repaired is not None:
@@ -309,7 +308,7 @@ def _price_steps(
         held_NE, top_NK = _top_k(scores_NE - prices_E, k)  # k < E here: K + 1 values
         local_E = held_NE.sum(0).double()
         loads_E = reduce(local_E.clone())
-        overload = float((loads_E - capacity).clamp(min=0).sum())
+        overload = _overload(loads_E, capacity)
         if overload >= best_overload:  # overshot (the prices interact): smaller step from the best
             step /= 2
             if step < MIN_STEP:
@@ -317,7 +316,7 @@ def _price_steps(
             prices_E = best_prices + step * (best_response - best_prices)
             continue
         best_prices, best_overload, best_held, best_loads = prices_E, overload, held_NE, loads_E
-        if candidate_count(int(overload), num_experts, ranks) < MAX_CANDIDATES_PER_EXPERT * num_experts:
+        if candidate_count(overload, num_experts, ranks) < MAX_CANDIDATES_PER_EXPERT * num_experts:
             break  # the candidate round's payload is cheaper than more steps
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
@@ -331,6 +330,11 @@ def _price_steps(
         best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
         prices_E = prices_E + step * (best_response - prices_E)
     return best_prices, best_held, best_loads.long()
+
+
+def _overload(loads_E: torch.Tensor, capacity: int) -> int:
+    """Units over capacity, summed over the experts."""
+    return int((loads_E - capacity).clamp(min=0).sum())
 
 
 def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: Reducer):
