@@ -346,13 +346,15 @@ typedef struct {
     double total;    /* dual pass: this chunk's sum */
     int64_t *idx;    /* scratch for row_topk: k+1 entries */
     double *val;
-    int64_t e0, e1;  /* gather pass: this chunk's experts, every stride-th token, and */
-    int64_t stride;  /* where the thresholds go (want[e] = size of an entering-price heap) */
+    int64_t id;      /* gather pass: this chunk's number, every stride-th token, */
+    int64_t stride;  /* where the thresholds go (want[e] = size of an entering-price heap), */
     double *buf;
     const int64_t *off, *want;
-    int64_t *cnt;
-    double *gate;        /* [E]: see gather_rows */
-    const uint8_t *over; /* [E]: loads > cap */
+    int64_t *cnt;         /* [E]: this chunk's own threshold counts and */
+    double *gate;         /* [E]: gates (see gather_rows) */
+    const uint8_t *owner; /* [E]: the chunk gathering an overloaded expert's holders, else 255 */
+    const int32_t *under; /* this chunk's underloaded experts (nu of them) */
+    int64_t nu;
 } Chunk;
 
 static void assign_rows(Chunk *ch) {
@@ -579,19 +581,24 @@ static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
     h[i] = v;
 }
 
-/* price-step thresholds of experts [e0, e1) over all tokens (see price_step): an overloaded
- * expert's holders come from the tokens' expert lists; an underloaded one's entering prices
- * pass a filter, gate[e] (the heap's root once it is full, -inf before, +inf for an expert
- * that is not underloaded), before they reach its heap */
+/* price-step thresholds of this chunk's experts over every stride-th token (see price_step):
+ * an overloaded expert's holders come from the tokens' expert lists; an underloaded one's
+ * entering prices pass a filter, gate[e] (the heap's root once it is full, -inf before),
+ * before they reach its heap.  Only the chunk's underloaded experts are scanned, branch-free
+ * first, so a step costs O(N x underloaded) rather than O(N E). */
 static void gather_rows(Chunk *ch) {
     const Ctx *c = ch->c;
-    const int64_t N = c->N, E = c->E, k = c->k, e0 = ch->e0, e1 = ch->e1;
+    const int64_t N = c->N, E = c->E, k = c->k, nu = ch->nu;
+    const int32_t *under = ch->under;
     const float *s32 = c->s32;
     const double *s64 = c->s64;
     double *restrict gate = ch->gate, *restrict buf = ch->buf;
     const int64_t *off = ch->off, *want = ch->want;
-    const uint8_t *over = ch->over;
-    int64_t *cnt = ch->cnt;
+    const uint8_t *owner = ch->owner;
+    const uint8_t me = (uint8_t)ch->id;
+    int64_t *restrict cnt = ch->cnt; /* this chunk's own counts and gates: no false sharing */
+    int32_t ce[ROW_TILE];
+    double cv[ROW_TILE];
     for (int64_t t = 0; t < N; t += ch->stride) {
         if (!is_valid(c, t)) continue;
         const uint8_t *h = c->held + t * E;
@@ -599,14 +606,24 @@ static void gather_rows(Chunk *ch) {
         double bt = c->best[t], kt = c->kth[t];
         for (int64_t j = 0; j < k; j++) {
             int64_t e = row[j];
-            if (e >= e0 && e < e1 && over[e]) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
+            if (e >= 0 && owner[e] == me) buf[off[e] + cnt[e]++] = S(c, t, e) - bt;
         }
-        for (int64_t e = e0; e < e1; e++) {
-            double v = (s32 ? (double)s32[t * E + e] : s64[t * E + e]) - kt;
-            if (!(v > gate[e]) || h[e]) continue;
-            double *heap = buf + off[e];
-            dheap_offer(heap, &cnt[e], want[e], v);
-            if (cnt[e] == want[e]) gate[e] = heap[0];
+        for (int64_t u0 = 0; u0 < nu; u0 += ROW_TILE) {
+            int64_t u1 = u0 + ROW_TILE < nu ? u0 + ROW_TILE : nu, m = 0;
+            for (int64_t u = u0; u < u1; u++) {
+                int32_t e = under[u];
+                double v = (s32 ? (double)s32[t * E + e] : s64[t * E + e]) - kt;
+                ce[m] = e;
+                cv[m] = v;
+                m += (v > gate[e]) & !h[e];
+            }
+            for (int64_t i = 0; i < m; i++) {
+                int32_t e = ce[i];
+                double v = cv[i]; /* each expert appears once per tile: its gate is unchanged */
+                double *heap = buf + off[e];
+                dheap_offer(heap, &cnt[e], want[e], v);
+                if (cnt[e] == want[e]) gate[e] = heap[0];
+            }
         }
     }
 }
@@ -631,33 +648,47 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
                       int64_t *want, int64_t *cnt) {
     const int64_t E = c->E;
     int64_t total = 0;
-    double *gate = malloc(sizeof(double) * (size_t)E + (size_t)E);
+    Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
+    int64_t n = pass_threads(c) < E ? pass_threads(c) : E;
+    /* per chunk: gates and counts [E] each (a cache line apart), then the shared lists */
+    const int64_t stripe = E + 8;
+    double *gate = malloc(sizeof(double) * (size_t)(2 * n * stripe) + sizeof(int32_t) * (size_t)E + 2 * (size_t)E);
     if (!gate) return c->oom = 1, 0;
-    uint8_t *over = (uint8_t *)(gate + E);
+    int64_t *ccnt = (int64_t *)(gate + n * stripe);
+    int32_t *under = (int32_t *)(ccnt + n * stripe); /* underloaded experts, grouped by owning chunk */
+    uint8_t *home = (uint8_t *)(under + E); /* the chunk gathering an expert's thresholds */
+    uint8_t *owner = home + E;               /* the same for overloaded experts, 255 for others */
+    int64_t nover = 0, nunder = 0;
     for (int64_t e = 0; e < E; e++) {
         int64_t L = c->loads[e] * c->scale, C = c->cap[e]; /* scale is 1 or stride */
         off[e] = total;
-        cnt[e] = 0;
         want[e] = L < C ? (C - L + stride - 1) / stride + 1 : 0;
         total += L > C ? c->loads[e] : want[e]; /* at most loads[e] holders are gathered */
-        gate[e] = L < C ? -INFINITY : INFINITY;
-        over[e] = L > C;
+        home[e] = (uint8_t)(L > C ? nover++ % n : (L < C ? nunder++ % n : UINT8_MAX)); /* balanced */
+        owner[e] = L > C ? home[e] : UINT8_MAX;
     }
-    Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
-    int64_t n = pass_threads(c) < E ? pass_threads(c) : E;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n * stripe; i++) {
+        gate[i] = -INFINITY;
+        ccnt[i] = 0;
+    }
+    for (int64_t i = 0, u = 0; i < n; i++) { /* chunk i scans the i-th share of the underloaded */
         ch[i].c = c;
-        ch[i].e0 = E * i / n;
-        ch[i].e1 = E * (i + 1) / n;
+        ch[i].id = i;
+        ch[i].under = under + u;
+        ch[i].nu = 0;
+        for (int64_t e = 0; e < E; e++)
+            if (home[e] == i && owner[e] == UINT8_MAX) under[u + ch[i].nu++] = (int32_t)e;
+        u += ch[i].nu;
         ch[i].stride = stride;
         ch[i].buf = buf;
         ch[i].off = off;
         ch[i].want = want;
-        ch[i].cnt = cnt;
-        ch[i].gate = gate;
-        ch[i].over = over;
+        ch[i].cnt = ccnt + i * stripe;
+        ch[i].gate = gate + i * stripe;
+        ch[i].owner = owner;
     }
     run_chunks(ch, n, gather_rows, gather_thread);
+    for (int64_t e = 0; e < E; e++) cnt[e] = home[e] == UINT8_MAX ? 0 : ccnt[home[e] * stripe + e];
     free(gate);
     int moved = 0;
     for (int64_t e = 0; e < E; e++) {
