@@ -124,7 +124,6 @@ def test_bfloat16_autocast_keeps_router_float32():
         ("dropless", {}, False),
         ("deepseek_v3", {}, False),
         ("maxscore", {}, True),
-        ("maxscore", {"group": "global"}, False),
     ],
 )
 def test_bfloat16_autocast_on_the_grouped_path(router, options, causal):

@@ -242,6 +242,14 @@ def test_batch_group_routes_the_whole_batch_at_once():
     assert out.capacity == 2 * 64 // 8
 
 
+def test_global_group_on_one_process_routes_as_the_batch_with_static_capacity():
+    logits = biased_logits(4, 16, 8)
+    batch = identity_router("maxscore", 8, 2, group="batch")(logits, sequence_length=16)
+    alone = identity_router("maxscore", 8, 2, group="global")(logits, sequence_length=16)
+    assert torch.equal(alone.experts, batch.experts)
+    assert alone.capacity == batch.capacity == 2 * 64 // 8  # the layer's static path, no host sync
+
+
 def test_router_math_is_float32_under_autocast():
     router = identity_router("maxscore", 4, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):

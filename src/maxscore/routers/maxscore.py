@@ -22,7 +22,9 @@ forward also runs the exact solver, for the prices only.
 Global routing (``group="global"``, exact only): one optimal routing of the tokens of every
 rank of ``process_group`` (default: the world; set by ``maxscore.parallel.parallelize_moe``)
 with global capacities, by ``maxscore.solvers.solve_global``; per-rank loads then vary, so
-the layer takes its variable-size (grouped) path.  Its prices are global, identical on every rank.
+the layer takes its variable-size (grouped) path.  On a single process the global routing is
+the batch's, and the layer keeps its static capacity path.  Its prices are global, identical on
+every rank.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
+from maxscore.solvers.collectives import world_size
 from maxscore.solvers.global_routing import solve_global
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
@@ -178,7 +181,8 @@ class MaxScoreRouter(GatedRouter):
             self.training_forwards += 1
         return Selection(
             experts_TK=assignment.experts.to(scores_TE.device),
-            dropless=True,  # global capacities: no static per-rank buffer
+            # global capacities: no static per-rank buffer, unless this process is the only rank
+            dropless=world_size(self.process_group) > 1,
             solver_gap=assignment.gap,
             solver_ms=(time.perf_counter() - begin) * 1e3,
         )
