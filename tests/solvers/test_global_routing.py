@@ -42,7 +42,7 @@ def _split(num_tokens: int, world_size: int) -> list[int]:
     return sizes
 
 
-def _global_rank(rank, world_size, scores, valid, k, capacity_factor, candidates, out):
+def _global_rank(rank, world_size, scores, valid, k, capacity_factor, path, out):
     sizes = _split(scores.shape[0], world_size)
     begin = sum(sizes[:rank])
     rows = slice(begin, begin + sizes[rank])
@@ -51,7 +51,7 @@ def _global_rank(rank, world_size, scores, valid, k, capacity_factor, candidates
         k,
         capacity_factor=capacity_factor,
         valid=None if valid is None else valid[rows],
-        candidates=candidates,
+        **PATHS[path],
     )
     a = result.assignment
     summary = torch.tensor(
@@ -59,28 +59,42 @@ def _global_rank(rank, world_size, scores, valid, k, capacity_factor, candidates
         dtype=torch.float64,
     )
     certified = torch.tensor(result.certified_by_candidates)
+    gathered = torch.tensor(result.gathered)
     torch.save(
-        {"experts": a.experts, "loads": a.loads, "summary": summary, "certified": certified},
+        {
+            "experts": a.experts,
+            "loads": a.loads,
+            "summary": summary,
+            "certified": certified,
+            "gathered": gathered,
+        },
         f"{out}/rank{rank}.pt",
     )
 
 
-def _run_ranks(world_size, scores, valid, k, candidates, out):
+def _run_ranks(world_size, scores, valid, k, path, out):
     out.mkdir(exist_ok=True)
-    spawn(_global_rank, world_size, scores, valid, k, 1.0, candidates, str(out))
+    spawn(_global_rank, world_size, scores, valid, k, 1.0, path, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
-# candidates: None (the default, 8 E per rank: the candidate round), 0 (repair rounds only),
-# 2 (candidate rounds of 2 and 8 tokens per rank, too few to be optimal, then the rounds)
+PATHS = {
+    "gathered": {},  # the default at these sizes: every rank's tokens gathered, solved whole
+    "candidates": {"gather_tokens": 0},  # summaries: price steps, then the candidate round
+    "rounds": {"gather_tokens": 0, "candidates": 0},  # summaries: repair rounds only
+    # candidate rounds of 2 and 8 tokens per rank, too few to be optimal, then the rounds
+    "few": {"gather_tokens": 0, "candidates": 2},
+}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("kind", ["peaked", "padding"])
-@pytest.mark.parametrize("candidates", [None, 0, 2])
-def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind, candidates, tmp_path):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind, path, tmp_path):
     num_tokens, num_experts, k = 240, 8, 2
     scores, valid = random_instance(5, num_tokens, num_experts, kind)
-    parts = _run_ranks(world_size, scores, valid, k, candidates, tmp_path)
+    parts = _run_ranks(world_size, scores, valid, k, path, tmp_path)
     single = solve(scores, k, valid=valid)  # the compiled exact solver, one process
     experts = torch.cat([p["experts"] for p in parts])
     for p in parts:  # global results are identical on every rank
@@ -94,7 +108,10 @@ def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind,
         rows = 4 * MAX_CANDIDATES_PER_EXPERT * num_experts
         largest = max(2 * num_experts**2, rows * (num_experts + 1) + num_experts)
         assert calls > 0 and sent <= calls * largest * 8
-        if candidates == 0:
+        assert bool(p["gathered"]) == (path == "gathered")
+        if path == "gathered":  # the check's all-reduce and the scores' all-gather
+            assert calls == 2
+        if path == "rounds":
             assert not p["certified"] and rounds > 0
     check_feasible_concat = single.__class__(
         experts=experts, loads=single.loads, score=single.score, capacity=single.capacity, method="x"
@@ -121,8 +138,8 @@ def test_candidate_round_certifies_a_typical_routing_in_few_collectives(bias, mo
     )
     overloaded = float((zero_price_loads - single.capacity).clamp(min=0).sum()) / 4096
     assert overloaded > (0.1 if bias < 1 else 0.4)  # what the price steps alone would start from
-    fast = _run_ranks(2, scores, None, 2, None, tmp_path / "fast")
-    slow = _run_ranks(2, scores, None, 2, 0, tmp_path / "slow")
+    fast = _run_ranks(2, scores, None, 2, "candidates", tmp_path / "fast")
+    slow = _run_ranks(2, scores, None, 2, "rounds", tmp_path / "slow")
     for p, q in zip(fast, slow, strict=True):
         if bias < 1:
             assert bool(p["certified"]) and p["summary"][5] == 0
@@ -130,6 +147,26 @@ def test_candidate_round_certifies_a_typical_routing_in_few_collectives(bias, mo
         assert math.isclose(float(q["summary"][0]), single.score, rel_tol=1e-9)
         assert abs(float(p["summary"][1])) < 1e-7
         assert p["summary"][3] <= most < q["summary"][3]
+
+
+def _idle_rank(rank, world_size, path, out):
+    scores = torch.rand(64, 4, generator=torch.Generator().manual_seed(rank))
+    valid = torch.zeros(64, dtype=torch.bool) if rank == 0 else None  # rank 0: only padding
+    result = solve_global(scores, 2, valid=valid, **PATHS[path])
+    torch.save(
+        {"experts": result.assignment.experts, "score": result.assignment.score}, f"{out}/rank{rank}.pt"
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("path", ["gathered", "candidates"])
+def test_a_rank_with_only_padding_routes_nothing_and_the_other_rank_alone(path, tmp_path):
+    spawn(_idle_rank, 2, path, str(tmp_path))
+    idle, busy = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    alone = solve(torch.rand(64, 4, generator=torch.Generator().manual_seed(1)), 2)
+    assert (idle["experts"] == -1).all()
+    assert math.isclose(busy["score"], alone.score, rel_tol=1e-9) and busy["score"] == idle["score"]
+    assert torch.equal(busy["experts"].sort(1).values, alone.experts.sort(1).values)
 
 
 def test_bad_input_is_named():

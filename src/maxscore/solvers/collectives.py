@@ -19,6 +19,7 @@ class Reducer:
         self.group = group
         self.distributed = world_size(group) > 1
         self.rank = dist.get_rank(group) if self.distributed else 0
+        self.ranks = world_size(group)
         # NCCL reduces device tensors only: the summaries make a round trip to the GPU
         self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"
         self.calls = self.bytes = 0

@@ -2,10 +2,18 @@
 
 Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation of every rank's
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
-scores; the ranks exchange only summaries whose size depends on E alone, never on N:
+scores; the ranks exchange only summaries whose size depends on E alone, never on N (small
+problems gather their scores whole, at most ``gather_tokens`` rows per rank):
 
-0. **Check** (one all-reduce of 6 numbers): the token count, and that E and k agree on every
-   rank.
+0. **Check** (one all-reduce of 4 + R numbers): every rank's count of valid tokens, and that
+   E and k agree on every rank.
+   **Small problems** (no rank has more valid tokens than ``gather_tokens``, by default the
+   candidate round's largest payload of ``MAX_CANDIDATES_PER_EXPERT * E`` rows): one
+   all-gather of every rank's valid scores and given prices, and every rank solves the whole
+   problem with the compiled core (one thread, the same input: the same decisions),
+   warm-started from the ranks' mean given prices.  Two collectives in all, and the core's own
+   certificate.  There the steps below would gather every token anyway, after four more
+   collectives and a local solve.
 1. **Warm start** (one [E] all-reduce): every rank solves its own tokens exactly with the
    compiled core, at the capacity scaled to its share of the tokens (warm-started from the
    given prices), and the token-weighted mean of these local optimal prices is the first
@@ -62,6 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from maxscore.solvers._native import run_core
 from maxscore.solvers._validate import Problem, expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
@@ -83,7 +92,8 @@ GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GlobalAssignment:
     """``assignment``: this rank's experts [N, K]; its loads, score, capacity, prices and gap
-    are global.  The counters say what crossed the process group."""
+    are global.  The counters say what crossed the process group; ``gathered``: the scores
+    were gathered whole (small problems, see ``gather_tokens``)."""
 
     assignment: Assignment
     collectives: int
@@ -91,6 +101,7 @@ class GlobalAssignment:
     augmentations: int
     rounds: int = 0
     certified_by_candidates: bool = False
+    gathered: bool = False
 
 
 def solve_global(
@@ -104,6 +115,7 @@ def solve_global(
     group: dist.ProcessGroup | None = None,
     price_iterations: int = PRICE_ITERATIONS,
     candidates: int | None = None,
+    gather_tokens: int | None = None,
 ) -> GlobalAssignment:
     """The optimal routing of all ranks' tokens together (collective: call it on every rank).
 
@@ -121,30 +133,38 @@ def solve_global(
         candidates: tokens per rank in the candidate round (default ``candidate_count`` of the
             overload the price steps leave; the same on every rank; 0 always takes the rounds
             of shortest paths).
+        gather_tokens: when no rank has more valid tokens than this, their scores are gathered
+            and every rank solves the whole problem (default ``MAX_CANDIDATES_PER_EXPERT * E``,
+            the candidate round's largest payload; 0 never: always the summaries).
 
     Raises:
         ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
             a capacity too small for all ranks' tokens.
     """
-    check_counts(price_iterations=price_iterations, candidates=candidates)
+    check_counts(price_iterations=price_iterations, candidates=candidates, gather_tokens=gather_tokens)
     problem = make_problem(scores, k, 0, capacity_factor, valid, require_feasible=False)
     reduce = Reducer(group)
-    num_tokens, num_experts = problem.num_tokens, problem.num_experts
+    num_experts = problem.num_experts
     scores_NE = problem.scores_TE.double()
     if problem.valid_T is not None:
         scores_NE = scores_NE[problem.valid_T]
     if not torch.isfinite(scores_NE).all():
         raise ValueError("scores must be finite for the global solver (no -inf); mask tokens with `valid`")
     # one all-reduce of sums and sums of squares: E and k agree on every rank iff their
-    # variance over the ranks is 0 (exact: small integers in float64)
-    shape = torch.tensor([len(scores_NE), 1, num_experts, k, num_experts**2, k**2], dtype=torch.float64)
-    total, ranks, sum_e, sum_k, sum_e2, sum_k2 = reduce(shape).tolist()
+    # variance over the ranks is 0 (exact: small integers in float64); and every rank's count
+    # of valid tokens, at its own place
+    counts_R = torch.zeros(reduce.ranks, dtype=torch.float64)
+    counts_R[reduce.rank] = len(scores_NE)
+    shape = torch.tensor([num_experts, k, num_experts**2, k**2], dtype=torch.float64)
+    summed = reduce(torch.cat([shape, counts_R]))
+    (sum_e, sum_k, sum_e2, sum_k2), counts_R = summed[:4].tolist(), summed[4:]
+    ranks = reduce.ranks
     if sum_e2 * ranks != sum_e**2 or sum_k2 * ranks != sum_k**2:
         raise ValueError(
             f"E and k must be equal on every rank; this rank has E={num_experts}, k={k}, "
             f"the ranks' means are E={sum_e / ranks:g}, k={sum_k / ranks:g}"
         )
-    total, ranks = int(total), int(ranks)
+    total = int(counts_R.sum())
     if capacity is None:
         capacity = expert_capacity(total, num_experts, k, capacity_factor)
     if capacity * num_experts < k * total:
@@ -161,6 +181,10 @@ def solve_global(
             bytes_sent=0,
             augmentations=0,
         )
+    if gather_tokens is None:
+        gather_tokens = MAX_CANDIDATES_PER_EXPERT * num_experts
+    if int(counts_R.max()) <= gather_tokens:
+        return _solve_gathered(problem, scores_NE, counts_R, capacity, given_E, reduce)
     prices_E = _local_prices(problem, capacity, total, given_E, reduce)
     steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, ranks, reduce)
     prices_E, held_NE, loads_E = steps
@@ -197,13 +221,33 @@ def solve_global(
         augmentations, rounds = repair(scores_NE, held_NE, loads_E, prices_E, capacity, k * total, reduce)
         prices_E = certificate_prices(scores_NE, held_NE, loads_E, capacity, reduce)
         experts_NK, score, gap = _certificate(scores_NE, held_NE, prices_E, capacity, k, reduce)
-    experts_TK = torch.full((num_tokens, k), -1, dtype=torch.int64)
-    if problem.valid_T is None:
-        experts_TK = experts_NK
-    else:
+    return GlobalAssignment(
+        assignment=_assignment(problem, experts_NK, loads_E, score, capacity, prices_E, gap),
+        collectives=reduce.calls,
+        bytes_sent=reduce.bytes,
+        augmentations=augmentations,
+        rounds=rounds,
+        certified_by_candidates=repaired is not None,
+    )
+
+
+def _assignment(
+    problem: Problem,
+    experts_NK: torch.Tensor,
+    loads_E: torch.Tensor,
+    score: float,
+    capacity: int,
+    prices_E: torch.Tensor,
+    gap: float,
+) -> Assignment:
+    """This rank's routing (``experts_NK`` of its valid tokens; -1 for padding) on the scores'
+    device, with the global loads, score, prices and gap."""
+    experts_TK = experts_NK
+    if problem.valid_T is not None:
+        experts_TK = torch.full((problem.num_tokens, problem.k), -1, dtype=torch.int64)
         experts_TK[problem.valid_T] = experts_NK
     device = problem.device
-    assignment = Assignment(
+    return Assignment(
         experts=experts_TK.to(device),
         loads=loads_E.to(device),
         score=score,
@@ -213,13 +257,42 @@ def solve_global(
         prices=prices_E.to(device),
         gap=gap,
     )
+
+
+def _solve_gathered(
+    problem: Problem,
+    scores_NE: torch.Tensor,
+    counts_R: torch.Tensor,
+    capacity: int,
+    given_E: torch.Tensor | None,
+    reduce: Reducer,
+) -> GlobalAssignment:
+    """Every rank's valid tokens gathered (one all-gather of at most ``gather_tokens`` rows per
+    rank) and the whole problem solved by the compiled core on every rank: the same input and
+    one thread, so every rank takes the same decisions.  Warm start: the mean of the ranks'
+    given prices."""
+    num_experts, rows = problem.num_experts, int(counts_R.max())
+    payload = torch.zeros(rows * num_experts + num_experts + 1, dtype=torch.float64)
+    payload[: scores_NE.numel()] = scores_NE.flatten()
+    if given_E is not None:
+        payload[rows * num_experts :] = torch.cat([given_E, torch.ones(1, dtype=torch.float64)])
+    every_RX = reduce.gather(payload)
+    counts = counts_R.long().tolist()
+    blocks = every_RX[:, : rows * num_experts].view(reduce.ranks, rows, num_experts)
+    all_NE = torch.cat([block[:count] for block, count in zip(blocks, counts, strict=True)])
+    given_RE, flags_R = every_RX[:, rows * num_experts : -1], every_RX[:, -1]
+    warm_E = None if not flags_R.any() else given_RE[flags_R > 0].mean(0)
+    whole = Problem(all_NE, problem.k, capacity, None, len(all_NE), torch.device("cpu"))
+    core = run_core(whole, prices_E=None if warm_E is None else warm_E.numpy(), threads=1)
+    begin = sum(counts[: reduce.rank])
+    experts_NK = torch.from_numpy(core.experts_TK[begin : begin + len(scores_NE)])
+    loads_E, prices_E = torch.from_numpy(core.loads_E), torch.from_numpy(core.prices_E)
     return GlobalAssignment(
-        assignment=assignment,
+        assignment=_assignment(problem, experts_NK, loads_E, core.score, capacity, prices_E, core.gap),
         collectives=reduce.calls,
         bytes_sent=reduce.bytes,
-        augmentations=augmentations,
-        rounds=rounds,
-        certified_by_candidates=repaired is not None,
+        augmentations=core.augmentations,
+        gathered=True,
     )
 
 
