@@ -1,14 +1,17 @@
 """Expert-parallel training throughput and the cost of global routing.
 
     python benchmarks/bench_parallel.py [--presets tiny,small] [--worlds 1,2] [--steps 5]
-                                        [--routers maxscore] [--device cpu|cuda]
+                                        [--rounds 1] [--routers maxscore] [--device cpu|cuda]
                                         [--out results.json] [--md results.md]
 
 For each preset (its model and global batch), routing (``sequence``: each rank solves its own
 sequences, the paper's option A; ``global``: one exact routing over all ranks' tokens, option
 B) and world size: training steps (forward, backward, gradient reduction, clipping, AdamW) on
 random tokens, with the experts sharded over all ranks and the rest data parallel (DDP).
-Reported: median step time, tokens/s, the ratio to world size 1 of the same routing, and for
+Reported: median step time (over the steps of every round: ``--rounds R`` measures each
+configuration of a preset R times, interleaved, so that a slow spell of a shared machine hits
+them all alike), tokens/s, the ratio to world size 1 of the same routing ("x world 1"), the
+ratio of global to per-rank routing at the same world size ("x sequence"), and for
 global routing the collectives (all-reduces of [E] or [E, E] summaries, one all-gather of
 [E, E] costs per augmenting path) and bytes per step it adds on each rank (every MoE layer's
 ``solve_global``, summed) and its augmenting paths.  World size 1 uses every core in one process; world size W
@@ -136,11 +139,28 @@ def measure(
             return json.load(f)
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One row from rounds of the same configuration: the median over all their steps."""
+    times = [t for run in runs for t in run["step_ms_all"]]
+    step_ms = statistics.median(times)
+    return {
+        **runs[0],
+        "rounds": len(runs),
+        "step_ms": step_ms,
+        "tokens_per_s": runs[0]["tokens_per_step"] / step_ms * 1e3,
+        "step_ms_all": times,
+        **{
+            name: statistics.mean(run[name] for run in runs)
+            for name in ("collectives_per_step", "bytes_per_step", "augmentations_per_step")
+        },
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| preset | router | routing | world | threads/rank | step ms | tokens/s | x world 1 | x gshard "
-        "| collectives/step | KiB sent/step | augmenting paths/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | router | routing | world | threads/rank | step ms | tokens/s | x world 1 | x sequence "
+        "| x gshard | collectives/step | KiB sent/step | augmenting paths/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r["preset"], r["router"], r["routing"])  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
@@ -149,14 +169,21 @@ def format_table(rows: list[dict]) -> str:
         for r in rows
         if r["router"] == "gshard"
     }
+    sequence = {
+        (r["preset"], r["router"], r["world_size"]): r["tokens_per_s"]
+        for r in rows
+        if r["routing"] == "sequence"
+    }
     for r in rows:
         ratio = r["tokens_per_s"] / base[key(r)] if key(r) in base else None
         reference = gshard.get((r["preset"], r["routing"], r["world_size"]))
         versus = "" if reference is None else f"{r['tokens_per_s'] / reference:.2f}"
+        local = sequence.get((r["preset"], r["router"], r["world_size"]))
+        per_rank = "" if local is None else f"{r['tokens_per_s'] / local:.2f}"
         lines.append(
             f"| {r['preset']} | {r['router']} | {r['routing']} | {r['world_size']} | "
             f"{r['threads_per_rank']} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | {versus} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {per_rank} | {versus} | "
             f"{r['collectives_per_step']:.0f} | {r['bytes_per_step'] / 1024:.1f} | "
             f"{r['augmentations_per_step']:.0f} |"
         )
@@ -170,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routings", default="sequence,global")
     parser.add_argument("--routers", default="maxscore", help="comma-separated router names")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration of a preset this many times, interleaved, and pool the steps",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument(
         "--cores", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks"
@@ -180,15 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for preset in args.presets.split(","):
-        for router in args.routers.split(","):
-            for group in args.routings.split(","):
-                if group == "global" and router not in GLOBAL_ROUTERS:
-                    continue
-                for world_size in (int(w) for w in args.worlds.split(",")):
-                    print(f"  {preset} {router} {group} world {world_size} ...", file=sys.stderr, flush=True)
-                    rows.append(
-                        measure(preset, router, group, world_size, args.steps, args.device, args.cores)
-                    )
+        configs = [
+            (router, group, world_size)
+            for router in args.routers.split(",")
+            for group in args.routings.split(",")
+            if group != "global" or router in GLOBAL_ROUTERS
+            for world_size in (int(w) for w in args.worlds.split(","))
+        ]
+        measured = {config: [] for config in configs}
+        for round_ in range(args.rounds):  # interleaved: a slow spell of the machine hits every configuration
+            for router, group, world_size in configs:
+                label = f"{preset} {router} {group} world {world_size} round {round_ + 1}"
+                print(f"  {label} ...", file=sys.stderr, flush=True)
+                row = measure(preset, router, group, world_size, args.steps, args.device, args.cores)
+                measured[router, group, world_size].append(row)
+        rows += [pooled(runs) for runs in measured.values()]
     table = format_table(rows)
     print(table)
     if args.out:
