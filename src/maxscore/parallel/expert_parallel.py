@@ -114,23 +114,21 @@ class ExpertParallelDispatcher:
         input_splits = send_E.view(self.size, local).sum(1).tolist()
         output_splits = received_RX.sum(1).tolist()
         rows = all_to_all(x_TD[tokens_P], output_splits, input_splits, self.group)
-        order = _expert_major(received_RX)  # (source, expert) blocks -> (expert, source) blocks
-        y_PD = experts.forward_grouped(rows[order], received_RX.sum(0).tolist())
-        y_PD = y_PD[torch.argsort(order)]
+        # (source, expert) blocks -> (expert, source) blocks and back: copies of whole blocks,
+        # whose backward is the same copy (no row gather, no scatter-add)
+        y_PD = experts.forward_grouped(_transpose_blocks(rows, received_RX), received_RX.sum(0).tolist())
+        y_PD = _transpose_blocks(y_PD, received_RX.T)
         returned = all_to_all(y_PD, input_splits, output_splits, self.group)
         weighted_PD = returned * pair_weights(routing, pairs_P, returned.dtype)
         return x_TD.new_zeros(x_TD.shape).index_add(0, tokens_P, weighted_PD.to(x_TD.dtype))
 
 
-def _expert_major(counts_RX: torch.Tensor) -> torch.Tensor:
-    """Row order that regroups rows laid out as (source rank, local expert) blocks by expert."""
-    starts_RX = (torch.cumsum(counts_RX.flatten(), 0) - counts_RX.flatten()).view(counts_RX.shape)
-    blocks = [
-        torch.arange(int(starts_RX[r, e]), int(starts_RX[r, e] + counts_RX[r, e]))
-        for e in range(counts_RX.shape[1])
-        for r in range(counts_RX.shape[0])
-    ]
-    return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)
+def _transpose_blocks(x_PD: torch.Tensor, counts_AB: torch.Tensor) -> torch.Tensor:
+    """Rows laid out as blocks (a, b) of ``counts_AB[a, b]`` rows (a-major) -> the same blocks
+    b-major."""
+    blocks = x_PD.split(counts_AB.flatten().tolist())
+    rows, cols = counts_AB.shape
+    return torch.cat([blocks[a * cols + b] for b in range(cols) for a in range(rows)])
 
 
 def shard_experts(experts: SwiGLUExperts, rank: int, size: int) -> SwiGLUExperts:
