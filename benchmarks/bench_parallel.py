@@ -12,9 +12,10 @@ Reported: median step time (over the steps of every round: ``--rounds R`` measur
 configuration of a preset R times, interleaved, so that a slow spell of a shared machine hits
 them all alike), tokens/s, the ratio to world size 1 of the same routing ("x world 1"), the
 ratio of global to per-rank routing at the same world size ("x sequence"), and for
-global routing the collectives (all-reduces of [E] or [E, E] summaries, one all-gather of
-[E, E] costs per augmenting path) and bytes per step it adds on each rank (every MoE layer's
-``solve_global``, summed) and its augmenting paths.  World size 1 uses every core in one process; world size W
+global routing the collectives (the gathered scores of small problems; otherwise all-reduces
+of [E] or [E, E] summaries, a candidate round, rarely rounds of [E, E] costs) and bytes per
+step it adds on each rank (every MoE layer's ``solve_global``, summed) and its augmenting
+paths.  World size 1 uses every core in one process; world size W
 uses W processes of (cores / W) threads, gloo on the CPU, NCCL on GPUs (one GPU per rank).
 ``--routers gshard,maxscore,flow_only`` measures each router's training throughput (global
 routing only for the MaxScore family); "x gshard" divides by gshard's tokens/s in the same run.

@@ -1,4 +1,4 @@
-"""Global routing (option B): one optimal routing over all ranks' tokens, summaries only."""
+"""Global routing (option B): one optimal routing over all ranks' tokens, on every path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One optimal routing over the tokens of every rank, without gathering the scores.
+"""One optimal routing over the tokens of every rank; large problems never gather the scores.
 
 Problem: the exact problem of ``maxscore.solvers.exact`` over the concatenation of every rank's
 valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its own [N, E]
@@ -8,7 +8,7 @@ problems gather their scores whole, at most ``gather_tokens`` rows per rank):
 0. **Check** (one all-reduce of 4 + R numbers): every rank's count of valid tokens, and that
    E and k agree on every rank.
    **Small problems** (no rank has more valid tokens than ``gather_tokens``, by default the
-   candidate round's largest payload of ``MAX_CANDIDATES_PER_EXPERT * E`` rows): one
+   first candidate round's largest payload of ``MAX_CANDIDATES_PER_EXPERT * E`` rows): one
    all-gather of every rank's valid scores and given prices, and every rank solves the whole
    problem with the compiled core (one thread, the same input: the same decisions),
    warm-started from the ranks' mean given prices.  Two collectives in all, and the core's own
@@ -135,7 +135,7 @@ def solve_global(
             of shortest paths).
         gather_tokens: when no rank has more valid tokens than this, their scores are gathered
             and every rank solves the whole problem (default ``MAX_CANDIDATES_PER_EXPERT * E``,
-            the candidate round's largest payload; 0 never: always the summaries).
+            the first candidate round's largest payload; 0 never: always the summaries).
 
     Raises:
         ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
