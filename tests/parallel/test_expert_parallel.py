@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from maxscore import MoELayer
 from maxscore.parallel import expert_parameter_names, parallelize_moe
+from maxscore.parallel.expert_parallel import _transpose_blocks
 from maxscore.parallel.launch import spawn
 
 DIM, HIDDEN, EXPERTS, K = 16, 24, 8, 2
@@ -145,3 +146,17 @@ def _unequal_rank(rank, world_size):
 def test_unequal_local_batches_raise_at_the_first_exchange():
     with pytest.raises(Exception, match="the ranks' local batches differ"):
         spawn(_unequal_rank, 2, timeout_s=60)
+
+
+def test_transpose_blocks_regroups_rows_by_expert_and_back():
+    """The variable exchange's regrouping: (source, expert) blocks -> (expert, source) blocks,
+    empty blocks included, against a row-by-row reference; the reverse restores the rows."""
+    counts_RX = torch.tensor([[2, 0, 3], [1, 4, 0]])  # 2 sources x 3 local experts
+    rows = torch.arange(int(counts_RX.sum()), dtype=torch.float32)[:, None].repeat(1, 2)
+    starts = (counts_RX.flatten().cumsum(0) - counts_RX.flatten()).view(2, 3)
+    expected = [
+        int(starts[r, e]) + i for e in range(3) for r in range(2) for i in range(int(counts_RX[r, e]))
+    ]
+    moved = _transpose_blocks(rows, counts_RX)
+    assert moved[:, 0].long().tolist() == expected
+    assert torch.equal(_transpose_blocks(moved, counts_RX.T), rows)
