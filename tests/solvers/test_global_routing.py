@@ -179,14 +179,21 @@ def test_bad_input_is_named():
         solve_global(scores, 2, prices=torch.zeros(3))
 
 
-def _mismatched_rank(rank, world_size):
-    solve_global(torch.rand(8, 4 + rank), 1)
+def _mismatched_rank(rank, world_size, setting):
+    if setting == "E":
+        solve_global(torch.rand(8, 4 + rank), 1)
+    else:  # the ranks would take different paths and wait for each other forever
+        solve_global(torch.rand(8, 4), 1, gather_tokens=100 * rank)
 
 
 @pytest.mark.distributed
-def test_mismatched_experts_across_ranks_raise():
-    with pytest.raises(Exception, match="E and k must be equal on every rank"):
-        spawn(_mismatched_rank, 2)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("E", "E: 4 to 5 across the ranks"), ("gather_tokens", "gather_tokens: 0 to 100")],
+)
+def test_settings_differing_across_ranks_raise_instead_of_hanging(setting, message):
+    with pytest.raises(Exception, match=f"settings must be equal on every rank: {message}"):
+        spawn(_mismatched_rank, 2, setting)
 
 
 @pytest.mark.parametrize("kind", ["peaked", "flat", "ties"])

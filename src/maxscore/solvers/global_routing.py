@@ -5,8 +5,9 @@ valid tokens, with one global capacity ``C`` per expert.  Each rank keeps its ow
 scores; the ranks exchange only summaries whose size depends on E alone, never on N (small
 problems gather their scores whole, at most ``gather_tokens`` rows per rank):
 
-0. **Check** (one all-reduce of 4 + R numbers): every rank's count of valid tokens, and that
-   E and k agree on every rank.
+0. **Check** (one all-reduce of R + 14 numbers): every rank's count of valid tokens, and that
+   E, k and the options that choose the path (capacity, capacity_factor, price_iterations,
+   candidates, gather_tokens) agree on every rank.
    **Small problems** (no rank has more valid tokens than ``gather_tokens``, by default the
    first candidate round's largest payload of ``MAX_CANDIDATES_PER_EXPERT * E`` rows): one
    all-gather of every rank's valid scores and given prices, and every rank solves the whole
@@ -138,8 +139,8 @@ def solve_global(
             the first candidate round's largest payload; 0 never: always the summaries).
 
     Raises:
-        ValueError: bad input on this rank, non-finite scores, E or k differing between ranks, or
-            a capacity too small for all ranks' tokens.
+        ValueError: bad input on this rank, non-finite scores, E, k or an option above differing
+            between ranks, or a capacity too small for all ranks' tokens.
     """
     check_counts(price_iterations=price_iterations, candidates=candidates, gather_tokens=gather_tokens)
     problem = make_problem(scores, k, 0, capacity_factor, valid, require_feasible=False)
@@ -150,20 +151,34 @@ def solve_global(
         scores_NE = scores_NE[problem.valid_T]
     if not torch.isfinite(scores_NE).all():
         raise ValueError("scores must be finite for the global solver (no -inf); mask tokens with `valid`")
-    # one all-reduce of sums and sums of squares: E and k agree on every rank iff their
-    # variance over the ranks is 0 (exact: small integers in float64); and every rank's count
-    # of valid tokens, at its own place
+    if gather_tokens is None:
+        gather_tokens = MAX_CANDIDATES_PER_EXPERT * num_experts
+    # one all-reduce (max) of every rank's count of valid tokens (at its own place) and of the
+    # settings that send the ranks down the same path: a setting agrees iff its max equals its
+    # min over the ranks (a rank on another path would wait forever at another collective)
+    settings = {
+        "E": num_experts,
+        "k": k,
+        "capacity": -1 if capacity is None else capacity,
+        "capacity_factor": capacity_factor,
+        "price_iterations": price_iterations,
+        "candidates": -1 if candidates is None else candidates,
+        "gather_tokens": gather_tokens,
+    }
+    mine = torch.tensor(list(settings.values()), dtype=torch.float64)
     counts_R = torch.zeros(reduce.ranks, dtype=torch.float64)
     counts_R[reduce.rank] = len(scores_NE)
-    shape = torch.tensor([num_experts, k, num_experts**2, k**2], dtype=torch.float64)
-    summed = reduce(torch.cat([shape, counts_R]))
-    (sum_e, sum_k, sum_e2, sum_k2), counts_R = summed[:4].tolist(), summed[4:]
+    high, negated_low, counts_R = reduce(torch.cat([mine, -mine, counts_R]), op=dist.ReduceOp.MAX).split(
+        [len(mine), len(mine), reduce.ranks]
+    )
+    differ = [
+        f"{name}: {-lo:g} to {hi:g} across the ranks, {value:g} on this rank"
+        for (name, value), hi, lo in zip(settings.items(), high.tolist(), negated_low.tolist(), strict=True)
+        if hi != -lo
+    ]
+    if differ:
+        raise ValueError(f"solve_global's settings must be equal on every rank: {'; '.join(differ)}")
     ranks = reduce.ranks
-    if sum_e2 * ranks != sum_e**2 or sum_k2 * ranks != sum_k**2:
-        raise ValueError(
-            f"E and k must be equal on every rank; this rank has E={num_experts}, k={k}, "
-            f"the ranks' means are E={sum_e / ranks:g}, k={sum_k / ranks:g}"
-        )
     total = int(counts_R.sum())
     if capacity is None:
         capacity = expert_capacity(total, num_experts, k, capacity_factor)
@@ -181,8 +196,6 @@ def solve_global(
             bytes_sent=0,
             augmentations=0,
         )
-    if gather_tokens is None:
-        gather_tokens = MAX_CANDIDATES_PER_EXPERT * num_experts
     if int(counts_R.max()) <= gather_tokens:
         return _solve_gathered(problem, scores_NE, counts_R, capacity, given_E, reduce)
     prices_E = _local_prices(problem, capacity, total, given_E, reduce)
