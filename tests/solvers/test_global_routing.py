@@ -12,7 +12,7 @@ from maxscore.parallel.launch import spawn
 from maxscore.solvers import solve_global
 from maxscore.solvers.collectives import Reducer
 from maxscore.solvers.global_candidates import MAX_CANDIDATES_PER_EXPERT, candidate_order, solve_candidates
-from maxscore.solvers.global_routing import _route
+from maxscore.solvers.global_prices import route
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible
 
@@ -206,7 +206,7 @@ def test_candidate_round_is_feasible_and_optimal_with_every_token_a_candidate(ki
     capacity = 300 * k // 8
     reduce = Reducer(None)
     prices_E = torch.zeros(8, dtype=torch.float64)
-    held_NE, _ = _route(scores_NE, k, prices_E, reduce)
+    held_NE, _ = route(scores_NE, k, prices_E, reduce)
     optimum = solve(scores, k, capacity=capacity).score
     order_N = candidate_order(scores_NE - prices_E, held_NE, k, capacity)
     for count in (20, 300):

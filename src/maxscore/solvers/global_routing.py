@@ -15,13 +15,13 @@ problems gather their scores whole, at most ``gather_tokens`` rows per rank):
    warm-started from the ranks' mean given prices.  Two collectives in all, and the core's own
    certificate.  There the steps below would gather every token anyway, after four more
    collectives and a local solve.
-1. **Warm start** (one [E] all-reduce): every rank solves its own tokens exactly with the
-   compiled core, at the capacity scaled to its share of the tokens (warm-started from the
-   given prices), and the token-weighted mean of these local optimal prices is the first
-   global price vector.  Each rank's prices estimate the global ones from a sample of the
-   tokens, so the overload left is a sampling error: measured on routers early in training
-   (E = 16, 2 ranks), 0.4-19% of the units, where the given prices (a router's averaged prices)
-   left 50-70%.
+1. **Warm start** (one [E] all-reduce; steps 1 and 2 are ``maxscore.solvers.global_prices``):
+   every rank solves its own tokens exactly with the compiled core, at the capacity scaled to
+   its share of the tokens (warm-started from the given prices), and the token-weighted mean of
+   these local optimal prices is the first global price vector.  Each rank's prices estimate
+   the global ones from a sample of the tokens, so the overload left is a sampling error:
+   measured on routers early in training (E = 16, 2 ranks), 0.4-19% of the units, where the
+   given prices (a router's averaged prices) left 50-70%.
 2. **Prices** (at most ``price_iterations`` steps of one or two [E] all-reduces; they stop
    once the candidate round can take the overload left, see ``candidate_count``; a step that
    raises it is undone and the step size halved): every rank routes its tokens to their
@@ -82,11 +82,9 @@ from maxscore.solvers.global_candidates import (
     candidate_order,
     solve_candidates,
 )
+from maxscore.solvers.global_prices import PRICE_ITERATIONS, local_prices, price_steps, route, total_overload
 from maxscore.solvers.global_repair import certificate_prices, repair
 
-PRICE_ITERATIONS = 30
-DAMPING = 0.8
-MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
 GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality gap is 0 up to rounding
 
 
@@ -198,8 +196,8 @@ def solve_global(
         )
     if int(counts_R.max()) <= gather_tokens:
         return _solve_gathered(problem, scores_NE, counts_R, capacity, given_E, reduce)
-    prices_E = _local_prices(problem, capacity, total, given_E, reduce)
-    steps = _price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, ranks, reduce)
+    prices_E = local_prices(problem, capacity, total, given_E, reduce)
+    steps = price_steps(scores_NE, k, capacity, total, prices_E, price_iterations, ranks, reduce)
     prices_E, held_NE, loads_E = steps
     prices_E = prices_E - prices_E.min()  # a common shift changes no token's top-k
     share = capacity * len(scores_NE) // total if total else 0  # the shares sum to at most C
@@ -209,7 +207,7 @@ def solve_global(
     # prices, which are closer to the optimum (every token re-routed there)
     for attempt in range(3) if candidates != 0 else ():
         if count is None:
-            count = candidate_count(_overload(loads_E, capacity), num_experts, ranks)
+            count = candidate_count(total_overload(loads_E, capacity), num_experts, ranks)
         order_N = candidate_order(scores_NE - prices_E, held_NE, k, share)
         tried = solve_candidates(scores_NE, held_NE, prices_E, order_N, capacity, k, count, reduce)
         if tried is not None:
@@ -223,8 +221,8 @@ def solve_global(
             count *= 4
         elif attempt == 1 and tried is not None and candidates is None:
             prices_E = tried.prices_E
-            held_NE, loads_E = _route(scores_NE, k, prices_E, reduce)
-            count = 4 * candidate_count(_overload(loads_E, capacity), num_experts, ranks)
+            held_NE, loads_E = route(scores_NE, k, prices_E, reduce)
+            count = 4 * candidate_count(total_overload(loads_E, capacity), num_experts, ranks)
         else:
             break
     if repaired is not None:
@@ -329,104 +327,6 @@ def _certificate(
 def _given_prices(prices: torch.Tensor | None, num_experts: int) -> torch.Tensor | None:
     given_1E = check_prices(prices, None, num_experts)  # the exact solver's checks: shape, finite
     return None if given_1E is None else torch.from_numpy(given_1E[0].copy())
-
-
-def _local_prices(
-    problem: Problem, capacity: int, total: int, prices_E: torch.Tensor | None, reduce: Reducer
-) -> torch.Tensor:
-    """The token-weighted mean over the ranks of the optimal prices of each rank's own problem
-    (its tokens, the capacity scaled to its share of the tokens; one [E] all-reduce)."""
-    num_experts, k, valid = problem.num_experts, problem.k, problem.num_valid
-    mean_E = torch.zeros(num_experts, dtype=torch.float64)
-    if valid:
-        share = max(math.ceil(capacity * valid / total), -(-k * valid // num_experts))
-        local = solve_exact(dataclasses.replace(problem, capacity=share), prices=prices_E)
-        mean_E = local.prices.double()
-        if capacity * num_experts == k * total:  # exactly full: prices only matter up to a shift
-            mean_E = mean_E - mean_E.mean()
-        mean_E = mean_E * valid
-    mean_E = reduce(mean_E) / max(total, 1)
-    return (mean_E - mean_E.min()).clamp(min=0)
-
-
-def _top_k(adjusted_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's top-k, ties to the lower expert index: (held bool [N, E], the row's k + 1
-    largest values [N, K + 1], empty when k = E: every expert is held).
-
-    ``topk`` decides every row whose k-th and (k+1)-th values differ (its set is then unique);
-    the rows with a tie at the boundary take a stable sort's order."""
-    held_NE = torch.zeros(adjusted_NE.shape, dtype=torch.bool)
-    if k == adjusted_NE.shape[1]:
-        return held_NE.fill_(True), adjusted_NE.new_empty(len(adjusted_NE), 0)
-    top = torch.topk(adjusted_NE, k + 1, dim=1)
-    held_NE.scatter_(1, top.indices[:, :k], True)
-    tied_N = top.values[:, k - 1] == top.values[:, k]
-    if tied_N.any():
-        rows = adjusted_NE[tied_N]
-        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
-        held_NE[tied_N] = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True)
-    return held_NE, top.values
-
-
-def _price_steps(
-    scores_NE: torch.Tensor,
-    k: int,
-    capacity: int,
-    total: int,
-    prices_E: torch.Tensor,
-    iterations: int,
-    ranks: int,
-    reduce: Reducer,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Damped best-response steps, until the candidate round can take the overload that is
-    left; returns the prices of least overload with every token on its top-k there (held
-    [N, E]) and the global loads [E] (the last all-reduce's)."""
-    num_tokens, num_experts = scores_NE.shape
-    if k == num_experts or total == 0 or iterations == 0:
-        return (prices_E, *_route(scores_NE, k, prices_E, reduce))
-    best_prices, best_response, best_overload, step = prices_E, prices_E, math.inf, DAMPING
-    best_held, best_loads = None, None
-    # prices are >= 0 (the dual of "load <= capacity"); with no slack at all (every expert must be
-    # exactly full) only price differences matter, and letting unwanted experts go below the
-    # others' prices is what brings tokens to them
-    floor = -math.inf if capacity * num_experts == k * total else 0.0
-    for _ in range(iterations):
-        held_NE, top_NK = _top_k(scores_NE - prices_E, k)  # k < E here: K + 1 values
-        local_E = held_NE.sum(0).double()
-        loads_E = reduce(local_E.clone())
-        overload = _overload(loads_E, capacity)
-        if overload >= best_overload:  # overshot (the prices interact): smaller step from the best
-            step /= 2
-            if step < MIN_STEP:
-                break
-            prices_E = best_prices + step * (best_response - best_prices)
-            continue
-        best_prices, best_overload, best_held, best_loads = prices_E, overload, held_NE, loads_E
-        if candidate_count(overload, num_experts, ranks) < MAX_CANDIDATES_PER_EXPERT * num_experts:
-            break  # the candidate round's payload is cheaper than more steps
-        response_E = torch.zeros(num_experts, dtype=torch.float64)
-        if num_tokens:
-            # the price at which token t stops wanting e (holders) or starts wanting it (others)
-            threshold_NE = scores_NE - torch.where(held_NE, top_NK[:, k : k + 1], top_NK[:, k - 1 : k])
-            ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
-            # this rank's best response: shed (or take) its share of each expert's global excess
-            position_E = (local_E - (loads_E - capacity) * num_tokens / total).round()
-            position_E = position_E.clamp(0, num_tokens - 1).long()
-            response_E = ranked_NE.gather(0, position_E[None])[0].clamp(min=floor) * num_tokens
-        best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
-        prices_E = prices_E + step * (best_response - prices_E)
-    return best_prices, best_held, best_loads.long()
-
-
-def _overload(loads_E: torch.Tensor, capacity: int) -> int:
-    """Units over capacity, summed over the experts."""
-    return int((loads_E - capacity).clamp(min=0).sum())
-
-
-def _route(scores_NE: torch.Tensor, k: int, prices_E: torch.Tensor, reduce: Reducer):
-    """Every token on its top-k of ``scores - prices``: (held [N, E], global loads [E])."""
-    held_NE, _ = _top_k(scores_NE - prices_E, k)
-    return held_NE, reduce(held_NE.sum(0).double()).long()
 
 
 def _ranked(scores_NE: torch.Tensor, held_NE: torch.Tensor, k: int) -> torch.Tensor:
