@@ -17,9 +17,9 @@ class Reducer:
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        self.distributed = world_size(group) > 1
-        self.rank = dist.get_rank(group) if self.distributed else 0
         self.ranks = world_size(group)
+        self.distributed = self.ranks > 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
         # NCCL reduces device tensors only: the summaries make a round trip to the GPU
         self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"
         self.calls = self.bytes = 0
@@ -37,10 +37,9 @@ class Reducer:
         """[R, *shape]: every rank's ``tensor`` (just ``tensor[None]`` on a single process)."""
         if not self.distributed:
             return tensor[None]
-        world = dist.get_world_size(self.group)
         self.calls += 1
         self.bytes += tensor.numel() * tensor.element_size()
         moved = tensor.to(self.device).contiguous()
-        out = moved.new_empty((world * moved.shape[0],) + tuple(moved.shape[1:]))
+        out = moved.new_empty((self.ranks * moved.shape[0],) + tuple(moved.shape[1:]))
         dist.all_gather_into_tensor(out, moved, group=self.group)
-        return out.cpu().view((world,) + tuple(tensor.shape))
+        return out.cpu().view((self.ranks,) + tuple(tensor.shape))
