@@ -9,6 +9,8 @@ import torch
 
 import maxscore
 from maxscore import expert_capacity
+from maxscore.solvers._native import run_core
+from maxscore.solvers._validate import make_problem
 from tests.conftest import KINDS, assert_top_k, random_instance
 from tests.solvers.helpers import check_feasible
 
@@ -198,3 +200,21 @@ def test_a_token_with_too_few_allowed_experts_in_a_large_biased_problem_is_named
     scores[1001, 1:] = -math.inf  # one allowed expert, k = 2
     with pytest.raises(ValueError, match=r"tokens \[1001\] have fewer than k=2 allowed experts"):
         maxscore.solve(scores, 2)
+
+
+@pytest.mark.parametrize(("capacity_factor", "padded"), [(1.0, False), (1.0, True), (1.25, False)])
+def test_a_slow_auction_hands_back_to_the_price_steps_and_stays_exact(capacity_factor, padded):
+    """Near-uniform scores with a per-expert bias (a router early in training) make the auction
+    creep up in small raises: it hands back to the price steps once (with padding, and with
+    slack capacity, where non-full experts must end at price 0), and the optimum is unchanged."""
+    generator = torch.Generator().manual_seed(1)
+    logits = 0.2 * torch.randn(2048, 16, generator=generator) + 0.5 * torch.randn(16, generator=generator)
+    scores = logits.softmax(-1)
+    valid = (torch.rand(2048, generator=generator) > 0.1) if padded else None
+    core = run_core(make_problem(scores, 2, None, capacity_factor, valid), threads=1)
+    assert core.repriced
+    exact, reference = _solve_both(scores, 2, valid, capacity_factor)
+    check_feasible(exact, scores, 2, valid, exact.capacity, drops=False)
+    assert abs(core.score - reference.score) <= 1e-9 * abs(reference.score)
+    assert abs(exact.score - reference.score) <= 1e-9 * abs(reference.score)
+    assert abs(core.gap) <= 1e-9 * abs(reference.score)

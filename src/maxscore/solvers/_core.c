@@ -20,7 +20,9 @@
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
  *      of s - p, so the auction is exact when it ends; it runs under a budget of moves and
- *      stops when a round raises no price (only tied tokens left to shuffle);
+ *      stops when a round raises no price (only tied tokens left to shuffle).  An auction
+ *      that proves slow (see run_auction) hands back once to the price steps of phase 1,
+ *      from its own prices, down to 1/64 of the units, and then goes on;
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
  *      holds a and not b; reduced cost (s[t,a]-p[a]) - (s[t,b]-p[b]) >= 0), Dijkstra from
  *      all overloaded experts to the nearest non-full one, prices as potentials.  Holders
@@ -752,12 +754,43 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
     return m;
 }
 
-/* phase 2: raise overloaded experts' prices in rounds until none is over or the budget ends */
-static int64_t run_auction(Ctx *c, int64_t max_moves) {
-    int64_t raises = 0;
+#define COARSE 4 /* the sample's stride while the excess is large */
+
+/* the total overload (estimated from the sample while loads count one) */
+static int64_t total_excess(const Ctx *c) {
+    int64_t x = 0;
+    for (int64_t e = 0; e < c->E; e++)
+        if (c->loads[e] * c->scale > c->cap[e]) x += c->loads[e] * c->scale - c->cap[e];
+    return x;
+}
+
+/* valid units (k per valid token) and the total capacity */
+static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
+    *units = *capacity = 0;
+    for (int64_t t = 0; t < c->N; t++) *units += is_valid(c, t) ? c->k : 0;
+    for (int64_t e = 0; e < c->E; e++) *capacity += c->cap[e];
+}
+
+/* an auction move in units of one score of a price step: about 0.3 us against 8 ns on E = 16,
+ * times 5 for the auction's slowing down as its excess shrinks (on router scores the last
+ * units cost 4-16 moves each, against 1-4 at the start) */
+#define MOVE_COST 200
+
+/*
+ * Phase 2: raise overloaded experts' prices in rounds until none is over or the budget ends.
+ * With `slow` set, the auction measures itself once it has made twice the excess it started
+ * from in moves: when more than 1/16 of the units are still over and the excess left, at the
+ * rate it fell, would cost more in moves than the price steps down to 1/64 of the units
+ * (each about halves it) cost in scores, it stops and sets *slow.  Near-uniform scores with a
+ * strong per-expert bias (a router early in training) make such auctions: prices creep up
+ * in small raises while tokens shuttle between experts, and the move budget ends them.
+ */
+static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
+    int64_t raises = 0, units, capacity, start = c->moves, excess0 = total_excess(c);
+    totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
-    int idle = 0, overloaded = 1;
+    int idle = 0, overloaded = 1, probe = slow != NULL;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
         int progress = 0;
         overloaded = 0;
@@ -769,6 +802,16 @@ static int64_t run_auction(Ctx *c, int64_t max_moves) {
             progress |= c->p[x] > before;
         }
         idle = progress ? 0 : idle + 1;
+        if (probe && c->moves - start >= 2 * excess0) {
+            probe = 0;
+            int64_t left = total_excess(c), target = units / 64 > 0 ? units / 64 : 1;
+            double fell = (double)(excess0 - left) / (double)(c->moves - start); /* units per move */
+            double steps = ceil(log2((double)left / (double)target)) + 1;
+            if (left > units / 16 && (fell <= 0 || left / fell * MOVE_COST > steps * (double)(c->N * c->E))) {
+                *slow = 1;
+                break;
+            }
+        }
     }
     free(out);
     return raises;
@@ -896,42 +939,18 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
     return target >= 0;
 }
 
-#define COARSE 4 /* the sample's stride while the excess is large */
-
-/* the total overload (estimated from the sample while loads count one) */
-static int64_t total_excess(const Ctx *c) {
-    int64_t x = 0;
-    for (int64_t e = 0; e < c->E; e++)
-        if (c->loads[e] * c->scale > c->cap[e]) x += c->loads[e] * c->scale - c->cap[e];
-    return x;
-}
-
 /*
- * Phase 1: prices (warm start shifted to min 0, then up to price_iters best-response steps
- * while the excess is large) and the top-k assignment at those prices.  When the capacity
- * has slack (sum cap > k x valid tokens) only full experts may carry a price above the
- * minimum 0, so non-full experts are lowered to 0 and tokens re-assigned until that holds
- * (each round zeroes one more expert: at most E rounds).
+ * Price steps from a top-k assignment (with every token's k-th value in c->kth): at most
+ * price_iters damped best-response steps while the excess is above `enough` (coarse, sampled
+ * steps while it is far above; a sampled assignment is completed before the first step over
+ * all tokens, or at the end).  Then, when the capacity has slack (sum cap > k x valid tokens),
+ * only full experts may carry a price above the minimum 0: non-full experts are lowered to 0
+ * and tokens re-assigned until that holds (each round zeroes one more expert: at most E
+ * rounds).  Returns 0 if some token has fewer than k allowed experts.
  */
-static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
-    int64_t units = 0, capacity = 0;
-    for (int64_t t = 0; t < c->N; t++) units += is_valid(c, t) ? c->k : 0;
-    for (int64_t e = 0; e < c->E; e++) capacity += c->cap[e];
-    int slack = capacity > units;
-    double pmin = INFINITY;
-    for (int64_t e = 0; e < c->E; e++) pmin = fmin(pmin, c->p[e]);
-    for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
-    c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
-    if (!c->kth) return c->oom = 1, 1;
-    /* large problems start on a sample, every COARSE-th token: while the estimated excess is
-     * large the price steps need only the sample; the other tokens join (one completing pass)
-     * before the first exact step, or at the end */
-    int64_t big = c->N * c->E >= ((int64_t)1 << 16), sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
-    if (!assign_topk(c, 1, sample, bad, nbad_max, nbad)) return 0;
-    /* the price phase pays off on big problems with much excess, and on small ones only with a
-     * very large excess (a strong per-expert bias); the auction ends the rest */
-    int64_t enough = big ? units / 64 : units / 4;
-    int complete = 1; /* every token with k allowed experts, as far as assigned */
+static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough, int64_t units, int64_t capacity,
+                       int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int slack = capacity > units, complete = 1; /* every token with k allowed experts, as far as assigned */
     if (price_iters > 0 && total_excess(c) > enough) {
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
@@ -961,9 +980,47 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
         if (!changed) break;
         assign_topk(c, 0, 0, bad, nbad_max, nbad);
     }
+    return 1;
+}
+
+/*
+ * Phase 1: prices (warm start shifted to min 0, then the price steps while the excess is
+ * large) and the top-k assignment at those prices.  Large problems start on a sample, every
+ * COARSE-th token: while the estimated excess is large the steps need only the sample.
+ */
+static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int64_t units, capacity;
+    totals(c, &units, &capacity);
+    double pmin = INFINITY;
+    for (int64_t e = 0; e < c->E; e++) pmin = fmin(pmin, c->p[e]);
+    for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
+    c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
+    if (!c->kth) return c->oom = 1, 1;
+    int64_t big = c->N * c->E >= ((int64_t)1 << 16), sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
+    int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
+    /* the steps pay off on big problems with much excess; on small ones the auction is
+     * usually cheaper, and when it is not it hands back to the steps (see run_auction) */
+    if (ok) ok = price_phase(c, price_iters, alpha, big ? units / 64 : units / 4, units, capacity, bad, nbad_max, nbad);
     free(c->kth);
     c->kth = NULL;
-    return 1;
+    return ok;
+}
+
+/*
+ * After an auction that proved slow: price steps from its prices (every token re-takes its
+ * top-k of s - p first) down to the big problems' excess, then the holder heaps again.
+ */
+static int reprice(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int64_t units, capacity;
+    totals(c, &units, &capacity);
+    c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
+    if (!c->kth) return c->oom = 1, 1;
+    int ok = assign_topk(c, 0, 0, bad, nbad_max, nbad);
+    if (ok) ok = price_phase(c, price_iters, alpha, units / 64, units, capacity, bad, nbad_max, nbad);
+    free(c->kth);
+    c->kth = NULL;
+    if (ok) build_heaps(c);
+    return ok;
 }
 
 /* valid tokens holding an expert of the closed set the failed search settled */
@@ -1014,11 +1071,16 @@ static int load_assignment(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad
     return *nbad == 0;
 }
 
+/* the solver's statistics: score, gap, raises, augmentations, moves, ms of the four phases, and
+ * whether the auction handed back to the price steps */
+#define STATS 10
+
 static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, double alpha, int threads, int64_t *bad, int64_t nbad_max, int64_t *nbad,
                  double *stats) {
     const int64_t N = c->N, E = c->E, k = c->k;
     int status = ST_OK;
     int64_t raises = 0, augs = 0, ns = 0;
+    int repriced = 0;
     Dijk w;
     memset(&w, 0, sizeof w);
     c->held = calloc((size_t)(N * E) + 1, 1);
@@ -1048,7 +1110,16 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     }
     build_heaps(c);
     double t1 = now_ms();
-    if (mode == 0) raises = run_auction(c, max_moves);
+    if (mode == 0) {
+        raises = run_auction(c, max_moves, price_iters > 0 ? &repriced : NULL);
+        if (repriced) { /* back to the price steps, then the auction again */
+            if (!reprice(c, price_iters, alpha, bad, nbad_max, nbad)) {
+                status = ST_TOO_FEW_ALLOWED;
+                goto done;
+            }
+            raises += run_auction(c, max_moves, NULL);
+        }
+    }
     double t2 = now_ms();
     for (;;) {
         int over = 0;
@@ -1097,6 +1168,7 @@ done:
     stats[2] = (double)raises;
     stats[3] = (double)augs;
     stats[4] = (double)c->moves;
+    stats[9] = (double)repriced;
     if (c->heaps)
         for (int64_t e = 0; e < E; e++) free(c->heaps[e].a);
     free(c->heaps);
@@ -1170,7 +1242,7 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     c.experts = bx.buf;
     c.loads = bl.buf;
     int64_t nbad_max = (int64_t)(bb.len / 8) - E, nbad = 0;
-    double stats[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    double stats[STATS] = {0};
     int status;
     Py_BEGIN_ALLOW_THREADS status = solve(&c, mode, max_moves, price_iters, alpha, threads, bb.buf, nbad_max, &nbad, stats);
     Py_END_ALLOW_THREADS PyBuffer_Release(&bb);
@@ -1181,8 +1253,9 @@ static PyObject *py_solve(PyObject *self, PyObject *args) {
     if (have_valid) PyBuffer_Release(&bv);
     PyBuffer_Release(&bs);
     if (status == ST_NO_MEMORY) return PyErr_NoMemory();
-    return Py_BuildValue("iLddLLL(dddd)", status, (long long)nbad, stats[0], stats[1], (long long)stats[2],
-                         (long long)stats[3], (long long)stats[4], stats[5], stats[6], stats[7], stats[8]);
+    return Py_BuildValue("iLddLLLi(dddd)", status, (long long)nbad, stats[0], stats[1], (long long)stats[2],
+                         (long long)stats[3], (long long)stats[4], (int)stats[9], stats[5], stats[6], stats[7],
+                         stats[8]);
 fail_l:
     PyBuffer_Release(&bl);
 fail_x:
@@ -1241,7 +1314,7 @@ static void solve_batch_range(Batch *b) {
         c.loads = b->loads + g * b->E;
         b->nbad[g] = 0;
         b->status[g] = solve(&c, b->mode, b->max_moves, b->price_iters, b->alpha, 1,
-                             b->bad + g * (b->nbad_max + b->E), b->nbad_max, &b->nbad[g], b->stats + 9 * g);
+                             b->bad + g * (b->nbad_max + b->E), b->nbad_max, &b->nbad[g], b->stats + STATS * g);
     }
 }
 
@@ -1254,8 +1327,8 @@ static void *solve_batch_thread(void *arg) {
  * solve_batch(scores, is_double, G, N, E, k, valid|None, cap, prices, experts, loads, bad, status,
  *             nbad, stats, mode, max_moves, price_iters, alpha, threads) -> None
  * Per group g: scores [G,N,E], valid [G,N] (uint8), cap/prices/loads [G,E], experts [G,N,k],
- * bad [G, nbad_max + E] (as in solve), status int32 [G], nbad int64 [G], stats float64 [G,9]
- * (score, gap, raises, augmentations, moves, ms prepare, auction, repair, certificate).
+ * bad [G, nbad_max + E] (as in solve), status int32 [G], nbad int64 [G], stats float64 [G, STATS]
+ * (score, gap, raises, augmentations, moves, ms prepare, auction, repair, certificate, repriced).
  * The groups are spread over `threads` threads with the GIL released.
  */
 static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
@@ -1274,7 +1347,7 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
     const Py_ssize_t need[10] = {(Py_ssize_t)(G * N * E * (is_double ? 8 : 4)), (Py_ssize_t)(G * N),
                                  (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * N * k * 8),
                                  (Py_ssize_t)(G * E * 8), (Py_ssize_t)(G * (E + 1) * 8), (Py_ssize_t)(G * 4),
-                                 (Py_ssize_t)(G * 8), (Py_ssize_t)(G * 9 * 8)};
+                                 (Py_ssize_t)(G * 8), (Py_ssize_t)(G * STATS * 8)};
     const int writable[10] = {0, 0, 0, 1, 1, 1, 1, 1, 1, 1};
     const char *names[10] = {"scores", "valid", "cap", "prices", "experts", "loads", "bad", "status", "nbad", "stats"};
     Py_buffer b[10];

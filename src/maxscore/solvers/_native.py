@@ -29,6 +29,7 @@ class CoreResult:
     augmentations: int
     moves: int
     phase_ms: tuple[float, float, float, float]  # prepare, auction, repair, certificate
+    repriced: bool  # the auction proved slow and handed back to the price steps once
 
 
 def run_core(
@@ -68,7 +69,7 @@ def run_core(
     loads = np.zeros(num_experts, dtype=np.int64)
     bad = np.zeros(_MAX_REPORTED + num_experts, dtype=np.int64)
     valid = None if problem.valid_T is None else problem.valid_T.numpy().view(np.uint8)
-    status, num_bad, score, gap, raises, augs, moves, phase_ms = _core.solve(
+    status, num_bad, score, gap, raises, augs, moves, repriced, phase_ms = _core.solve(
         scores.numpy(),
         scores.dtype == torch.float64,
         num_tokens,
@@ -89,7 +90,16 @@ def run_core(
     _raise_status(status, num_bad, bad, k, capacity_E, None)
     assert status == _OK, status
     return CoreResult(
-        experts, loads, prices, score, None if gap != gap else gap, raises, augs, moves, phase_ms
+        experts,
+        loads,
+        prices,
+        score,
+        None if gap != gap else gap,
+        raises,
+        augs,
+        moves,
+        phase_ms,
+        bool(repriced),
     )
 
 
@@ -120,15 +130,15 @@ class BatchResult:
     loads_GE: np.ndarray  # int64 [G, E]
     prices_GE: np.ndarray  # float64 [G, E]
     status_G: np.ndarray  # int32 [G]: 0 solved, else the core's status (with raise_errors=False)
-    stats_G9: np.ndarray  # float64 [G, 9]: score, gap, raises, augmentations, moves, phase ms x 4
+    stats_GS: np.ndarray  # float64 [G, 10]: score, gap, raises, augmentations, moves, phase ms x 4, repriced
 
     @property
     def score_G(self) -> np.ndarray:
-        return self.stats_G9[:, 0]
+        return self.stats_GS[:, 0]
 
     @property
     def gap_G(self) -> np.ndarray:
-        return self.stats_G9[:, 1]
+        return self.stats_GS[:, 1]
 
 
 def run_core_batch(
@@ -169,7 +179,7 @@ def run_core_batch(
     bad = np.zeros((num_groups, _MAX_REPORTED + num_experts), dtype=np.int64)
     status = np.zeros(num_groups, dtype=np.int32)
     num_bad = np.zeros(num_groups, dtype=np.int64)
-    stats = np.zeros((num_groups, 9))
+    stats = np.zeros((num_groups, 10))
     _core.solve_batch(
         scores.numpy(),
         scores.dtype == torch.float64,

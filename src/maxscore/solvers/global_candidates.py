@@ -148,4 +148,4 @@ def solve_candidates(
     held_NE[chosen] = False
     held_NE[chosen[:, None], experts_MK[mine]] = True
     loads_E = torch.from_numpy(result.loads_GE[0]) + (capacity - sub_capacity_E)
-    return Repaired(held_NE, loads_E, new_prices_E, int(result.stats_G9[0, 3]))
+    return Repaired(held_NE, loads_E, new_prices_E, int(result.stats_GS[0, 3]))
