@@ -32,7 +32,7 @@ def _run(layer: MoELayer, x, probe, valid):
     x = x.clone().requires_grad_()
     out = layer(x, valid)
     (out.output * probe).sum().backward()  # the balance losses are per-rank batch means: left out
-    return out.output.detach(), x.grad
+    return out.output.detach(), x.grad, out.routing.rank_loads
 
 
 def _rank(rank, world_size, router, group, padded, out_dir):
@@ -40,12 +40,21 @@ def _rank(rank, world_size, router, group, padded, out_dir):
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     layer = parallelize_moe(_layer(router, group))
     static = layer.dispatcher.static
-    output, x_grad = _run(layer, x[rows], probe[rows], valid[rows] if padded else None)
+    output, x_grad, rank_loads = _run(layer, x[rows], probe[rows], valid[rows] if padded else None)
+    # global routing gathered the scores: every rank's counts known, the count exchange skipped
+    known = rank_loads is not None and layer.dispatcher.routed_over_group
     gate_grad = layer.router.gate.weight.grad.clone()
     dist.all_reduce(gate_grad)  # what data parallelism does for the non-expert parameters
     experts = {name: p.grad for name, p in layer.named_parameters() if name in expert_parameter_names(layer)}
     torch.save(
-        {"output": output, "x_grad": x_grad, "gate_grad": gate_grad, "experts": experts, "static": static},
+        {
+            "output": output,
+            "x_grad": x_grad,
+            "gate_grad": gate_grad,
+            "experts": experts,
+            "static": static,
+            "known": known,
+        },
         f"{out_dir}/rank{rank}.pt",
     )
 
@@ -69,13 +78,14 @@ def test_expert_parallel_layer_equals_single_process(world_size, router, group, 
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, probe, valid = _inputs(world_size)
     single = _layer(router, "batch" if group == "global" else group)
-    output, x_grad = _run(single, x, probe, valid if padded else None)
+    output, x_grad, _ = _run(single, x, probe, valid if padded else None)
     torch.testing.assert_close(torch.cat([p["output"] for p in parts]), output, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]), x_grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(parts[0]["gate_grad"], single.router.gate.weight.grad, atol=1e-5, rtol=1e-4)
     local = EXPERTS // world_size
     for rank, part in enumerate(parts):
         assert part["static"] == (router == "maxscore" and group == "sequence")
+        assert part["known"] == (group == "global")
         for name in ("w_gate", "w_up", "w_down"):
             full = getattr(single.experts, name).grad[rank * local : (rank + 1) * local]
             torch.testing.assert_close(part["experts"][f"experts.{name}"], full, atol=1e-5, rtol=1e-4)

@@ -67,6 +67,9 @@ def _global_rank(rank, world_size, scores, valid, k, capacity_factor, path, out)
             "summary": summary,
             "certified": certified,
             "gathered": gathered,
+            "rank_loads": torch.zeros(0, dtype=torch.int64)
+            if result.rank_loads is None
+            else result.rank_loads,
         },
         f"{out}/rank{rank}.pt",
     )
@@ -111,6 +114,12 @@ def test_ranks_equal_single_process_exact_on_the_concatenation(world_size, kind,
         assert bool(p["gathered"]) == (path == "gathered")
         if path == "gathered":  # the check's all-reduce and the scores' all-gather
             assert calls == 2
+            assert torch.equal(p["rank_loads"].sum(0), single.loads)  # every rank's counts, known to all
+            for r, q in enumerate(parts):
+                assigned = q["experts"][q["experts"] >= 0]
+                assert torch.equal(p["rank_loads"][r], torch.bincount(assigned, minlength=num_experts))
+        else:
+            assert p["rank_loads"].numel() == 0
         if path == "rounds":
             assert not p["certified"] and rounds > 0
     check_feasible_concat = single.__class__(

@@ -10,7 +10,9 @@ With P ranks in the expert-parallel group, rank r holds experts ``r * E/P ... (r
   padding beyond the capacity (at capacity_factor 1 MaxScore fills every slot).
 - **Variable exchange** (routers that drop or are dropless, and global routing, whose
   per-rank loads vary): the (token, choice) pairs sorted by expert, the per-expert counts
-  exchanged first ([E] integers), then only the assigned rows.
+  exchanged first ([E] integers), then only the assigned rows.  Global routing that gathered
+  the scores knows every rank's counts (``RouterOutput.rank_loads``): when the router routes
+  over the same ranks as the experts, the count exchange is skipped.
 
 The ``all_to_all`` here is differentiable (its backward is the reverse exchange), so expert
 gradients flow back to the ranks that sent the tokens.  The layer does not branch on the world
@@ -61,11 +63,16 @@ class ExpertParallelDispatcher:
         group: the expert-parallel process group (None: the world).
         num_experts: E, all experts (the local shard holds E / group size).
         static: use the static exchange for capacity routings.
+        routed_over_group: the router routes over the same ranks in the same order, so a
+            routing's ``rank_loads`` (when it has them) replace the exchange of the counts.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, num_experts: int, static: bool) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None, num_experts: int, static: bool, routed_over_group: bool = False
+    ) -> None:
         self.group, self.num_experts, self.static = group, num_experts, static
-        self.size = dist.get_world_size(group)
+        self.routed_over_group = routed_over_group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.checked: tuple[int, int] | None = None  # the (capacity, dim) agreed on by every rank
 
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> torch.Tensor:
@@ -107,11 +114,21 @@ class ExpertParallelDispatcher:
     def _variable(self, x_TD: torch.Tensor, routing: RouterOutput, experts: SwiGLUExperts) -> torch.Tensor:
         local = self.num_experts // self.size
         pairs_P, tokens_P, counts = sort_by_expert(routing.experts, self.num_experts)
-        send_E = torch.tensor(counts, dtype=torch.int64, device=x_TD.device)
-        received_E = torch.empty_like(send_E)  # [source rank, local expert]
-        dist.all_to_all_single(received_E, send_E, group=self.group)
-        received_RX = received_E.view(self.size, local).cpu()
-        input_splits = send_E.view(self.size, local).sum(1).tolist()
+        known_RE = routing.rank_loads if self.routed_over_group else None
+        if known_RE is not None:  # every rank knows every rank's counts: no exchange
+            if known_RE.shape != (self.size, self.num_experts) or known_RE[self.rank].tolist() != counts:
+                raise RuntimeError(
+                    "expert parallelism: the routing's rank_loads do not match its experts on rank "
+                    f"{self.rank}; the router and the dispatcher must use the same process group"
+                )
+            mine = slice(self.rank * local, (self.rank + 1) * local)
+            received_RX = known_RE[:, mine].cpu()  # [source rank, local expert]
+        else:
+            send_E = torch.tensor(counts, dtype=torch.int64, device=x_TD.device)
+            received_E = torch.empty_like(send_E)  # [source rank, local expert]
+            dist.all_to_all_single(received_E, send_E, group=self.group)
+            received_RX = received_E.view(self.size, local).cpu()
+        input_splits = torch.tensor(counts).view(self.size, local).sum(1).tolist()
         output_splits = received_RX.sum(1).tolist()
         rows = all_to_all(x_TD[tokens_P], output_splits, input_splits, self.group)
         # (source, expert) blocks -> (expert, source) blocks and back: copies of whole blocks,
@@ -164,6 +181,7 @@ def parallelize_moe(
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("parallelize_moe needs an initialized process group: see maxscore.parallel.launch")
     size, rank = dist.get_world_size(expert_group), dist.get_rank(expert_group)
+    same_ranks = _members(routing_group) == _members(expert_group)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ValueError("parallelize_moe: the model has no MoELayer to parallelize")
@@ -178,10 +196,17 @@ def parallelize_moe(
             raise ValueError("parallelize_moe: the model is already parallelized")
         layer.experts = shard_experts(layer.experts, rank, size)
         layer.dispatcher = ExpertParallelDispatcher(
-            expert_group, layer.num_experts, layer.router.fills_capacity
+            expert_group, layer.num_experts, layer.router.fills_capacity, routed_over_group=same_ranks
         )
         layer.router.process_group = routing_group
     return model
+
+
+def _members(group: dist.ProcessGroup | None) -> list[int]:
+    """The global ranks of ``group`` (None: the world) in its own rank order."""
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return dist.get_process_group_ranks(group)
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:

@@ -52,6 +52,10 @@ class RouterOutput:
         aux_loss: float32 scalar, the weighted sum of ``losses``.
         losses: the unweighted auxiliary losses by name.
         stats: routing statistics.
+        rank_loads: int64 [R, E] on the host, or ``None``: how many (token, expert) pairs of each
+            rank of the router's process group every expert takes, when the router knows the
+            whole group's routing (global routing that gathered the scores); an expert-parallel
+            exchange over the same group then skips its count exchange.
     """
 
     experts: torch.Tensor
@@ -60,6 +64,7 @@ class RouterOutput:
     aux_loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
+    rank_loads: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -284,6 +289,7 @@ class GatedRouter(nn.Module):
             aux_loss=aux_loss,
             losses=losses,
             stats=stats,
+            rank_loads=selection.rank_loads,
         )
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,15 @@ class Groups:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Selection:
-    """What a router's ``select`` decided: experts [T, K] and whether capacity was enforced."""
+    """What a router's ``select`` decided: experts [T, K] and whether capacity was enforced
+    (``rank_loads``: see ``RouterOutput``)."""
 
     experts_TK: torch.Tensor
     dropless: bool = False
     solver_gap: float | torch.Tensor | None = None
     solver_ms: float | None = None
     solver_fallbacks: int | torch.Tensor | None = None
+    rank_loads: torch.Tensor | None = None
 
     @classmethod
     def of(cls, solved: Solved) -> Selection:

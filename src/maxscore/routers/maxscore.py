@@ -185,6 +185,7 @@ class MaxScoreRouter(GatedRouter):
             dropless=world_size(self.process_group) > 1,
             solver_gap=assignment.gap,
             solver_ms=(time.perf_counter() - begin) * 1e3,
+            rank_loads=result.rank_loads,
         )
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:

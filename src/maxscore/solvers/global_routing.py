@@ -92,7 +92,10 @@ GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality
 class GlobalAssignment:
     """``assignment``: this rank's experts [N, K]; its loads, score, capacity, prices and gap
     are global.  The counters say what crossed the process group; ``gathered``: the scores
-    were gathered whole (small problems, see ``gather_tokens``)."""
+    were gathered whole (small problems, see ``gather_tokens``), and then ``rank_loads``, int64
+    [R, E] on the host: how many of each rank's tokens every expert takes (every rank knows
+    the whole routing; an expert-parallel exchange over the same group needs no count
+    exchange)."""
 
     assignment: Assignment
     collectives: int
@@ -101,6 +104,7 @@ class GlobalAssignment:
     rounds: int = 0
     certified_by_candidates: bool = False
     gathered: bool = False
+    rank_loads: torch.Tensor | None = None
 
 
 def solve_global(
@@ -296,7 +300,13 @@ def _solve_gathered(
     whole = Problem(all_NE, problem.k, capacity, None, len(all_NE), torch.device("cpu"))
     core = run_core(whole, prices_E=None if warm_E is None else warm_E.numpy(), threads=1)
     begin = sum(counts[: reduce.rank])
-    experts_NK = torch.from_numpy(core.experts_TK[begin : begin + len(scores_NE)])
+    all_NK = torch.from_numpy(core.experts_TK)
+    experts_NK = all_NK[begin : begin + len(scores_NE)]
+    rank_N = torch.repeat_interleave(torch.arange(reduce.ranks), counts_R.long())
+    cells_P = (rank_N[:, None] * num_experts + all_NK).flatten()
+    rank_loads_RE = torch.bincount(cells_P, minlength=reduce.ranks * num_experts).view(
+        reduce.ranks, num_experts
+    )
     loads_E, prices_E = torch.from_numpy(core.loads_E), torch.from_numpy(core.prices_E)
     return GlobalAssignment(
         assignment=_assignment(problem, experts_NK, loads_E, core.score, capacity, prices_E, core.gap),
@@ -304,6 +314,7 @@ def _solve_gathered(
         bytes_sent=reduce.bytes,
         augmentations=core.augmentations,
         gathered=True,
+        rank_loads=rank_loads_RE,
     )
 
 
