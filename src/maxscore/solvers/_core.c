@@ -20,9 +20,10 @@
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
  *      of s - p, so the auction is exact when it ends; it runs under a budget of moves and
- *      stops when a round raises no price (only tied tokens left to shuffle).  An auction
- *      that proves slow (see run_auction) hands back once to the price steps of phase 1,
- *      from its own prices, down to 1/64 of the units, and then goes on;
+ *      stops when a round raises no price (only tied tokens left to shuffle).  On problems
+ *      of at least 2^15 scores an auction that proves slow (see run_auction) hands back once
+ *      to the price steps of phase 1, from its own prices, down to 1/64 of the units, and
+ *      then goes on;
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
  *      holds a and not b; reduced cost (s[t,a]-p[a]) - (s[t,b]-p[b]) >= 0), Dijkstra from
  *      all overloaded experts to the nearest non-full one, prices as potentials.  Holders
@@ -1111,7 +1112,10 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     build_heaps(c);
     double t1 = now_ms();
     if (mode == 0) {
-        raises = run_auction(c, max_moves, price_iters > 0 ? &repriced : NULL);
+        /* the hand-back pays where an auction's moves cost milliseconds; small problems (whose
+         * routings stay as they were) finish their auction in microseconds either way */
+        int may_reprice = price_iters > 0 && N * E >= ((int64_t)1 << 15);
+        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL);
         if (repriced) { /* back to the price steps, then the auction again */
             if (!reprice(c, price_iters, alpha, bad, nbad_max, nbad)) {
                 status = ST_TOO_FEW_ALLOWED;
