@@ -787,8 +787,8 @@ static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
  * in small raises while tokens shuttle between experts, and the move budget ends them.
  */
 static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
-    int64_t raises = 0, units, capacity, start = c->moves, excess0 = total_excess(c);
-    totals(c, &units, &capacity);
+    int64_t raises = 0, units = 0, capacity = 0, start = c->moves, excess0 = total_excess(c);
+    if (slow) totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
