@@ -447,11 +447,17 @@ static int64_t pass_threads(const Ctx *c) {
     return c->N * c->E < (int64_t)1 << 17 ? 1 : n;
 }
 
+/* 8-byte entries per chunk for a chunk's own n entries: whole cache lines plus one line of
+ * gap, so that no two threads write to the same line (the row kernels write their top list
+ * once per value they insert) */
+static inline int64_t chunk_stride(int64_t n) { return (n + 7) / 8 * 8 + 8; }
+
 /* splits the tokens into chunks, one per thread when the pass is big enough; 0 = no memory */
 static int64_t split_rows(Ctx *c, Chunk *ch, int fresh, int64_t **scratch) {
     int64_t n = pass_threads(c);
     if (n > c->N) n = c->N < 1 ? 1 : c->N;
-    *scratch = malloc(sizeof(int64_t) * (size_t)(2 * n * (c->k + 1)));
+    const int64_t per = chunk_stride(2 * (c->k + 1));
+    *scratch = malloc(sizeof(int64_t) * (size_t)(n * per));
     if (!*scratch) return c->oom = 1, 0;
     for (int64_t i = 0; i < n; i++) {
         ch[i].c = c;
@@ -460,7 +466,7 @@ static int64_t split_rows(Ctx *c, Chunk *ch, int fresh, int64_t **scratch) {
         ch[i].fresh = fresh;
         ch[i].nbad = 0;
         ch[i].total = 0;
-        ch[i].idx = *scratch + 2 * i * (c->k + 1);
+        ch[i].idx = *scratch + i * per;
         ch[i].val = (double *)(ch[i].idx + c->k + 1); /* int64 and double have the same size */
     }
     return n;
@@ -500,14 +506,14 @@ static int assign_topk(Ctx *c, int fresh, int64_t sample, int64_t *bad, int64_t 
         for (int64_t t = 0; t < c->N; t++) c->barg[t] = -1;
     }
     int64_t *scratch, n = split_rows(c, ch, fresh, &scratch);
-    int64_t *loads = calloc((size_t)(n * c->E) + 1, sizeof(int64_t));
+    int64_t *loads = calloc((size_t)(n * chunk_stride(c->E)) + 1, sizeof(int64_t));
     if (!n || !loads) {
         free(scratch);
         free(loads);
         return c->oom = 1, 1;
     }
     for (int64_t i = 0; i < n; i++) {
-        ch[i].loads = loads + i * c->E;
+        ch[i].loads = loads + i * chunk_stride(c->E);
         ch[i].sample = sample;
     }
     run_chunks(ch, n, assign_rows, assign_thread);
@@ -666,7 +672,8 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
         int64_t L = c->loads[e] * c->scale, C = c->cap[e]; /* scale is 1 or stride */
         off[e] = total;
         want[e] = L < C ? (C - L + stride - 1) / stride + 1 : 0;
-        total += L > C ? c->loads[e] : want[e]; /* at most loads[e] holders are gathered */
+        total += (L > C ? c->loads[e] : want[e]) + 8; /* at most loads[e] holders are gathered; a
+                                                         * line of gap: experts of other threads */
         home[e] = (uint8_t)(L > C ? nover++ % n : (L < C ? nunder++ % n : UINT8_MAX)); /* balanced */
         owner[e] = L > C ? home[e] : UINT8_MAX;
     }
@@ -953,7 +960,7 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
                        int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     int slack = capacity > units, complete = 1; /* every token with k allowed experts, as far as assigned */
     if (price_iters > 0 && total_excess(c) > enough) {
-        double *buf = malloc(sizeof(double) * (size_t)(capacity + units + c->E + 1));
+        double *buf = malloc(sizeof(double) * (size_t)(capacity + units + 9 * c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
         for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > enough; it++) {
