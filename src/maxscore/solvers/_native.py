@@ -15,6 +15,7 @@ _MAX_REPORTED = 64
 EXACT, REPAIR = 0, 1
 PRICE_ITERATIONS = 10  # cap on best-response price steps; they stop early once the excess is small
 DAMPING = 0.8
+STATS = 10  # columns of the core's statistics per group (STATS in _core.c)
 MOVES_PER_UNIT = 2  # auction budget: token moves per unit (token x k) before the repair takes over
 
 
@@ -130,7 +131,9 @@ class BatchResult:
     loads_GE: np.ndarray  # int64 [G, E]
     prices_GE: np.ndarray  # float64 [G, E]
     status_G: np.ndarray  # int32 [G]: 0 solved, else the core's status (with raise_errors=False)
-    stats_GS: np.ndarray  # float64 [G, 10]: score, gap, raises, augmentations, moves, phase ms x 4, repriced
+    stats_GS: (
+        np.ndarray
+    )  # float64 [G, STATS]: score, gap, raises, augmentations, moves, phase ms x 4, repriced
 
     @property
     def score_G(self) -> np.ndarray:
@@ -179,7 +182,7 @@ def run_core_batch(
     bad = np.zeros((num_groups, _MAX_REPORTED + num_experts), dtype=np.int64)
     status = np.zeros(num_groups, dtype=np.int32)
     num_bad = np.zeros(num_groups, dtype=np.int64)
-    stats = np.zeros((num_groups, 10))
+    stats = np.zeros((num_groups, STATS))
     _core.solve_batch(
         scores.numpy(),
         scores.dtype == torch.float64,
