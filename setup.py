@@ -7,6 +7,6 @@ from setuptools import Extension, setup
 args = ["/O2"] if sys.platform == "win32" else ["-O3", "-std=c99"]
 setup(
     ext_modules=[
-        Extension("maxscore.solvers._core", ["src/maxscore/solvers/_core.c"], extra_compile_args=args),
+        Extension("maxscore.solvers.exact._core", ["src/maxscore/solvers/exact/_core.c"], extra_compile_args=args),
     ]
 )

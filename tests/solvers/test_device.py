@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import maxscore
-from maxscore.solvers import device
+from maxscore.solvers.exact import device
 from tests.conftest import random_instance
 
 CASES = [  # (kind, G, N, E, k, capacity_factor)

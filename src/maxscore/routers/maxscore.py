@@ -39,7 +39,7 @@ from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.collectives import world_size
-from maxscore.solvers.global_routing import solve_global
+from maxscore.solvers.exact.global_routing import solve_global
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices

@@ -24,11 +24,24 @@ from collections.abc import Callable
 
 import torch
 
-from maxscore.solvers._validate import Problem, Problems, expert_capacity, make_problem, make_problems
-from maxscore.solvers.assignment import Assignment, stack_assignments
-from maxscore.solvers.device import solve_exact_device
-from maxscore.solvers.exact import ENGINES, solve_exact, solve_exact_groups
-from maxscore.solvers.global_routing import GlobalAssignment, solve_global
+from maxscore.solvers._validate import (
+    Problem,
+    Problems,
+    check_scores,
+    check_valid,
+    expert_capacity,
+    make_problem,
+    make_problems,
+)
+from maxscore.solvers.assignment import Assignment, single_assignment, stack_assignments
+from maxscore.solvers.exact import (
+    GlobalAssignment,
+    pick_engine,
+    solve_exact,
+    solve_exact_device,
+    solve_exact_groups,
+    solve_global,
+)
 from maxscore.solvers.greedy import solve_greedy
 from maxscore.solvers.iterative import solve_iterative
 from maxscore.solvers.reference import solve_reference
@@ -47,13 +60,16 @@ METHODS: dict[str, Callable[..., Assignment]] = {
 }
 # methods that may leave slots unassigned or ignore the capacity: any capacity is accepted
 CAPACITY_OPTIONAL = frozenset({"greedy", "topk"})
+# options the dispatcher itself reads: which engine runs the method
+DISPATCH_OPTIONS = {"exact": ("engine",)}
 
 
 @functools.cache
 def method_options(method: str) -> tuple[str, ...]:
     """Names of the keyword options a registered method accepts."""
     parameters = inspect.signature(METHODS[method]).parameters.values()
-    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    names = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return names + DISPATCH_OPTIONS.get(method, ())
 
 
 def solve(
@@ -79,9 +95,9 @@ def solve(
         method: one of ``METHODS`` (default ``"exact"``).
         valid: bool [N] (or [G, N]); invalid (padding) tokens get no expert and use no capacity.
         **options: method options, see ``method_options(method)``; for ``exact``: ``prices=``
-            (warm start, [E] or [G, E]) and ``engine="auto" | "host" | "device"``: ``auto``
-            runs CUDA scores on the device engine (``maxscore.solvers.device``) and CPU scores on
-            the compiled host core.
+            (warm start, [E] or [G, E]) and ``engine="auto" | "host" | "device"`` (see
+            ``maxscore.solvers.exact.pick_engine``: ``auto`` runs CUDA scores on the device
+            engine's fused kernels where Triton is installed, everything else on the host core).
 
     Returns:
         An ``Assignment`` on the scores' device; ``experts`` is int64 [N, K] (or [G, N, K]) with -1
@@ -117,10 +133,8 @@ def _dispatch(scores, k, capacity, capacity_factor, method, valid, finite, optio
             f"unknown option(s) {unknown} for method={method!r}; it accepts {list(method_options(method))}"
         )
     require_feasible = method not in CAPACITY_OPTIONAL
-    if method == "exact" and _engine(options.pop("engine", "auto"), scores) == "device":
-        return solve_exact_device(
-            scores, k, capacity=capacity, capacity_factor=capacity_factor, valid=valid, **options
-        )
+    if method == "exact" and pick_engine(options.pop("engine", "auto"), scores) == "device":
+        return _solve_on_device(scores, k, capacity, capacity_factor, valid, options)
     if isinstance(scores, torch.Tensor) and scores.dim() == 3:
         problems = make_problems(
             scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible, finite=finite
@@ -130,18 +144,26 @@ def _dispatch(scores, k, capacity, capacity_factor, method, valid, finite, optio
         groups = [METHODS[method](problems.group(g), **options) for g in range(problems.num_groups)]
         return stack_assignments(groups, problems.capacity_G)
     if isinstance(capacity, torch.Tensor):
-        raise ValueError("capacity must be an int for [N, E] scores (an int64 [G] tensor is for [G, N, E])")
+        raise ValueError(_INT_CAPACITY)
     problem = make_problem(scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible)
     return METHODS[method](problem, **options)
 
 
-def _engine(engine: str, scores: torch.Tensor) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "auto":
-        on_cuda = isinstance(scores, torch.Tensor) and scores.device.type == "cuda"
-        return "device" if on_cuda else "host"
-    return engine
+_INT_CAPACITY = "capacity must be an int for [N, E] scores (an int64 [G] tensor is for [G, N, E])"
+
+
+def _solve_on_device(scores, k, capacity, capacity_factor, valid, options) -> Assignment:
+    """The device engine through the same problem builder; [N, E] scores as one group."""
+    check_scores(scores)
+    single = scores.dim() == 2
+    if single:
+        if isinstance(capacity, torch.Tensor):
+            raise ValueError(_INT_CAPACITY)
+        check_valid(valid, (scores.shape[0],))
+        scores, valid = scores[None], None if valid is None else valid[None]
+    problems = make_problems(scores, k, capacity, capacity_factor, valid, on_device=True)
+    result = solve_exact_device(problems, **options)
+    return single_assignment(result) if single else result
 
 
 __all__ = [

@@ -36,10 +36,11 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class Problems:
-    """G validated routing problems of one shape [N, E] (routing groups), on the host.
+    """G validated routing problems of one shape [N, E] (routing groups), on the host, or on
+    the scores' device for the device engine (``make_problems(..., on_device=True)``).
 
-    ``capacity_G`` and ``num_valid_G`` are int64 [G] host tensors; ``group(g)`` is problem g as
-    a ``Problem`` (a view: nothing is checked or copied again).
+    ``capacity_G`` and ``num_valid_G`` are int64 [G] tensors beside the scores; ``group(g)`` is
+    problem g as a ``Problem`` (a view: nothing is checked or copied again).
     """
 
     scores_GNE: torch.Tensor
@@ -197,7 +198,7 @@ def _check_values(
 
     A batched problem passes its rows flattened, with ``group_size`` N for the messages.
     """
-    from maxscore.solvers import _core  # compiled; imported here to keep this module light
+    from maxscore.solvers.exact import _core  # compiled; imported here to keep this module light
 
     num_tokens, num_experts = scores_TE.shape
     valid = None if valid_T is None else valid_T.numpy().view("uint8")
@@ -289,11 +290,17 @@ def make_problems(
     *,
     require_feasible: bool = True,
     finite: bool = False,
+    on_device: bool = False,
 ) -> Problems:
-    """Checks every argument of ``solve`` for [G, N, E] scores, once for all groups.
+    """Checks every argument of ``solve`` for [G, N, E] scores, once for all groups: the one
+    problem builder of every engine.
 
     ``finite=True``: the caller guarantees finite scores (a router's softmax or sigmoid of logits
     it checked), so the value scan is skipped: every input is checked once per call.
+    ``on_device=True`` (the device engine): the problems stay on the scores' device, and the
+    checks that need the values (NaN/+inf, tokens with fewer than k allowed experts, a capacity
+    below ``k x valid / E``) are left to the engine, which reads them with its one transfer:
+    here nothing waits for the device.
     """
     check_scores(scores)
     num_groups, num_tokens, num_experts = scores.shape
@@ -301,12 +308,15 @@ def make_problems(
         raise ValueError("scores has 0 routing groups (shape [0, N, E]); pass at least one group")
     _check_k(k, num_experts)
     valid_GN = check_valid(valid, (num_groups, num_tokens))
-    valid_GN = None if valid_GN is None else valid_GN.to("cpu").contiguous()
+    device = scores.device if on_device else torch.device("cpu")
+    valid_GN = None if valid_GN is None else valid_GN.to(device).contiguous()
     if valid_GN is None:
-        num_valid_G = torch.full((num_groups,), num_tokens, dtype=torch.int64)
+        num_valid_G = torch.full((num_groups,), num_tokens, dtype=torch.int64, device=device)
     else:
         num_valid_G = valid_GN.sum(1)
-    capacity_G = capacities(capacity, capacity_factor, num_valid_G, num_experts, k).cpu()
+    capacity_G = capacities(capacity, capacity_factor, num_valid_G, num_experts, k).to(device)
+    if on_device:
+        return Problems(scores.detach(), k, capacity_G, valid_GN, num_valid_G, scores.device)
     if (capacity_G < 0).any():
         raise ValueError(f"capacity must be >= 0 in every group, got {capacity_G.tolist()}")
     short_G = capacity_G * num_experts < k * num_valid_G

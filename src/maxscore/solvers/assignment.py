@@ -169,3 +169,19 @@ def stack_assignments(assignments: list[Assignment], capacity_G: torch.Tensor) -
         converged=torch.tensor([a.converged for a in assignments], device=device),
         fallback=torch.zeros(len(assignments), dtype=torch.bool, device=device),
     )
+
+
+def single_assignment(a: Assignment) -> Assignment:
+    """A one-group batched assignment as the result of [N, E] scores (Python numbers). Host-side."""
+    return Assignment(
+        experts=a.experts[0],
+        loads=a.loads[0],
+        score=float(a.score[0]),
+        capacity=int(a.capacity[0]),
+        method=a.method,
+        valid=None if a.valid is None else a.valid[0],
+        prices=None if a.prices is None else a.prices[0],
+        gap=None if a.gap is None else float(a.gap[0]),
+        converged=bool(a.converged[0]),
+        fallback=bool(a.fallback[0]),
+    )

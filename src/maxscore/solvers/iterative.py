@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from maxscore.solvers._native import REPAIR, run_core
+from maxscore.solvers.exact._native import REPAIR, run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers._native import run_core
+from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.two_stage import first_stage, without_first

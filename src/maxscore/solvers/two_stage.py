@@ -19,10 +19,10 @@ import math
 import numpy as np
 import torch
 
-from maxscore.solvers._native import run_core
+from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
-from maxscore.solvers.exact import solve_exact
+from maxscore.solvers.exact.host import solve_exact
 
 
 def first_stage(problem: Problem) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,10 @@
-"""Steps 1 and 2 of the global solver (``maxscore.solvers.global_routing``): the warm start
+"""Steps 1 and 2 of the global solver (``maxscore.solvers.exact.global_routing``): the warm start
 from the ranks' local optimal prices, and damped best-response price steps over the ranks.
 
 Every rank routes its own tokens; the ranks exchange only [E] vectors (prices, loads, best
-responses).  All arithmetic is float64 on the host.
+responses).  All arithmetic is float64 on the host.  The step is ``prices.py``'s (its
+thresholds, tie rule and ``DAMPING``), with each rank's share of the quantile in place of the
+capacity, averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import torch
 
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact import solve_exact
-from maxscore.solvers.global_candidates import MAX_CANDIDATES_PER_EXPERT, candidate_count
+from maxscore.solvers.exact.host import solve_exact
+from maxscore.solvers.exact.global_candidates import MAX_CANDIDATES_PER_EXPERT, candidate_count
+from maxscore.solvers.exact.prices import DAMPING, thresholds, top_k
 
-PRICE_ITERATIONS = 30
-DAMPING = 0.8
 MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
 
 
@@ -38,25 +39,6 @@ def local_prices(
         mean_E = mean_E * valid
     mean_E = reduce(mean_E) / max(total, 1)
     return (mean_E - mean_E.min()).clamp(min=0)
-
-
-def top_k(adjusted_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's top-k, ties to the lower expert index: (held bool [N, E], the row's k + 1
-    largest values [N, K + 1], empty when k = E: every expert is held).
-
-    ``topk`` decides every row whose k-th and (k+1)-th values differ (its set is then unique);
-    the rows with a tie at the boundary take a stable sort's order."""
-    held_NE = torch.zeros(adjusted_NE.shape, dtype=torch.bool)
-    if k == adjusted_NE.shape[1]:
-        return held_NE.fill_(True), adjusted_NE.new_empty(len(adjusted_NE), 0)
-    top = torch.topk(adjusted_NE, k + 1, dim=1)
-    held_NE.scatter_(1, top.indices[:, :k], True)
-    tied_N = top.values[:, k - 1] == top.values[:, k]
-    if tied_N.any():
-        rows = adjusted_NE[tied_N]
-        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
-        held_NE[tied_N] = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True)
-    return held_NE, top.values
 
 
 def price_steps(
@@ -82,7 +64,7 @@ def price_steps(
     # others' prices is what brings tokens to them
     floor = -math.inf if capacity * num_experts == k * total else 0.0
     for _ in range(iterations):
-        held_NE, top_NK = top_k(scores_NE - prices_E, k)  # k < E here: K + 1 values
+        theta_NE, held_NE = thresholds(scores_NE, prices_E, k)  # k < E here
         local_E = held_NE.sum(0).double()
         loads_E = reduce(local_E.clone())
         overload = total_overload(loads_E, capacity)
@@ -97,13 +79,15 @@ def price_steps(
             break  # the candidate round's payload is cheaper than more steps
         response_E = torch.zeros(num_experts, dtype=torch.float64)
         if num_tokens:
-            # the price at which token t stops wanting e (holders) or starts wanting it (others)
-            threshold_NE = scores_NE - torch.where(held_NE, top_NK[:, k : k + 1], top_NK[:, k - 1 : k])
-            ranked_NE = torch.sort(threshold_NE, dim=0, descending=True).values
+            ranked_NE = torch.sort(theta_NE, dim=0, descending=True).values
             # this rank's best response: shed (or take) its share of each expert's global excess
             position_E = (local_E - (loads_E - capacity) * num_tokens / total).round()
             position_E = position_E.clamp(0, num_tokens - 1).long()
-            response_E = ranked_NE.gather(0, position_E[None])[0].clamp(min=floor) * num_tokens
+            lo_E = ranked_NE.gather(0, position_E[None])[0]
+            hi_E = ranked_NE.gather(0, (position_E - 1).clamp(min=0)[None])[0]
+            # the midpoint of the share's two thresholds, as prices.best_response
+            mid_E = torch.where(torch.isfinite(lo_E) & torch.isfinite(hi_E) & (position_E > 0), 0.5 * (lo_E + hi_E), lo_E)
+            response_E = mid_E.clamp(min=floor) * num_tokens
         best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
         prices_E = prices_E + step * (best_response - prices_E)
     return best_prices, best_held, best_loads.long()

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maxscore.solvers import _core
+from maxscore.solvers.exact import _core
 from maxscore.solvers._validate import Problem, Problems, name_tokens
+from maxscore.solvers.exact.prices import DAMPING, HOST_PRICE_ITERATIONS
 
 _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
 _MAX_REPORTED = 64
 EXACT, REPAIR = 0, 1
-PRICE_ITERATIONS = 10  # cap on best-response price steps; they stop early once the excess is small
-DAMPING = 0.8
 STATS = 10  # columns of the core's statistics per group (STATS in _core.c)
 MOVES_PER_UNIT = 2  # auction budget: token moves per unit (token x k) before the repair takes over
 
@@ -43,7 +42,7 @@ def run_core(
     experts_TK: np.ndarray | None = None,
     prices_E: np.ndarray | None = None,
     max_moves: int | None = None,
-    price_iterations: int = PRICE_ITERATIONS,
+    price_iterations: int = HOST_PRICE_ITERATIONS,
     damping: float = DAMPING,
     threads: int | None = None,
 ) -> CoreResult:
@@ -152,7 +151,7 @@ def run_core_batch(
     capacity_GE: np.ndarray | None = None,
     prices_GE: np.ndarray | None = None,
     max_moves: int | None = None,
-    price_iterations: int = PRICE_ITERATIONS,
+    price_iterations: int = HOST_PRICE_ITERATIONS,
     threads: int | None = None,
     raise_errors: bool = True,
     group_ids: list[int] | None = None,

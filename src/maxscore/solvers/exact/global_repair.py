@@ -1,4 +1,4 @@
-"""The exact repair of the global solver (``maxscore.solvers.global_routing``), by rounds of
+"""The exact repair of the global solver (``maxscore.solvers.exact.global_routing``), by rounds of
 successive shortest paths on the expert graph plus a sink node, and its certificate prices.
 
 Every rank runs the same computation on the same gathered [E, E] summaries, so every rank takes

@@ -1,4 +1,4 @@
-"""Exact capacity-constrained top-k routing (the min-cost max-flow of PAPER.md §2), certified.
+"""The exact method's host engine: the compiled core (``_core.c``), certified.
 
 Problem: maximize ``sum scores[t, e] * x[t, e]`` subject to ``sum_e x[t, e] = k`` for every
 valid token, ``sum_t x[t, e] <= capacity`` and ``x in {0, 1}`` (``-inf`` forbids a pair).
@@ -29,21 +29,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers._native import PRICE_ITERATIONS, run_core, run_core_batch
+from maxscore.solvers.exact._native import run_core, run_core_batch
+from maxscore.solvers.exact.prices import HOST_PRICE_ITERATIONS
 from maxscore.solvers._validate import Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
-
-ENGINES = ("auto", "host", "device")
-
 
 def solve_exact(
     problem: Problem,
     *,
     prices: torch.Tensor | None = None,
     max_moves: int | None = None,
-    price_iterations: int = PRICE_ITERATIONS,
+    price_iterations: int = HOST_PRICE_ITERATIONS,
     threads: int | None = None,
-    engine: str = "auto",
 ) -> Assignment:
     """Optimal routing with its dual prices and duality gap (host engine).
 
@@ -54,8 +51,6 @@ def solve_exact(
         max_moves: auction budget in token moves (default ``2 * k * T``); 0 skips the auction.
         price_iterations: cap on best-response price steps (run while the excess is large).
         threads: threads for the row passes (default ``torch.get_num_threads()``).
-        engine: ``"auto"`` (by the scores' device), ``"host"`` or ``"device"``; ``solve`` sends
-            device-engine problems to ``maxscore.solvers.device``, this function is the host one.
     """
     prices_E = check_prices(prices, None, problem.num_experts)
     check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
@@ -82,9 +77,8 @@ def solve_exact_groups(
     *,
     prices: torch.Tensor | None = None,
     max_moves: int | None = None,
-    price_iterations: int = PRICE_ITERATIONS,
+    price_iterations: int = HOST_PRICE_ITERATIONS,
     threads: int | None = None,
-    engine: str = "auto",
 ) -> Assignment:
     """``solve_exact`` of G groups in one call of the compiled core (groups over threads).
 

@@ -15,7 +15,7 @@ problems gather their scores whole, at most ``gather_tokens`` rows per rank):
    warm-started from the ranks' mean given prices.  Two collectives in all, and the core's own
    certificate.  There the steps below would gather every token anyway, after four more
    collectives and a local solve.
-1. **Warm start** (one [E] all-reduce; steps 1 and 2 are ``maxscore.solvers.global_prices``):
+1. **Warm start** (one [E] all-reduce; steps 1 and 2 are ``maxscore.solvers.exact.global_prices``):
    every rank solves its own tokens exactly with the compiled core, at the capacity scaled to
    its share of the tokens (warm-started from the given prices), and the token-weighted mean of
    these local optimal prices is the first global price vector.  Each rank's prices estimate
@@ -34,7 +34,7 @@ problems gather their scores whole, at most ``gather_tokens`` rows per rank):
    sends ``candidate_count`` tokens (8 E plus 8 per unit of its share of the overload, at
    most 128 E): the holders it must give up for its share of each overloaded expert, then the
    tokens of smallest margin, and the loads of the rest; every rank solves
-   the same sub-problem with the compiled core (``maxscore.solvers.global_candidates``); the
+   the same sub-problem with the compiled core (``maxscore.solvers.exact.global_candidates``); the
    joined routing is kept when its duality gap
    ``sum_t topk_k(scores[t] - p) + C * sum_e p_e - score`` over all ranks is 0 up to
    rounding: the routing is then optimal.  This is the common case; otherwise the round is
@@ -71,19 +71,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maxscore.solvers._native import run_core
+from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import Problem, expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact import check_counts, check_prices, solve_exact
-from maxscore.solvers.global_candidates import (
+from maxscore.solvers.exact.host import check_counts, check_prices, solve_exact
+from maxscore.solvers.exact.global_candidates import (
     MAX_CANDIDATES_PER_EXPERT,
     candidate_count,
     candidate_order,
     solve_candidates,
 )
-from maxscore.solvers.global_prices import PRICE_ITERATIONS, local_prices, price_steps, route, total_overload
-from maxscore.solvers.global_repair import certificate_prices, repair
+from maxscore.solvers.exact.global_prices import local_prices, price_steps, route, total_overload
+from maxscore.solvers.exact.global_repair import certificate_prices, repair
+from maxscore.solvers.exact.prices import GLOBAL_PRICE_ITERATIONS
 
 GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality gap is 0 up to rounding
 
@@ -116,7 +117,7 @@ def solve_global(
     valid: torch.Tensor | None = None,
     prices: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
-    price_iterations: int = PRICE_ITERATIONS,
+    price_iterations: int = GLOBAL_PRICE_ITERATIONS,
     candidates: int | None = None,
     gather_tokens: int | None = None,
 ) -> GlobalAssignment:

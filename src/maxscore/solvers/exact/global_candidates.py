@@ -13,7 +13,7 @@ smallest margin are the ones an optimal repair moves:
    prices are already close), so every rank takes the same decisions.
 4. The caller certifies the joined routing with the duality gap at the new prices (one
    all-reduce of two numbers): 0 means optimal; otherwise, e.g. when a fixed token would now
-   rather switch, it falls back to the rounds of ``maxscore.solvers.global_repair``.
+   rather switch, it falls back to the rounds of ``maxscore.solvers.exact.global_repair``.
 
 The number of tokens within reach of the remaining price changes grows with E, not with N
 (the price steps leave about E units of overload, and price errors shrink as 1/N), so the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.solvers._native import run_core_batch
+from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers._validate import Problems
 from maxscore.solvers.collectives import Reducer
 

@@ -1,0 +1,381 @@
+"""Exact routing of G groups on the scores' device: the ``engine="device"`` path of ``exact``.
+
+Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing groups
+(scores [G, N, E], capacities [G]), built by ``make_problems(..., on_device=True)``.
+
+1. **Prices** (dense, on the device).  From the warm start (a router's averaged prices) shifted
+   to minimum 0, damped best-response steps (``prices.py``) while the group's excess is above
+   about 0.2% of its units, at most ``price_iterations``; then every valid token takes its
+   top-k of ``s - p`` and its margin ``v_k - v_(k+1)``.
+2. **Candidates.**  A shortest repair path can only move tokens whose margin is below the
+   price changes it causes, so the ``ceil(N / CANDIDATE_FRACTION)`` tokens of smallest margin
+   per group are the candidates; every other token stays fixed.
+3. **Repair** (the one host round trip): the candidates' scores, the capacities the fixed
+   tokens leave, the prices, the smallest fixed margin and the input flags go to the host in
+   one transfer; the compiled core solves the G candidate sub-problems exactly by successive
+   shortest paths from p (no auction: a path raises prices by at most its length).  A group is
+   certified when its sub-problem is solved and the price change spread
+   ``max(p' - p) - min(p' - p)`` is below its smallest fixed margin (less a rounding
+   allowance): then every fixed token still holds a top-k of ``s - p'``.  Other groups are
+   solved by the host core on their full scores (``Assignment.fallback``; a second transfer,
+   only then).  The new prices and the candidates' experts come back in one transfer.
+4. **Certificate** (``prices.certify``) on the device, with no host synchronization.
+
+Two implementations of steps 1, 3 (packing) and 4 run the same algorithm: fused Triton
+kernels (``kernels.py``: one program per group, three launches) where Triton runs (CUDA, or
+CPU tensors under ``TRITON_INTERPRET=1``), else plain torch operations (the reference steps
+of ``prices.py``, in float64).  Bad input (NaN/+inf, tokens with fewer than k allowed experts,
+an infeasible capacity, non-finite warm prices) is flagged on the device and raised at the one
+transfer with the host engine's messages.
+
+Complexity: per step O(N E (k + bisection passes)) per group on the device; the host solves G
+problems of N / 8 tokens.  Ties: lower expert index first on the device, then as the
+compiled core.
+
+References: DESIGN.md, "Exact routing on the device"; Ahuja, Magnanti & Orlin, *Network
+Flows* (1993), ch. 9 (reduced costs and successive shortest paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from maxscore.solvers._validate import Problems, infeasible_message, nonfinite_message, short_message
+from maxscore.solvers.assignment import Assignment
+from maxscore.solvers.exact._native import run_core_batch
+from maxscore.solvers.exact.host import check_counts, solve_exact_groups
+from maxscore.solvers.exact.prices import DAMPING, DEVICE_PRICE_STEPS, GAP_TOLERANCE, certify, price_step
+
+CANDIDATE_FRACTION = 8
+ROUNDING = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative allowance of the margin test
+
+
+@functools.cache
+def _kernels():
+    try:
+        from maxscore.solvers.exact import kernels
+    except ImportError:  # Triton is an optional extra
+        return None
+    return kernels
+
+
+def kernels_available(device: torch.device) -> bool:
+    """True when the fused kernels run on ``device``: CUDA with Triton installed, or the CPU
+    with ``TRITON_INTERPRET=1`` set before the kernels were first used."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        return False
+    return device.type in ("cuda", "cpu") and _kernels() is not None
+
+
+def solve_exact_device(
+    problems: Problems,
+    *,
+    prices: torch.Tensor | None = None,
+    max_moves: int | None = None,
+    price_iterations: int = DEVICE_PRICE_STEPS,
+    threads: int | None = None,
+) -> Assignment:
+    """Exact routing of the problems (on their device) with the dense work there.
+
+    Arguments as ``maxscore.solve``; ``price_iterations`` caps the device price steps,
+    ``max_moves`` and ``threads`` go to the host core (repair and fallback).
+    """
+    check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
+    warm = _warm_prices(prices, problems)
+    if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
+        return solve_exact_groups(_on_host(problems), prices=prices, threads=threads)
+    ops = _TritonOps() if kernels_available(problems.scores_GNE.device) else _TorchOps()
+    return _DeviceSolve(problems, ops).run(warm, price_iterations, max_moves, threads)
+
+
+def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tensor:
+    """Warm-start prices [G, E] on the scores' device (checked for finiteness on the device)."""
+    num_groups, num_experts = problems.num_groups, problems.num_experts
+    device = problems.scores_GNE.device
+    if prices is None:
+        return torch.zeros(num_groups, num_experts, dtype=torch.float64, device=device)
+    if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in ((num_experts,), (num_groups, num_experts)):
+        raise ValueError(
+            f"prices must be a float tensor of shape [E] or [G, E] = [{num_experts}] or "
+            f"[{num_groups}, {num_experts}], got {prices!r}"
+        )
+    return prices.detach().to(device, torch.float64).expand(num_groups, num_experts).contiguous()
+
+
+def _on_host(problems: Problems) -> Problems:
+    """The same problems with every tensor on the host (the host core's input)."""
+    scores = problems.scores_GNE
+    host_dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
+    return dataclasses.replace(
+        problems,
+        scores_GNE=scores.detach().to("cpu", host_dtype).contiguous(),
+        capacity_G=problems.capacity_G.cpu(),
+        valid_GN=None if problems.valid_GN is None else problems.valid_GN.cpu().contiguous(),
+        num_valid_G=problems.num_valid_G.cpu(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Dense:
+    """Step 1's result: prices [G, E], experts [G, N, K] (-1 for padding), margins [G, N]
+    (+inf for padding), loads [G, E] and flags int32 [G, 4] (NaN/+inf rows, short rows,
+    infeasible capacity, non-finite warm prices)."""
+
+    prices: torch.Tensor
+    experts: torch.Tensor
+    margin: torch.Tensor
+    loads: torch.Tensor
+    flags: torch.Tensor
+
+
+class _TorchOps:
+    """Steps 1, 3 (packing) and 4 as plain torch operations, in float64."""
+
+    def dense(self, problems: Problems, warm: torch.Tensor, steps: int) -> Dense:
+        s, valid, k = problems.scores_GNE.double(), problems.valid_GN, problems.k
+        mask = _mask(problems)
+        flags = torch.stack(
+            [
+                ((torch.isnan(s) | (s == math.inf)).any(-1) & mask).sum(1),
+                (((s > -math.inf).sum(-1) < k) & mask).sum(1),
+                (problems.capacity_G * problems.num_experts < k * problems.num_valid_G).long(),
+                (~torch.isfinite(warm)).any(1).long(),
+            ],
+            dim=1,
+        ).int()
+        s = torch.where(mask[..., None] & ~torch.isnan(s), s, -math.inf)
+        p = torch.nan_to_num(warm, nan=0.0, posinf=0.0, neginf=0.0)
+        p = p - p.min(1, keepdim=True).values
+        for _ in range(steps if k < problems.num_experts else 0):
+            p = price_step(s, k, problems.capacity_G, p, valid)
+        top = torch.topk(s - p[:, None, :], min(k + 1, problems.num_experts), dim=-1)
+        experts = top.indices[..., :k].masked_fill(~mask[..., None], -1)
+        nxt = top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
+        margin = torch.where(mask, top.values[..., k - 1] - nxt, math.inf)
+        loads = _loads(experts, problems.num_experts)
+        return Dense(p, experts, margin, loads, flags)
+
+    def pack(self, problems: Problems, dense: Dense, candidates: torch.Tensor, fixed: torch.Tensor):
+        num_experts, k = problems.num_experts, problems.k
+        index = candidates[..., None]
+        scores = problems.scores_GNE.double().gather(1, index.expand(-1, -1, num_experts))
+        valid = _mask(problems).gather(1, candidates)
+        taken = _loads(dense.experts.gather(1, index.expand(-1, -1, k)), num_experts)
+        left = problems.capacity_G[:, None] - dense.loads + taken
+        parts = [
+            scores.flatten(1),
+            valid,
+            left,
+            dense.prices,
+            fixed[:, None],
+            problems.capacity_G[:, None],
+            problems.num_valid_G[:, None],
+            dense.flags,
+        ]
+        return torch.cat([part.double() for part in parts], dim=1)
+
+    def certify(self, problems: Problems, experts: torch.Tensor, prices: torch.Tensor):
+        return certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
+
+
+class _TritonOps:
+    """Steps 1, 3 (packing) and 4 as the fused kernels of ``kernels.py``."""
+
+    def dense(self, problems: Problems, warm: torch.Tensor, steps: int) -> Dense:
+        out = _kernels().dense(
+            problems.scores_GNE.contiguous(),
+            problems.valid_GN,
+            problems.capacity_G,
+            problems.num_valid_G,
+            warm,
+            problems.k,
+            steps,
+            DAMPING,
+        )
+        return Dense(*out)
+
+    def pack(self, problems: Problems, dense: Dense, candidates: torch.Tensor, fixed: torch.Tensor):
+        return _kernels().pack(
+            problems.scores_GNE.contiguous(),
+            problems.valid_GN,
+            candidates.contiguous(),
+            dense.experts,
+            dense.loads,
+            problems.capacity_G,
+            problems.num_valid_G,
+            dense.prices,
+            fixed.contiguous(),
+            dense.flags,
+        )
+
+    def certify(self, problems: Problems, experts: torch.Tensor, prices: torch.Tensor):
+        loads, stats = _kernels().certify(
+            problems.scores_GNE.contiguous(),
+            problems.valid_GN,
+            experts,
+            prices,
+            problems.capacity_G,
+            GAP_TOLERANCE,
+        )
+        return _Stats(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stats:
+    loads: torch.Tensor
+    score: torch.Tensor
+    gap: torch.Tensor
+    converged: torch.Tensor
+
+
+def _mask(problems: Problems) -> torch.Tensor:
+    if problems.valid_GN is not None:
+        return problems.valid_GN
+    shape = (problems.num_groups, problems.num_tokens)
+    return torch.ones(shape, dtype=torch.bool, device=problems.scores_GNE.device)
+
+
+def _loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    loads = torch.zeros(experts.shape[0], num_experts + 1, dtype=torch.int64, device=experts.device)
+    slots = (experts % (num_experts + 1)).flatten(1)  # -1 lands in the extra column
+    return loads.scatter_add_(1, slots, torch.ones_like(slots))[:, :num_experts]
+
+
+class _DeviceSolve:
+    """One call of the device engine: steps 2-4 around the dense step of ``ops``."""
+
+    def __init__(self, problems: Problems, ops: _TorchOps | _TritonOps) -> None:
+        self.problems, self.ops = problems, ops
+        self.G, self.N, self.E, self.k = problems.num_groups, problems.num_tokens, problems.num_experts, problems.k
+        self.device = problems.scores_GNE.device
+
+    def run(self, warm: torch.Tensor, steps: int, max_moves: int | None, threads: int | None) -> Assignment:
+        dense = self.ops.dense(self.problems, warm, steps)
+        num_candidates = min(self.N, max(1, -(-self.N // CANDIDATE_FRACTION)))
+        smallest = torch.topk(dense.margin, min(num_candidates + 1, self.N), dim=1, largest=False)
+        candidates = smallest.indices[:, :num_candidates]
+        if num_candidates < self.N:
+            fixed = smallest.values[:, num_candidates]
+        else:
+            fixed = dense.margin.new_full((self.G,), math.inf)
+        host = self.unpack(self.ops.pack(self.problems, dense, candidates, fixed).cpu().numpy(), num_candidates)
+        self.raise_bad_input(host)
+        prices, sub_experts, fallback = self.repair(host, threads)
+        back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
+        back = torch.from_numpy(back).to(self.device)  # the one transfer back
+        p = back[:, : self.E].contiguous()
+        sub = back[:, self.E : -1].long().view(self.G, num_candidates, self.k)
+        experts = dense.experts.scatter(1, candidates[..., None].expand(-1, -1, self.k), sub)
+        fallback_G = back[:, -1] > 0
+        if fallback.any():
+            experts, p = self.fall_back(fallback, experts, p, max_moves, threads)
+        stats = self.ops.certify(self.problems, experts, p)
+        return Assignment(
+            experts=experts,
+            loads=stats.loads,
+            score=stats.score,
+            capacity=self.problems.capacity_G,
+            method="exact",
+            valid=self.problems.valid_GN,
+            prices=p,
+            gap=stats.gap,
+            converged=stats.converged,
+            fallback=fallback_G,
+        )
+
+    def unpack(self, packed: np.ndarray, num_candidates: int) -> dict[str, np.ndarray]:
+        """The packed rows (layout: ``kernels.packed_width``) by name, as host arrays."""
+        sizes = {
+            "scores": num_candidates * self.E,
+            "valid": num_candidates,
+            "capacity": self.E,
+            "prices": self.E,
+            "margin": 1,
+            "group_capacity": 1,
+            "num_valid": 1,
+            "flags": 4,
+        }
+        out, offset = {}, 0
+        for name, size in sizes.items():
+            out[name] = packed[:, offset : offset + size]
+            offset += size
+        out["scores"] = out["scores"].reshape(self.G, num_candidates, self.E)
+        return out
+
+    def raise_bad_input(self, host: dict[str, np.ndarray]) -> None:
+        flags = host["flags"] > 0
+        group_size = self.N if self.G > 1 else None
+        if flags[:, 0].any() or flags[:, 1].any():
+            s = self.problems.scores_GNE
+            mask = _mask(self.problems)
+            if flags[:, 0].any():
+                bad = (torch.isnan(s) | (s == math.inf)).any(-1) & mask
+                raise ValueError(nonfinite_message(bad.flatten().nonzero().flatten().cpu(), group_size))
+            short = ((s > -math.inf).sum(-1) < self.k) & mask
+            raise ValueError(short_message(short.flatten().nonzero().flatten().cpu(), self.k, group_size))
+        if flags[:, 2].any():
+            g = int(np.flatnonzero(flags[:, 2])[0])
+            capacity, num_valid = int(host["group_capacity"][g, 0]), int(host["num_valid"][g, 0])
+            raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, g if self.G > 1 else None))
+        if flags[:, 3].any():
+            raise ValueError("prices must be finite; pass None for a cold start")
+
+    def repair(self, host: dict[str, np.ndarray], threads: int | None):
+        """Solves the candidate sub-problems on the host; certifies each group by its margins.
+
+        Returns the new prices [G, E] (float64), the candidates' experts [G, M, K] and the
+        groups that fall back (bool [G]).
+        """
+        capacity_GE = host["capacity"].astype(np.int64)
+        broken_G = (capacity_GE < 0).any(1)  # the fixed tokens alone overload an expert
+        capacity_GE[broken_G] = host["valid"].shape[1] * self.k
+        valid_GM = torch.from_numpy(host["valid"] > 0)
+        prices_GE = host["prices"].astype(np.float64)
+        scores = torch.from_numpy(np.ascontiguousarray(host["scores"]))
+        sub = Problems(scores, self.k, torch.zeros(self.G, dtype=torch.int64), valid_GM, valid_GM.sum(1), self.device)
+        # shortest paths only (no auction, no price steps): they raise each price by no more than
+        # its path's length, so the fixed tokens' margins can certify the result
+        result = run_core_batch(
+            sub,
+            capacity_GE=capacity_GE,
+            prices_GE=prices_GE,
+            max_moves=0,
+            price_iterations=0,
+            threads=threads,
+            raise_errors=False,
+        )
+        change_GE = result.prices_GE - prices_GE
+        spread_G = change_GE.max(1) - change_GE.min(1)
+        finite = np.where(np.isfinite(host["scores"]), np.abs(host["scores"]), 0.0).max((1, 2), initial=0.0)
+        allowance_G = ROUNDING[scores.dtype] * (1.0 + finite + np.abs(prices_GE).max(1))
+        certified_G = (result.status_G == 0) & ~broken_G & (spread_G <= host["margin"][:, 0] - allowance_G)
+        experts = np.where(host["valid"][..., None] > 0, result.experts_GNK, -1)
+        return result.prices_GE, experts, ~certified_G
+
+    def fall_back(self, fallback: np.ndarray, experts_GNK, p, max_moves, threads):
+        """Groups the repair could not certify: the host core on their full scores."""
+        groups = torch.from_numpy(np.flatnonzero(fallback)).to(self.device)
+        problems = self.problems
+        scores = problems.scores_GNE.index_select(0, groups)
+        valid = None if problems.valid_GN is None else problems.valid_GN.index_select(0, groups)
+        full = _on_host(
+            Problems(
+                scores,
+                self.k,
+                problems.capacity_G.index_select(0, groups),
+                valid,
+                problems.num_valid_G.index_select(0, groups),
+                self.device,
+            )
+        )
+        result = run_core_batch(full, max_moves=max_moves, threads=threads, group_ids=groups.tolist())
+        experts_GNK = experts_GNK.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(self.device))
+        p = p.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(self.device))
+        return experts_GNK, p

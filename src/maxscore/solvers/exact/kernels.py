@@ -1,0 +1,375 @@
+"""The device engine's fused kernels (Triton): one program per routing group, three launches.
+
+1. ``dense``: from the warm start, damped best-response price steps (``prices.py``) while the
+   group's excess is above ``stop_excess`` (at most ``steps``), then every valid token's top-k of
+   ``s - p``, its margin ``v_k - v_(k+1)``, the loads and the input flags (NaN/+inf, tokens with
+   fewer than k allowed experts, non-finite warm prices).  Each step writes the thresholds
+   ``theta`` of the group once (a scratch the size of the scores) and locates each expert's
+   C-th/(C+1)-th largest threshold by bisection over the values (a selection, no sort): a
+   value with exactly C thresholds above it gives the exact midpoint of the two in one more
+   pass; at a tie the tied value itself; after ``MAX_BISECT`` halvings, the best estimate (the
+   repair and the certificate make the routing exact whatever the prices).
+2. ``pack``: the candidates' scores and validity, the capacities the fixed tokens leave, the
+   prices, the smallest fixed margin and the flags, in one row per group: one transfer.
+3. ``certify``: loads, score, dual and gap in float64, and the feasibility checks of
+   ``prices.certify``.
+
+Arithmetic in the scores' precision (float32 for 16-bit scores), float64 in the certificate.
+Ties: lower expert index first.  Under ``TRITON_INTERPRET=1`` the same kernels run on CPU
+tensors (how they are tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BISECT = 40  # halvings of a quantile's bracket per step (float32 resolution, with margin)
+
+
+@triton.jit
+def _row_top(v, cols, K: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Each row's top-K of v (ties to the lower column): held mask, K-th and (K+1)-th values."""
+    held = cols[None, :] < 0
+    kth = tl.max(v, axis=1)
+    for _ in tl.static_range(K):
+        kth = tl.max(v, axis=1)
+        first = tl.min(tl.where(v == kth[:, None], cols[None, :], BLOCK_E), axis=1)
+        pick = cols[None, :] == first[:, None]
+        held = held | pick
+        v = tl.where(pick, -float("inf"), v)
+    if HAS_NEXT:
+        nxt = tl.max(v, axis=1)
+    else:
+        nxt = tl.full(kth.shape, -float("inf"), kth.dtype)
+    return held, kth, nxt
+
+
+@triton.jit
+def _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
+    """A tile of a group's scores (-inf outside the group, padding rows included) and its rows' validity."""
+    rows = start + rows0
+    inside = (rows < N)[:, None] & (cols < E)[None, :]
+    s = tl.load(s_ptr + (g * N + rows)[:, None] * E + cols[None, :], mask=inside, other=-float("inf"))
+    s = s.to(COMPUTE)
+    row_ok = rows < N
+    if HAS_VALID:
+        row_ok = row_ok & (tl.load(valid_ptr + g * N + rows, mask=rows < N, other=0) != 0)
+    return tl.where(row_ok[:, None], s, -float("inf")), row_ok, rows
+
+
+@triton.jit
+def _thresholds(s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
+    """Writes theta of every token at prices p; returns loads, the finite range and counts."""
+    cols = tl.arange(0, BLOCK_E)
+    rows0 = tl.arange(0, BLOCK_N)
+    loads = tl.zeros([BLOCK_E], tl.int32)
+    low = tl.full([BLOCK_E], float("inf"), COMPUTE)
+    high = tl.full([BLOCK_E], -float("inf"), COMPUTE)
+    above = tl.zeros([BLOCK_E], tl.int32)  # thresholds > -inf
+    infinite = tl.zeros([BLOCK_E], tl.int32)  # thresholds = +inf (holders with no alternative)
+    for start in range(0, N, BLOCK_N):
+        s, row_ok, rows = _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, COMPUTE)
+        held, kth, nxt = _row_top(s - p[None, :], cols, K, True, BLOCK_E)
+        held = held & row_ok[:, None] & (cols < E)[None, :]
+        theta = s - tl.where(held, nxt[:, None], kth[:, None])
+        theta = tl.where(row_ok[:, None] & (cols < E)[None, :], theta, -float("inf"))
+        tl.store(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :], theta, mask=(rows < N)[:, None])
+        loads += tl.sum(held.to(tl.int32), axis=0)
+        finite = (theta > -float("inf")) & (theta < float("inf"))
+        low = tl.minimum(low, tl.min(tl.where(finite, theta, float("inf")), axis=0))
+        high = tl.maximum(high, tl.max(tl.where(finite, theta, -float("inf")), axis=0))
+        above += tl.sum((theta > -float("inf")).to(tl.int32), axis=0)
+        infinite += tl.sum((theta == float("inf")).to(tl.int32), axis=0)
+    tl.debug_barrier()
+    excess = tl.sum(tl.maximum(loads - C, 0), axis=0)
+    return loads, low, high, above, infinite, excess
+
+
+@triton.jit
+def _count_above(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    cols = tl.arange(0, BLOCK_E)
+    rows0 = tl.arange(0, BLOCK_N)
+    count = tl.zeros([BLOCK_E], tl.int32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + rows0
+        theta = tl.load(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
+                        mask=(rows < N)[:, None], other=-float("inf"))
+        count += tl.sum((theta > x[None, :]).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _bracket(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per expert: the largest threshold <= x and the smallest > x."""
+    cols = tl.arange(0, BLOCK_E)
+    rows0 = tl.arange(0, BLOCK_N)
+    below = tl.full([BLOCK_E], -float("inf"), x.dtype)
+    over = tl.full([BLOCK_E], float("inf"), x.dtype)
+    for start in range(0, N, BLOCK_N):
+        rows = start + rows0
+        theta = tl.load(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
+                        mask=(rows < N)[:, None], other=-float("inf"))
+        below = tl.maximum(below, tl.max(tl.where(theta <= x[None, :], theta, -float("inf")), axis=0))
+        over = tl.minimum(over, tl.min(tl.where(theta > x[None, :], theta, float("inf")), axis=0))
+    return below, over
+
+
+@triton.jit
+def _best_response(theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N,
+                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, MAX_BISECT: tl.constexpr):
+    """Each expert's target price from the thresholds (prices.best_response, by bisection)."""
+    few = C >= above  # fewer than C + 1 thresholds: the smallest finite one
+    active = (loads != C) & (C > 0) & (above > 0) & ~few & (infinite <= C)
+    a = low - 1.0  # more than C thresholds above a
+    b = high  # at most C above b (the +inf ones)
+    x = b
+    found = active & (active == 0)
+    it = 0
+    while (it < MAX_BISECT) & (tl.sum((active & ~found).to(tl.int32), axis=0) > 0):
+        m = 0.5 * (a + b)
+        count = _count_above(theta_ptr, g, m, N, BLOCK_N, BLOCK_E)
+        hit = active & ~found & (count == C)
+        x = tl.where(hit, m, x)
+        found = found | hit
+        a = tl.where(count > C, m, a)
+        b = tl.where(count < C, m, b)
+        it += 1
+    x = tl.where(found, x, b)
+    lo, hi = _bracket(theta_ptr, g, x, N, BLOCK_N, BLOCK_E)
+    hi = tl.where(found, hi, lo)  # no value with exactly C above: a tie, both at the tied value
+    lo = tl.where(few, -float("inf"), lo)
+    hi = tl.where(few, low, hi)
+    lo_finite = (lo > -float("inf")) & (lo < float("inf"))
+    hi_finite = (hi > -float("inf")) & (hi < float("inf"))
+    target = tl.where(lo_finite & hi_finite, 0.5 * (lo + hi), tl.where(hi_finite, hi, lo))
+    target = tl.where(slack, tl.maximum(target, 0.0), target)
+    usable = (active | (few & (loads != C) & (C > 0) & (above > 0))) & (target > -float("inf"))
+    usable = usable & (target < float("inf"))
+    return tl.where(usable, target, p)
+
+
+@triton.jit
+def dense_kernel(s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, experts_ptr, margin_ptr,
+                 loads_ptr, flags_ptr, theta_ptr, N, E, steps, damping,
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr,
+                 MAX_BISECT: tl.constexpr, COMPUTE: tl.constexpr):
+    g = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    rows0 = tl.arange(0, BLOCK_N)
+    col_ok = cols < E
+    C = tl.load(cap_ptr + g).to(tl.int32)
+    num_valid = tl.load(num_valid_ptr + g).to(tl.int32)
+    slack = C * E > K * num_valid
+    p = tl.load(p_in_ptr + g * E + cols, mask=col_ok, other=0.0).to(COMPUTE)
+    bad_prices = tl.sum(((p != p) | (p == float("inf")) | (p == -float("inf"))).to(tl.int32), axis=0)
+    p = tl.where((p == p) & (p < float("inf")) & (p > -float("inf")), p, 0.0)
+    p = tl.where(col_ok, p - tl.min(tl.where(col_ok, p, float("inf")), axis=0), 0.0)
+    stop = (K * num_valid) // 512 + 1  # the excess the repair takes more cheaply than a step
+    if steps > 0:
+        loads, low, high, above, infinite, excess = _thresholds(
+            s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE)
+        it = 0
+        while (it < steps) & (excess > stop):
+            target = _best_response(theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N,
+                                    BLOCK_N, BLOCK_E, MAX_BISECT)
+            p = tl.where(col_ok, p + damping * (target - p), 0.0)
+            loads, low, high, above, infinite, excess = _thresholds(
+                s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE)
+            it += 1
+    tl.store(p_out_ptr + g * E + cols, p, mask=col_ok)
+    # the routing at p: experts, margins, loads, input flags
+    loads = tl.zeros([BLOCK_E], tl.int32)
+    bad = tl.zeros([BLOCK_N], tl.int32)
+    short = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, N, BLOCK_N):
+        s, row_ok, rows = _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, COMPUTE)
+        real = row_ok[:, None] & col_ok[None, :]
+        nonfinite = tl.sum((((s != s) | (s == float("inf"))) & real).to(tl.int32), axis=1)
+        bad += (nonfinite > 0).to(tl.int32)
+        allowed = tl.sum(((s > -float("inf")) & real).to(tl.int32), axis=1)
+        short += (row_ok & (allowed < K)).to(tl.int32)
+        # the top-k of s - p, best first (ties to the lower index), -1 for padding
+        v = s - p[None, :]
+        kth = tl.max(v, axis=1)
+        for j in tl.static_range(K):
+            kth = tl.max(v, axis=1)
+            first = tl.min(tl.where(v == kth[:, None], cols[None, :], BLOCK_E), axis=1)
+            pick = cols[None, :] == first[:, None]
+            loads += tl.sum((pick & real).to(tl.int32), axis=0)
+            v = tl.where(pick, -float("inf"), v)
+            tl.store(experts_ptr + (g * N + rows) * K + j, tl.where(row_ok, first, -1).to(tl.int64), mask=rows < N)
+        if K < BLOCK_E:
+            nxt = tl.max(v, axis=1)
+        else:
+            nxt = tl.full(kth.shape, -float("inf"), kth.dtype)
+        tl.store(margin_ptr + g * N + rows, tl.where(row_ok, kth - nxt, float("inf")), mask=rows < N)
+    tl.store(loads_ptr + g * E + cols, loads.to(tl.int64), mask=col_ok)
+    tl.store(flags_ptr + g * 4 + 0, tl.sum(bad, axis=0))
+    tl.store(flags_ptr + g * 4 + 1, tl.sum(short, axis=0))
+    tl.store(flags_ptr + g * 4 + 2, (C * E < K * num_valid).to(tl.int32))
+    tl.store(flags_ptr + g * 4 + 3, bad_prices)
+
+
+@triton.jit
+def pack_kernel(s_ptr, valid_ptr, cand_ptr, experts_ptr, loads_ptr, cap_ptr, num_valid_ptr, p_ptr, fixed_ptr,
+                flags_ptr, out_ptr, N, E, M, W,
+                K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+    g = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    out = out_ptr + g * W
+    taken = tl.zeros([BLOCK_E], tl.int32)
+    for start in range(0, M, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        t = tl.load(cand_ptr + g * M + m, mask=m_ok, other=0)
+        box = m_ok[:, None] & col_ok[None, :]
+        s = tl.load(s_ptr + (g * N + t)[:, None] * E + cols[None, :], mask=box, other=0.0)
+        tl.store(out + m[:, None] * E + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=box)
+        ok = m_ok
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + g * N + t, mask=m_ok, other=0) != 0)
+            tl.store(out + M * E + m, ok.to(out_ptr.dtype.element_ty), mask=m_ok)
+        else:
+            tl.store(out + M * E + m, tl.full([BLOCK_M], 1.0, out_ptr.dtype.element_ty), mask=m_ok)
+        for j in tl.static_range(K):
+            e = tl.load(experts_ptr + (g * N + t) * K + j, mask=m_ok, other=-1)
+            taken += tl.sum(((e[:, None] == cols[None, :]) & ok[:, None]).to(tl.int32), axis=0)
+    base = M * E + M
+    C = tl.load(cap_ptr + g)
+    loads = tl.load(loads_ptr + g * E + cols, mask=col_ok, other=0)
+    tl.store(out + base + cols, (C - loads + taken).to(out_ptr.dtype.element_ty), mask=col_ok)
+    p = tl.load(p_ptr + g * E + cols, mask=col_ok, other=0.0)
+    tl.store(out + base + E + cols, p.to(out_ptr.dtype.element_ty), mask=col_ok)
+    base += 2 * E
+    tl.store(out + base, tl.load(fixed_ptr + g).to(out_ptr.dtype.element_ty))
+    tl.store(out + base + 1, C.to(out_ptr.dtype.element_ty))
+    tl.store(out + base + 2, tl.load(num_valid_ptr + g).to(out_ptr.dtype.element_ty))
+    four = tl.arange(0, 4)
+    flags = tl.load(flags_ptr + g * 4 + four)
+    tl.store(out + base + 3 + four, flags.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def certify_kernel(s_ptr, valid_ptr, experts_ptr, p_ptr, cap_ptr, loads_ptr, stats_ptr, N, E, tolerance,
+                   K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+    g = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    rows0 = tl.arange(0, BLOCK_N)
+    col_ok = cols < E
+    C = tl.load(cap_ptr + g)
+    p = tl.load(p_ptr + g * E + cols, mask=col_ok, other=0.0).to(tl.float64)
+    loads = tl.zeros([BLOCK_E], tl.int32)
+    score = tl.zeros([BLOCK_N], tl.float64)
+    dual = tl.zeros([BLOCK_N], tl.float64)
+    wrong = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, N, BLOCK_N):
+        s, row_ok, rows = _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, tl.float64)
+        held = cols[None, :] < 0
+        slots = tl.zeros([BLOCK_N], tl.int32)
+        for j in tl.static_range(K):
+            e = tl.load(experts_ptr + (g * N + rows) * K + j, mask=rows < N, other=-1)
+            held = held | ((e[:, None] == cols[None, :]) & col_ok[None, :])
+            slots += (e >= 0).to(tl.int32)
+        count = tl.sum(held.to(tl.int32), axis=1)
+        finite = tl.sum((held & (s == -float("inf"))).to(tl.int32), axis=1) == 0
+        ok = tl.where(row_ok, (slots == K) & (count == K) & finite, slots == 0)
+        wrong += (~ok & (rows < N)).to(tl.int32)
+        score += tl.sum(tl.where(held & row_ok[:, None], s, 0.0), axis=1)
+        loads += tl.sum((held & row_ok[:, None]).to(tl.int32), axis=0)
+        v = s - p[None, :]
+        top = tl.zeros([BLOCK_N], tl.float64)
+        for _ in tl.static_range(K):
+            best = tl.max(v, axis=1)
+            first = tl.min(tl.where(v == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            v = tl.where(cols[None, :] == first[:, None], -float("inf"), v)
+            top += best
+        dual += tl.where(row_ok, top, 0.0)
+    total = tl.sum(score, axis=0)
+    gap = tl.sum(dual, axis=0) + tl.sum(tl.where(col_ok, C.to(tl.float64) * p, 0.0), axis=0) - total
+    feasible = (tl.sum(wrong, axis=0) == 0) & (tl.sum(((loads > C) | (p < 0)).to(tl.int32), axis=0) == 0)
+    bound = tolerance * tl.maximum(tl.abs(total), 1.0)
+    converged = feasible & (tl.abs(gap) <= bound)
+    tl.store(loads_ptr + g * E + cols, loads.to(tl.int64), mask=col_ok)
+    tl.store(stats_ptr + g * 3 + 0, total)
+    tl.store(stats_ptr + g * 3 + 1, gap)
+    tl.store(stats_ptr + g * 3 + 2, converged.to(tl.float64))
+
+
+# ---- launches ---------------------------------------------------------------------------------
+def _blocks(num_tokens: int, num_experts: int) -> tuple[int, int]:
+    block_e = triton.next_power_of_2(max(num_experts, 2))
+    return max(16, min(triton.next_power_of_2(max(num_tokens, 1)), 8192 // block_e)), block_e
+
+
+def _compute(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _flag(valid: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return (fallback, False) if valid is None else (valid.view(torch.uint8), True)
+
+
+def dense(scores, valid, capacity, num_valid, prices, k: int, steps: int, damping: float):
+    """Launches ``dense_kernel``: (prices [G, E], experts [G, N, K], margins [G, N], loads [G, E],
+    flags int32 [G, 4]) in the compute precision."""
+    num_groups, num_tokens, num_experts = scores.shape
+    block_n, block_e = _blocks(num_tokens, num_experts)
+    dtype, compute = _compute(scores.dtype)
+    device = scores.device
+    prices_out = torch.empty(num_groups, num_experts, dtype=dtype, device=device)
+    experts = torch.empty(num_groups, num_tokens, k, dtype=torch.int64, device=device)
+    margin = torch.empty(num_groups, num_tokens, dtype=dtype, device=device)
+    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=device)
+    flags = torch.empty(num_groups, 4, dtype=torch.int32, device=device)
+    theta = torch.empty(num_groups * num_tokens * block_e if steps else 1, dtype=dtype, device=device)
+    valid_arg, has_valid = _flag(valid, flags)
+    with torch.profiler.record_function("maxscore::dense_kernel"):
+        dense_kernel[(num_groups,)](
+            scores, valid_arg, capacity, num_valid, prices, prices_out, experts, margin, loads, flags, theta,
+            num_tokens, num_experts, steps if k < num_experts else 0, damping,
+            K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, MAX_BISECT=MAX_BISECT,
+            COMPUTE=compute, num_warps=8,
+        )  # fmt: skip
+    return prices_out, experts, margin, loads, flags
+
+
+def pack(scores, valid, candidates, experts, loads, capacity, num_valid, prices, fixed, flags) -> torch.Tensor:
+    """Launches ``pack_kernel``: [G, W] rows in the compute precision (layout: ``packed_width``)."""
+    num_groups, num_tokens, num_experts = scores.shape
+    num_candidates, k = candidates.shape[1], experts.shape[-1]
+    width = packed_width(num_candidates, num_experts)
+    out = torch.empty(num_groups, width, dtype=prices.dtype, device=scores.device)
+    valid_arg, has_valid = _flag(valid, flags)
+    block_m = max(16, min(triton.next_power_of_2(num_candidates), 8192 // _blocks(1, num_experts)[1]))
+    with torch.profiler.record_function("maxscore::pack_kernel"):
+        pack_kernel[(num_groups,)](
+            scores, valid_arg, candidates, experts, loads, capacity, num_valid, prices, fixed, flags, out,
+            num_tokens, num_experts, num_candidates, width,
+            K=k, BLOCK_M=block_m, BLOCK_E=_blocks(1, num_experts)[1], HAS_VALID=has_valid, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def packed_width(num_candidates: int, num_experts: int) -> int:
+    """Row layout: candidate scores [M, E], candidate validity [M], capacities left [E], prices [E],
+    the smallest fixed margin, the capacity, the valid tokens, the 4 flags."""
+    return num_candidates * num_experts + num_candidates + 2 * num_experts + 7
+
+
+def certify(scores, valid, experts, prices, capacity, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches ``certify_kernel``: (loads int64 [G, E], float64 [G, 3]: score, gap, converged)."""
+    num_groups, num_tokens, num_experts = scores.shape
+    block_n, block_e = _blocks(num_tokens, num_experts)
+    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=scores.device)
+    stats = torch.empty(num_groups, 3, dtype=torch.float64, device=scores.device)
+    valid_arg, has_valid = _flag(valid, loads)
+    with torch.profiler.record_function("maxscore::certify_kernel"):
+        certify_kernel[(num_groups,)](
+            scores, valid_arg, experts, prices, capacity, loads, stats, num_tokens, num_experts, tolerance,
+            K=experts.shape[-1], BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=8,
+        )  # fmt: skip
+    return loads, stats
