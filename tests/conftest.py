@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+
+import torch
+
+# without a GPU, the device engine's Triton kernels run in Triton's interpreter (set before the
+# kernels are first imported: Triton reads it when it compiles them)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from maxscore.train.config import make_config
 from maxscore.train.data import load_corpus

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from maxscore import Assignment
@@ -30,3 +31,14 @@ def check_feasible(
     assert torch.equal(loads, assignment.loads), "loads do not recount"
     assert (loads <= capacity).all(), "an expert is over capacity"
     assert math.isclose(assignment.score, float(picked[assigned].sum()), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def kernels_run_here() -> bool:
+    """The device engine's Triton kernels run in this process (CUDA, or the interpreter that
+    conftest turns on where there is no GPU)."""
+    from maxscore.solvers.exact.device import kernels_available
+
+    return kernels_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+needs_kernels = pytest.mark.skipif(not kernels_run_here(), reason="needs Triton (pip install '.[triton]')")

@@ -11,7 +11,11 @@ from maxscore import solve
 from maxscore.parallel.launch import spawn
 from maxscore.solvers import solve_global
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact.global_candidates import MAX_CANDIDATES_PER_EXPERT, candidate_order, solve_candidates
+from maxscore.solvers.exact.global_candidates import (
+    MAX_CANDIDATES_PER_EXPERT,
+    candidate_order,
+    solve_candidates,
+)
 from maxscore.solvers.exact.global_prices import route
 from tests.conftest import random_instance
 from tests.solvers.helpers import check_feasible

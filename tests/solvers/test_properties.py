@@ -9,8 +9,8 @@ import torch
 
 import maxscore
 from maxscore import expert_capacity
-from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import make_problem
+from maxscore.solvers.exact._native import run_core
 from tests.conftest import KINDS, assert_top_k, random_instance
 from tests.solvers.helpers import check_feasible
 

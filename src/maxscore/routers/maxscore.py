@@ -197,8 +197,9 @@ class MaxScoreRouter(GatedRouter):
     def _update_prices(self, prices_GE: torch.Tensor) -> None:
         # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
         centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
-        updates = int(self.price_updates)  # a plain mean over the first updates, then the EMA
-        momentum = min(self.config.price_momentum, updates / (updates + 1))
+        # a plain mean over the first updates, then the EMA; on the device (no host sync)
+        updates = self.price_updates.to(self.prices.dtype)
+        momentum = (updates / (updates + 1)).clamp(max=self.config.price_momentum)
         self.prices.mul_(momentum).add_((1 - momentum) * centered_E)
         self.price_updates += 1
 

@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from maxscore.solvers.exact._native import REPAIR, run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
+from maxscore.solvers.exact._native import REPAIR, run_core
 
 
 def _accept(

@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
+from maxscore.solvers.exact._native import run_core
 from maxscore.solvers.two_stage import first_stage, without_first
 
 _NO_ROOM = -1e30  # log-capacity of an expert with no residual room: finite, so no inf - inf

@@ -1401,6 +1401,82 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
 }
 
 /*
+ * price_step(scores, is_double, N, E, k, valid|None, cap, prices, alpha) -> status
+ * One damped best-response step over every token (no sample), prices updated in place: every
+ * valid token takes its top-k of s - p, then price_step as in phase 1 (floored at 0 with slack
+ * capacity).  For testing the step against the reference definition (prices.py).
+ */
+static PyObject *py_price_step(PyObject *self, PyObject *args) {
+    PyObject *o_s, *o_valid, *o_cap, *o_p;
+    int is_double;
+    long long N, E, k;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "OpLLLOOOd", &o_s, &is_double, &N, &E, &k, &o_valid, &o_cap, &o_p, &alpha))
+        return NULL;
+    if (N < 0 || E < 1 || k < 1 || k > E) {
+        PyErr_SetString(PyExc_ValueError, "_core: bad sizes");
+        return NULL;
+    }
+    Py_buffer bs, bv, bc, bp;
+    int have_valid = o_valid != Py_None;
+    if (get_buf(o_s, &bs, 0, (Py_ssize_t)(N * E * (is_double ? 8 : 4)), "scores") < 0) return NULL;
+    if (have_valid && get_buf(o_valid, &bv, 0, (Py_ssize_t)N, "valid") < 0) goto fail_s;
+    if (get_buf(o_cap, &bc, 0, (Py_ssize_t)(E * 8), "cap") < 0) goto fail_v;
+    if (get_buf(o_p, &bp, 1, (Py_ssize_t)(E * 8), "prices") < 0) goto fail_c;
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.N = N;
+    c.E = E;
+    c.k = k;
+    if (is_double)
+        c.s64 = bs.buf;
+    else
+        c.s32 = bs.buf;
+    c.valid = have_valid ? bv.buf : NULL;
+    c.cap = bc.buf;
+    c.p = bp.buf;
+    c.threads = 1;
+    c.scale = 1;
+    int64_t units, capacity, nbad = 0, bad[1];
+    totals(&c, &units, &capacity);
+    c.experts = malloc(sizeof(int64_t) * (size_t)(N * k + 1));
+    c.loads = calloc((size_t)E, sizeof(int64_t));
+    c.held = calloc((size_t)(N * E) + 1, 1);
+    c.best = malloc(sizeof(double) * (size_t)(N + 1));
+    c.barg = malloc(sizeof(int32_t) * (size_t)(N + 1));
+    c.kth = malloc(sizeof(double) * (size_t)(N + 1));
+    double *buf = malloc(sizeof(double) * (size_t)(capacity + units + 9 * E + 1));
+    int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * E));
+    int status = ST_NO_MEMORY;
+    if (c.experts && c.loads && c.held && c.best && c.barg && c.kth && buf && off) {
+        status = assign_topk(&c, 1, 0, bad, 0, &nbad) ? ST_OK : ST_TOO_FEW_ALLOWED;
+        if (status == ST_OK) price_step(&c, alpha, capacity > units, 1, buf, off, off + E, off + 2 * E);
+        if (c.oom) status = ST_NO_MEMORY;
+    }
+    free(c.experts);
+    free(c.loads);
+    free(c.held);
+    free(c.best);
+    free(c.barg);
+    free(c.kth);
+    free(buf);
+    free(off);
+    PyBuffer_Release(&bp);
+    PyBuffer_Release(&bc);
+    if (have_valid) PyBuffer_Release(&bv);
+    PyBuffer_Release(&bs);
+    if (status == ST_NO_MEMORY) return PyErr_NoMemory();
+    return Py_BuildValue("i", status);
+fail_c:
+    PyBuffer_Release(&bc);
+fail_v:
+    if (have_valid) PyBuffer_Release(&bv);
+fail_s:
+    PyBuffer_Release(&bs);
+    return NULL;
+}
+
+/*
  * scan(scores, is_double, N, E, k, valid|None) -> (n_bad, first_bad, n_short, first_short, n_forbidden)
  * One pass over the valid rows: NaN/+inf entries (bad), rows with fewer than k entries > -inf
  * (short), and the number of -inf entries.
@@ -1448,6 +1524,7 @@ static PyMethodDef methods[] = {
     {"solve", py_solve, METH_VARARGS, "Capacity-constrained top-k assignment (see the module source)."},
     {"solve_batch", py_solve_batch, METH_VARARGS, "G independent problems of one shape, over threads."},
     {"scan", py_scan, METH_VARARGS, "Counts NaN/+inf entries, short rows and forbidden pairs."},
+    {"price_step", py_price_step, METH_VARARGS, "One damped best-response price step over every token."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from maxscore.solvers.exact import _core
 from maxscore.solvers._validate import Problem, Problems, name_tokens
+from maxscore.solvers.exact import _core
 from maxscore.solvers.exact.prices import DAMPING, HOST_PRICE_ITERATIONS
 
 _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
@@ -209,3 +209,25 @@ def run_core_batch(
             name = int(g) if group_ids is None else group_ids[g]
             _raise_status(int(status[g]), int(num_bad[g]), bad[g], k, capacity_GE[g], name)
     return BatchResult(experts, loads, prices, status, stats)
+
+
+def core_price_step(problem: Problem, prices_E: np.ndarray) -> np.ndarray:
+    """One price step of the core over every token (``prices.price_step``'s definition): the new
+    prices [E].  For tests of the core's step against the reference."""
+    prices = np.array(prices_E, dtype=np.float64)
+    capacity_E = np.full(problem.num_experts, problem.capacity, dtype=np.int64)
+    valid = None if problem.valid_T is None else problem.valid_T.numpy().view(np.uint8)
+    scores = problem.scores_TE
+    status = _core.price_step(
+        scores.numpy(),
+        scores.dtype == torch.float64,
+        problem.num_tokens,
+        problem.num_experts,
+        problem.k,
+        valid,
+        capacity_E,
+        prices,
+        DAMPING,
+    )
+    assert status == _OK, status
+    return prices

@@ -101,7 +101,10 @@ def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tenso
     device = problems.scores_GNE.device
     if prices is None:
         return torch.zeros(num_groups, num_experts, dtype=torch.float64, device=device)
-    if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in ((num_experts,), (num_groups, num_experts)):
+    if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in (
+        (num_experts,),
+        (num_groups, num_experts),
+    ):
         raise ValueError(
             f"prices must be a float tensor of shape [E] or [G, E] = [{num_experts}] or "
             f"[{num_groups}, {num_experts}], got {prices!r}"
@@ -157,7 +160,9 @@ class _TorchOps:
             p = price_step(s, k, problems.capacity_G, p, valid)
         top = torch.topk(s - p[:, None, :], min(k + 1, problems.num_experts), dim=-1)
         experts = top.indices[..., :k].masked_fill(~mask[..., None], -1)
-        nxt = top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
+        nxt = (
+            top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
+        )
         margin = torch.where(mask, top.values[..., k - 1] - nxt, math.inf)
         loads = _loads(experts, problems.num_experts)
         return Dense(p, experts, margin, loads, flags)
@@ -253,7 +258,12 @@ class _DeviceSolve:
 
     def __init__(self, problems: Problems, ops: _TorchOps | _TritonOps) -> None:
         self.problems, self.ops = problems, ops
-        self.G, self.N, self.E, self.k = problems.num_groups, problems.num_tokens, problems.num_experts, problems.k
+        self.G, self.N, self.E, self.k = (
+            problems.num_groups,
+            problems.num_tokens,
+            problems.num_experts,
+            problems.k,
+        )
         self.device = problems.scores_GNE.device
 
     def run(self, warm: torch.Tensor, steps: int, max_moves: int | None, threads: int | None) -> Assignment:
@@ -265,7 +275,9 @@ class _DeviceSolve:
             fixed = smallest.values[:, num_candidates]
         else:
             fixed = dense.margin.new_full((self.G,), math.inf)
-        host = self.unpack(self.ops.pack(self.problems, dense, candidates, fixed).cpu().numpy(), num_candidates)
+        host = self.unpack(
+            self.ops.pack(self.problems, dense, candidates, fixed).cpu().numpy(), num_candidates
+        )
         self.raise_bad_input(host)
         prices, sub_experts, fallback = self.repair(host, threads)
         back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
@@ -323,7 +335,9 @@ class _DeviceSolve:
         if flags[:, 2].any():
             g = int(np.flatnonzero(flags[:, 2])[0])
             capacity, num_valid = int(host["group_capacity"][g, 0]), int(host["num_valid"][g, 0])
-            raise ValueError(infeasible_message(capacity, self.E, self.k, num_valid, g if self.G > 1 else None))
+            raise ValueError(
+                infeasible_message(capacity, self.E, self.k, num_valid, g if self.G > 1 else None)
+            )
         if flags[:, 3].any():
             raise ValueError("prices must be finite; pass None for a cold start")
 
@@ -339,7 +353,9 @@ class _DeviceSolve:
         valid_GM = torch.from_numpy(host["valid"] > 0)
         prices_GE = host["prices"].astype(np.float64)
         scores = torch.from_numpy(np.ascontiguousarray(host["scores"]))
-        sub = Problems(scores, self.k, torch.zeros(self.G, dtype=torch.int64), valid_GM, valid_GM.sum(1), self.device)
+        sub = Problems(
+            scores, self.k, torch.zeros(self.G, dtype=torch.int64), valid_GM, valid_GM.sum(1), self.device
+        )
         # shortest paths only (no auction, no price steps): they raise each price by no more than
         # its path's length, so the fixed tokens' margins can certify the result
         result = run_core_batch(

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers._validate import Problems
 from maxscore.solvers.collectives import Reducer
+from maxscore.solvers.exact._native import run_core_batch
 
 CANDIDATES_PER_EXPERT = 8  # candidates per rank: at least this many times E
 CANDIDATES_PER_UNIT = 8  # and this many per unit of overload left to each rank

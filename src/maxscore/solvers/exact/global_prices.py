@@ -16,8 +16,8 @@ import torch
 
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact.host import solve_exact
 from maxscore.solvers.exact.global_candidates import MAX_CANDIDATES_PER_EXPERT, candidate_count
+from maxscore.solvers.exact.host import solve_exact
 from maxscore.solvers.exact.prices import DAMPING, thresholds, top_k
 
 MIN_STEP = 0.05  # price steps stop when halving after overshoots has made them this small
@@ -86,8 +86,11 @@ def price_steps(
             lo_E = ranked_NE.gather(0, position_E[None])[0]
             hi_E = ranked_NE.gather(0, (position_E - 1).clamp(min=0)[None])[0]
             # the midpoint of the share's two thresholds, as prices.best_response
-            mid_E = torch.where(torch.isfinite(lo_E) & torch.isfinite(hi_E) & (position_E > 0), 0.5 * (lo_E + hi_E), lo_E)
-            response_E = mid_E.clamp(min=floor) * num_tokens
+            mid_E = torch.where(
+                torch.isfinite(lo_E) & torch.isfinite(hi_E) & (position_E > 0), 0.5 * (lo_E + hi_E), lo_E
+            )
+            # an expert at its capacity keeps its price (prices.best_response)
+            response_E = torch.where(loads_E == capacity, prices_E, mid_E.clamp(min=floor)) * num_tokens
         best_response = reduce(response_E) / total  # the token-weighted mean over the ranks
         prices_E = prices_E + step * (best_response - prices_E)
     return best_prices, best_held, best_loads.long()

@@ -71,11 +71,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maxscore.solvers.exact._native import run_core
 from maxscore.solvers._validate import Problem, expert_capacity, make_problem
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.collectives import Reducer
-from maxscore.solvers.exact.host import check_counts, check_prices, solve_exact
+from maxscore.solvers.exact._native import run_core
 from maxscore.solvers.exact.global_candidates import (
     MAX_CANDIDATES_PER_EXPERT,
     candidate_count,
@@ -84,6 +83,7 @@ from maxscore.solvers.exact.global_candidates import (
 )
 from maxscore.solvers.exact.global_prices import local_prices, price_steps, route, total_overload
 from maxscore.solvers.exact.global_repair import certificate_prices, repair
+from maxscore.solvers.exact.host import check_counts, check_prices, solve_exact
 from maxscore.solvers.exact.prices import GLOBAL_PRICE_ITERATIONS
 
 GAP_TOLERANCE = 1e-9  # relative: a candidate repair is optimal when its duality gap is 0 up to rounding

@@ -29,10 +29,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maxscore.solvers.exact._native import run_core, run_core_batch
-from maxscore.solvers.exact.prices import HOST_PRICE_ITERATIONS
 from maxscore.solvers._validate import Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
+from maxscore.solvers.exact._native import run_core, run_core_batch
+from maxscore.solvers.exact.prices import HOST_PRICE_ITERATIONS
+
 
 def solve_exact(
     problem: Problem,

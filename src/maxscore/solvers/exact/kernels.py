@@ -60,8 +60,21 @@ def _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID: tl.constexpr
 
 
 @triton.jit
-def _thresholds(s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
+def _thresholds(
+    s_ptr,
+    valid_ptr,
+    theta_ptr,
+    g,
+    p,
+    C,
+    N,
+    E,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     """Writes theta of every token at prices p; returns loads, the finite range and counts."""
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -76,7 +89,9 @@ def _thresholds(s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K: tl.constexpr, BLO
         held = held & row_ok[:, None] & (cols < E)[None, :]
         theta = s - tl.where(held, nxt[:, None], kth[:, None])
         theta = tl.where(row_ok[:, None] & (cols < E)[None, :], theta, -float("inf"))
-        tl.store(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :], theta, mask=(rows < N)[:, None])
+        tl.store(
+            theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :], theta, mask=(rows < N)[:, None]
+        )
         loads += tl.sum(held.to(tl.int32), axis=0)
         finite = (theta > -float("inf")) & (theta < float("inf"))
         low = tl.minimum(low, tl.min(tl.where(finite, theta, float("inf")), axis=0))
@@ -95,8 +110,11 @@ def _count_above(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexp
     count = tl.zeros([BLOCK_E], tl.int32)
     for start in range(0, N, BLOCK_N):
         rows = start + rows0
-        theta = tl.load(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
-                        mask=(rows < N)[:, None], other=-float("inf"))
+        theta = tl.load(
+            theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
+            mask=(rows < N)[:, None],
+            other=-float("inf"),
+        )
         count += tl.sum((theta > x[None, :]).to(tl.int32), axis=0)
     return count
 
@@ -110,16 +128,33 @@ def _bracket(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     over = tl.full([BLOCK_E], float("inf"), x.dtype)
     for start in range(0, N, BLOCK_N):
         rows = start + rows0
-        theta = tl.load(theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
-                        mask=(rows < N)[:, None], other=-float("inf"))
+        theta = tl.load(
+            theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
+            mask=(rows < N)[:, None],
+            other=-float("inf"),
+        )
         below = tl.maximum(below, tl.max(tl.where(theta <= x[None, :], theta, -float("inf")), axis=0))
         over = tl.minimum(over, tl.min(tl.where(theta > x[None, :], theta, float("inf")), axis=0))
     return below, over
 
 
 @triton.jit
-def _best_response(theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N,
-                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, MAX_BISECT: tl.constexpr):
+def _best_response(
+    theta_ptr,
+    g,
+    p,
+    C,
+    slack,
+    loads,
+    low,
+    high,
+    above,
+    infinite,
+    N,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    MAX_BISECT: tl.constexpr,
+):
     """Each expert's target price from the thresholds (prices.best_response, by bisection)."""
     few = C >= above  # fewer than C + 1 thresholds: the smallest finite one
     active = (loads != C) & (C > 0) & (above > 0) & ~few & (infinite <= C)
@@ -152,10 +187,30 @@ def _best_response(theta_ptr, g, p, C, slack, loads, low, high, above, infinite,
 
 
 @triton.jit
-def dense_kernel(s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, experts_ptr, margin_ptr,
-                 loads_ptr, flags_ptr, theta_ptr, N, E, steps, damping,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr,
-                 MAX_BISECT: tl.constexpr, COMPUTE: tl.constexpr):
+def dense_kernel(
+    s_ptr,
+    valid_ptr,
+    cap_ptr,
+    num_valid_ptr,
+    p_in_ptr,
+    p_out_ptr,
+    experts_ptr,
+    margin_ptr,
+    loads_ptr,
+    flags_ptr,
+    theta_ptr,
+    N,
+    E,
+    steps,
+    damping,
+    early_stop,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    MAX_BISECT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -167,17 +222,20 @@ def dense_kernel(s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, 
     bad_prices = tl.sum(((p != p) | (p == float("inf")) | (p == -float("inf"))).to(tl.int32), axis=0)
     p = tl.where((p == p) & (p < float("inf")) & (p > -float("inf")), p, 0.0)
     p = tl.where(col_ok, p - tl.min(tl.where(col_ok, p, float("inf")), axis=0), 0.0)
-    stop = (K * num_valid) // 512 + 1  # the excess the repair takes more cheaply than a step
+    stop = tl.where(early_stop != 0, (K * num_valid) // 512 + 1, -1)  # the repair takes this excess
     if steps > 0:
         loads, low, high, above, infinite, excess = _thresholds(
-            s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE)
+            s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE
+        )
         it = 0
         while (it < steps) & (excess > stop):
-            target = _best_response(theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N,
-                                    BLOCK_N, BLOCK_E, MAX_BISECT)
+            target = _best_response(
+                theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N, BLOCK_N, BLOCK_E, MAX_BISECT
+            )
             p = tl.where(col_ok, p + damping * (target - p), 0.0)
             loads, low, high, above, infinite, excess = _thresholds(
-                s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE)
+                s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE
+            )
             it += 1
     tl.store(p_out_ptr + g * E + cols, p, mask=col_ok)
     # the routing at p: experts, margins, loads, input flags
@@ -200,7 +258,9 @@ def dense_kernel(s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, 
             pick = cols[None, :] == first[:, None]
             loads += tl.sum((pick & real).to(tl.int32), axis=0)
             v = tl.where(pick, -float("inf"), v)
-            tl.store(experts_ptr + (g * N + rows) * K + j, tl.where(row_ok, first, -1).to(tl.int64), mask=rows < N)
+            tl.store(
+                experts_ptr + (g * N + rows) * K + j, tl.where(row_ok, first, -1).to(tl.int64), mask=rows < N
+            )
         if K < BLOCK_E:
             nxt = tl.max(v, axis=1)
         else:
@@ -214,9 +274,27 @@ def dense_kernel(s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, 
 
 
 @triton.jit
-def pack_kernel(s_ptr, valid_ptr, cand_ptr, experts_ptr, loads_ptr, cap_ptr, num_valid_ptr, p_ptr, fixed_ptr,
-                flags_ptr, out_ptr, N, E, M, W,
-                K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+def pack_kernel(
+    s_ptr,
+    valid_ptr,
+    cand_ptr,
+    experts_ptr,
+    loads_ptr,
+    cap_ptr,
+    num_valid_ptr,
+    p_ptr,
+    fixed_ptr,
+    flags_ptr,
+    out_ptr,
+    N,
+    E,
+    M,
+    W,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+):
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -254,8 +332,22 @@ def pack_kernel(s_ptr, valid_ptr, cand_ptr, experts_ptr, loads_ptr, cap_ptr, num
 
 
 @triton.jit
-def certify_kernel(s_ptr, valid_ptr, experts_ptr, p_ptr, cap_ptr, loads_ptr, stats_ptr, N, E, tolerance,
-                   K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+def certify_kernel(
+    s_ptr,
+    valid_ptr,
+    experts_ptr,
+    p_ptr,
+    cap_ptr,
+    loads_ptr,
+    stats_ptr,
+    N,
+    E,
+    tolerance,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+):
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -313,9 +405,12 @@ def _flag(valid: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Ten
     return (fallback, False) if valid is None else (valid.view(torch.uint8), True)
 
 
-def dense(scores, valid, capacity, num_valid, prices, k: int, steps: int, damping: float):
+def dense(
+    scores, valid, capacity, num_valid, prices, k: int, steps: int, damping: float, early_stop: bool = True
+):
     """Launches ``dense_kernel``: (prices [G, E], experts [G, N, K], margins [G, N], loads [G, E],
-    flags int32 [G, 4]) in the compute precision."""
+    flags int32 [G, 4]) in the compute precision.  ``early_stop=False`` takes every step, even
+    once the excess is small (for tests of one step)."""
     num_groups, num_tokens, num_experts = scores.shape
     block_n, block_e = _blocks(num_tokens, num_experts)
     dtype, compute = _compute(scores.dtype)
@@ -330,14 +425,16 @@ def dense(scores, valid, capacity, num_valid, prices, k: int, steps: int, dampin
     with torch.profiler.record_function("maxscore::dense_kernel"):
         dense_kernel[(num_groups,)](
             scores, valid_arg, capacity, num_valid, prices, prices_out, experts, margin, loads, flags, theta,
-            num_tokens, num_experts, steps if k < num_experts else 0, damping,
+            num_tokens, num_experts, steps if k < num_experts else 0, damping, int(early_stop),
             K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, MAX_BISECT=MAX_BISECT,
             COMPUTE=compute, num_warps=8,
         )  # fmt: skip
     return prices_out, experts, margin, loads, flags
 
 
-def pack(scores, valid, candidates, experts, loads, capacity, num_valid, prices, fixed, flags) -> torch.Tensor:
+def pack(
+    scores, valid, candidates, experts, loads, capacity, num_valid, prices, fixed, flags
+) -> torch.Tensor:
     """Launches ``pack_kernel``: [G, W] rows in the compute precision (layout: ``packed_width``)."""
     num_groups, num_tokens, num_experts = scores.shape
     num_candidates, k = candidates.shape[1], experts.shape[-1]

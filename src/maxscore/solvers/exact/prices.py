@@ -76,11 +76,16 @@ def thresholds(scores: torch.Tensor, prices: torch.Tensor, k: int) -> tuple[torc
         k: experts per token, k < E.
     """
     held, top = top_k(scores - prices[..., None, :], k)
-    return scores - torch.where(held, top[..., k : k + 1], top[..., k - 1 : k]), held
+    theta = scores - torch.where(held, top[..., k : k + 1], top[..., k - 1 : k])
+    return theta.masked_fill(theta.isnan(), -math.inf), held  # rows of -inf: padding
 
 
 def best_response(
-    theta: torch.Tensor, loads: torch.Tensor, capacity: torch.Tensor, prices: torch.Tensor, slack: torch.Tensor
+    theta: torch.Tensor,
+    loads: torch.Tensor,
+    capacity: torch.Tensor,
+    prices: torch.Tensor,
+    slack: torch.Tensor,
 ) -> torch.Tensor:
     """Each expert's target price: ``theta`` [G, N, E] float64, loads [G, E], capacity [G],
     prices [G, E], slack bool [G]."""
@@ -92,7 +97,8 @@ def best_response(
     hi = ranked.gather(1, torch.minimum(cap - 1, last).clamp(0, num_tokens - 1)[:, None]).squeeze(1)
     lo = ranked.gather(1, cap.clamp(max=num_tokens - 1)[:, None]).squeeze(1)
     lo = torch.where(cap < finite, lo, -math.inf)
-    target = torch.where(lo > -math.inf, 0.5 * (hi + lo), hi)
+    both = torch.isfinite(lo) & torch.isfinite(hi)
+    target = torch.where(both, 0.5 * (hi + lo), torch.where(torch.isfinite(hi), hi, lo))
     target = torch.where(slack[:, None], target.clamp(min=0), target)
     keep = (loads == cap) | (finite == 0) | (cap == 0) | ~torch.isfinite(target)
     return torch.where(keep, prices, target)
@@ -125,8 +131,6 @@ def price_step(
     loads = held.sum(1)
     num_valid = s.shape[1] if valid is None else valid.sum(1)
     slack = capacity * s.shape[-1] > k * num_valid
-    if not torch.is_tensor(slack):
-        slack = torch.full(capacity.shape, bool(slack), device=capacity.device)
     target = best_response(theta, loads, capacity, p, slack)
     return p + DAMPING * (target - p)
 
@@ -165,7 +169,9 @@ def certify(
     slot = experts >= 0
     index = experts.clamp(min=0)
     loads = torch.zeros(num_groups, num_experts + 1, dtype=torch.int64, device=s.device)
-    loads.scatter_add_(1, torch.where(slot, experts, num_experts).flatten(1), torch.ones_like(experts).flatten(1))
+    loads.scatter_add_(
+        1, torch.where(slot, experts, num_experts).flatten(1), torch.ones_like(experts).flatten(1)
+    )
     loads = loads[:, :num_experts]
     picked = torch.where(slot, s.gather(-1, index), 0.0)
     score = picked.sum((1, 2))
@@ -175,7 +181,10 @@ def certify(
     held = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, index, slot)
     filled = torch.where(mask, slot.all(-1) & (held.sum(-1) == k), ~slot.any(-1))
     feasible = (
-        (loads <= capacity[:, None]).all(1) & filled.all(1) & torch.isfinite(picked).all((1, 2)) & (p >= 0).all(1)
+        (loads <= capacity[:, None]).all(1)
+        & filled.all(1)
+        & torch.isfinite(picked).all((1, 2))
+        & (p >= 0).all(1)
     )
     converged = feasible & (gap.abs() <= GAP_TOLERANCE * score.abs().clamp(min=1.0))
     return Certificate(loads, score, gap, converged)
