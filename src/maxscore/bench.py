@@ -239,6 +239,64 @@ def bench_batched(
     return rows
 
 
+# operations that only make views or allocate: no work is launched for them
+METADATA_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "view alias as_strided expand expand_as slice select unsqueeze squeeze reshape _reshape_alias "
+        "t transpose permute detach detach_ lift_fresh flatten unflatten narrow split unbind empty "
+        "empty_strided empty_like resize_ result_type contiguous numpy from_numpy _unsafe_view "
+        "resolve_conj resolve_neg"
+    ).split()
+)
+KERNEL_RANGE = "maxscore::"  # the device engine's kernel launches (record_function ranges)
+HOST_RANGE = "host::"  # the device engine's host work between its two transfers
+
+
+def count_launches(fn: Callable[[], object]) -> tuple[int, int]:
+    """(launches, device-to-host copies) of one call of ``fn``.
+
+    On CUDA: the kernels the profiler saw, and its device-to-host memcpys.  On a CPU (a proxy):
+    the profiler's leaf operations, views and allocations excluded (``METADATA_OPS``), each
+    Triton launch counted once (its ``maxscore::*_kernel`` range; the interpreter's own work
+    inside it is not counted), the engine's host work (its ``host::`` range) left out, and -1
+    for the copies (a CPU cannot tell them apart).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        copies = sum("Memcpy DtoH" in e.name for e in device_events)
+        kernels = sum(
+            not e.name.startswith("Memcpy") and not e.name.startswith("Memset") for e in device_events
+        )
+        return kernels, copies
+
+    def inside_range(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith((KERNEL_RANGE, HOST_RANGE)):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def launches(event) -> bool:
+        if event.name.startswith(KERNEL_RANGE):
+            return True
+        if not event.name.startswith("aten::") or event.name in METADATA_OPS or event.cpu_children:
+            return False
+        return event.name != "aten::to"  # a leaf "to" converted nothing (a real one calls _to_copy)
+
+    return sum(launches(event) and not inside_range(event) for event in events), -1
+
+
 def format_table(rows: Iterable[BenchRow]) -> str:
     """A markdown table of benchmark rows."""
     lines = [

@@ -51,7 +51,14 @@ from maxscore.solvers._validate import Problems, infeasible_message, nonfinite_m
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers.exact.host import check_counts, solve_exact_groups
-from maxscore.solvers.exact.prices import DAMPING, DEVICE_PRICE_STEPS, GAP_TOLERANCE, certify, price_step
+from maxscore.solvers.exact.prices import (
+    DAMPING,
+    DEVICE_PRICE_STEPS,
+    GAP_TOLERANCE,
+    Certificate,
+    certify,
+    price_step,
+)
 
 CANDIDATE_FRACTION = 8
 ROUNDING = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative allowance of the margin test
@@ -167,8 +174,13 @@ class _TorchOps:
         loads = _loads(experts, problems.num_experts)
         return Dense(p, experts, margin, loads, flags)
 
-    def pack(self, problems: Problems, dense: Dense, candidates: torch.Tensor, fixed: torch.Tensor):
+    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
         num_experts, k = problems.num_experts, problems.k
+        candidates = smallest.indices[:, :num_candidates]
+        if num_candidates < problems.num_tokens:
+            fixed = smallest.values[:, num_candidates]
+        else:
+            fixed = dense.margin.new_full((problems.num_groups,), math.inf)
         index = candidates[..., None]
         scores = problems.scores_GNE.double().gather(1, index.expand(-1, -1, num_experts))
         valid = _mask(problems).gather(1, candidates)
@@ -186,8 +198,18 @@ class _TorchOps:
         ]
         return torch.cat([part.double() for part in parts], dim=1)
 
-    def certify(self, problems: Problems, experts: torch.Tensor, prices: torch.Tensor):
-        return certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
+    def finish(
+        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
+    ):
+        num_experts, k = problems.num_experts, problems.k
+        prices = back[:, :num_experts].contiguous()
+        fallback = back[:, -1] > 0
+        sub = back[:, num_experts:-1].long().view(problems.num_groups, num_candidates, k)
+        index = order[:, :num_candidates, None].expand(-1, -1, k)
+        kept = torch.where(fallback[:, None, None], experts.gather(1, index), sub)  # fallen back: in place
+        experts = experts.scatter_(1, index, kept)
+        stats = certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
+        return experts, prices, fallback, stats
 
 
 class _TritonOps:
@@ -206,38 +228,35 @@ class _TritonOps:
         )
         return Dense(*out)
 
-    def pack(self, problems: Problems, dense: Dense, candidates: torch.Tensor, fixed: torch.Tensor):
+    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
         return _kernels().pack(
             problems.scores_GNE.contiguous(),
             problems.valid_GN,
-            candidates.contiguous(),
+            smallest.indices,
+            smallest.values,
+            num_candidates,
             dense.experts,
             dense.loads,
             problems.capacity_G,
             problems.num_valid_G,
             dense.prices,
-            fixed.contiguous(),
             dense.flags,
         )
 
-    def certify(self, problems: Problems, experts: torch.Tensor, prices: torch.Tensor):
-        loads, stats = _kernels().certify(
+    def finish(
+        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
+    ):
+        prices, fallback, loads, stats = _kernels().certify(
             problems.scores_GNE.contiguous(),
             problems.valid_GN,
             experts,
-            prices,
+            back,
+            order,
+            num_candidates,
             problems.capacity_G,
             GAP_TOLERANCE,
         )
-        return _Stats(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
-
-
-@dataclass(frozen=True, slots=True)
-class _Stats:
-    loads: torch.Tensor
-    score: torch.Tensor
-    gap: torch.Tensor
-    converged: torch.Tensor
+        return experts, prices, fallback, Certificate(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
 
 
 def _mask(problems: Problems) -> torch.Tensor:
@@ -270,25 +289,21 @@ class _DeviceSolve:
         dense = self.ops.dense(self.problems, warm, steps)
         num_candidates = min(self.N, max(1, -(-self.N // CANDIDATE_FRACTION)))
         smallest = torch.topk(dense.margin, min(num_candidates + 1, self.N), dim=1, largest=False)
-        candidates = smallest.indices[:, :num_candidates]
-        if num_candidates < self.N:
-            fixed = smallest.values[:, num_candidates]
-        else:
-            fixed = dense.margin.new_full((self.G,), math.inf)
-        host = self.unpack(
-            self.ops.pack(self.problems, dense, candidates, fixed).cpu().numpy(), num_candidates
-        )
-        self.raise_bad_input(host)
-        prices, sub_experts, fallback = self.repair(host, threads)
-        back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
+        packed = self.ops.pack(self.problems, dense, smallest, num_candidates).cpu()  # the one transfer
+        with torch.profiler.record_function("host::repair"):  # host work: no device launches
+            host = self.unpack(packed.numpy(), num_candidates)
+            self.raise_bad_input(host)
+            prices, sub_experts, fallback = self.repair(host, threads)
+            if fallback.any():
+                groups, full_experts = self.fall_back(fallback, prices, max_moves, threads)
+            back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
+        experts = dense.experts
         back = torch.from_numpy(back).to(self.device)  # the one transfer back
-        p = back[:, : self.E].contiguous()
-        sub = back[:, self.E : -1].long().view(self.G, num_candidates, self.k)
-        experts = dense.experts.scatter(1, candidates[..., None].expand(-1, -1, self.k), sub)
-        fallback_G = back[:, -1] > 0
         if fallback.any():
-            experts, p = self.fall_back(fallback, experts, p, max_moves, threads)
-        stats = self.ops.certify(self.problems, experts, p)
+            experts = experts.index_copy_(0, groups, full_experts)
+        experts, p, fallback_G, stats = self.ops.finish(
+            self.problems, experts, back, smallest.indices, num_candidates
+        )
         return Assignment(
             experts=experts,
             loads=stats.loads,
@@ -375,15 +390,15 @@ class _DeviceSolve:
         experts = np.where(host["valid"][..., None] > 0, result.experts_GNK, -1)
         return result.prices_GE, experts, ~certified_G
 
-    def fall_back(self, fallback: np.ndarray, experts_GNK, p, max_moves, threads):
-        """Groups the repair could not certify: the host core on their full scores."""
+    def fall_back(self, fallback: np.ndarray, prices: np.ndarray, max_moves, threads):
+        """Groups the repair could not certify: the host core on their full scores (a second
+        transfer).  Writes their prices into ``prices``; returns the groups and their experts."""
         groups = torch.from_numpy(np.flatnonzero(fallback)).to(self.device)
         problems = self.problems
-        scores = problems.scores_GNE.index_select(0, groups)
         valid = None if problems.valid_GN is None else problems.valid_GN.index_select(0, groups)
         full = _on_host(
             Problems(
-                scores,
+                problems.scores_GNE.index_select(0, groups),
                 self.k,
                 problems.capacity_G.index_select(0, groups),
                 valid,
@@ -392,6 +407,5 @@ class _DeviceSolve:
             )
         )
         result = run_core_batch(full, max_moves=max_moves, threads=threads, group_ids=groups.tolist())
-        experts_GNK = experts_GNK.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(self.device))
-        p = p.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(self.device))
-        return experts_GNK, p
+        prices[fallback] = result.prices_GE
+        return groups, torch.from_numpy(result.experts_GNK).to(self.device)

@@ -222,7 +222,7 @@ def dense_kernel(
     bad_prices = tl.sum(((p != p) | (p == float("inf")) | (p == -float("inf"))).to(tl.int32), axis=0)
     p = tl.where((p == p) & (p < float("inf")) & (p > -float("inf")), p, 0.0)
     p = tl.where(col_ok, p - tl.min(tl.where(col_ok, p, float("inf")), axis=0), 0.0)
-    stop = tl.where(early_stop != 0, (K * num_valid) // 512 + 1, -1)  # the repair takes this excess
+    stop = tl.where(early_stop != 0, (K * num_valid) // 4096 + 1, -1)  # the repair takes this excess
     if steps > 0:
         loads, low, high, above, infinite, excess = _thresholds(
             s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE
@@ -277,18 +277,19 @@ def dense_kernel(
 def pack_kernel(
     s_ptr,
     valid_ptr,
-    cand_ptr,
+    order_ptr,
+    smallest_ptr,
     experts_ptr,
     loads_ptr,
     cap_ptr,
     num_valid_ptr,
     p_ptr,
-    fixed_ptr,
     flags_ptr,
     out_ptr,
     N,
     E,
     M,
+    M1,
     W,
     K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -303,7 +304,7 @@ def pack_kernel(
     for start in range(0, M, BLOCK_M):
         m = start + tl.arange(0, BLOCK_M)
         m_ok = m < M
-        t = tl.load(cand_ptr + g * M + m, mask=m_ok, other=0)
+        t = tl.load(order_ptr + g * M1 + m, mask=m_ok, other=0)
         box = m_ok[:, None] & col_ok[None, :]
         s = tl.load(s_ptr + (g * N + t)[:, None] * E + cols[None, :], mask=box, other=0.0)
         tl.store(out + m[:, None] * E + cols[None, :], s.to(out_ptr.dtype.element_ty), mask=box)
@@ -323,7 +324,9 @@ def pack_kernel(
     p = tl.load(p_ptr + g * E + cols, mask=col_ok, other=0.0)
     tl.store(out + base + E + cols, p.to(out_ptr.dtype.element_ty), mask=col_ok)
     base += 2 * E
-    tl.store(out + base, tl.load(fixed_ptr + g).to(out_ptr.dtype.element_ty))
+    # the smallest margin of the fixed tokens: the (M+1)-th smallest (none when all are candidates)
+    fixed = tl.load(smallest_ptr + g * M1 + M, mask=M1 > M, other=float("inf"))
+    tl.store(out + base, fixed.to(out_ptr.dtype.element_ty))
     tl.store(out + base + 1, C.to(out_ptr.dtype.element_ty))
     tl.store(out + base + 2, tl.load(num_valid_ptr + g).to(out_ptr.dtype.element_ty))
     four = tl.arange(0, 4)
@@ -336,12 +339,17 @@ def certify_kernel(
     s_ptr,
     valid_ptr,
     experts_ptr,
+    back_ptr,
+    order_ptr,
     p_ptr,
+    fallback_ptr,
     cap_ptr,
     loads_ptr,
     stats_ptr,
     N,
     E,
+    M,
+    M1,
     tolerance,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -353,7 +361,21 @@ def certify_kernel(
     rows0 = tl.arange(0, BLOCK_N)
     col_ok = cols < E
     C = tl.load(cap_ptr + g)
-    p = tl.load(p_ptr + g * E + cols, mask=col_ok, other=0.0).to(tl.float64)
+    # the host's answer (a row of [prices E, candidates' experts M x K, fallback]): prices out,
+    # and the candidates' experts into place unless the group fell back (then it is there already)
+    back = back_ptr + g * (E + M * K + 1)
+    p = tl.load(back + cols, mask=col_ok, other=0.0).to(tl.float64)
+    tl.store(p_ptr + g * E + cols, p, mask=col_ok)
+    fell_back = tl.load(back + E + M * K)
+    tl.store(fallback_ptr + g, (fell_back > 0).to(tl.int8))
+    if fell_back <= 0:
+        for start in range(0, M, BLOCK_N):
+            m = start + rows0
+            t = tl.load(order_ptr + g * M1 + m, mask=m < M, other=0)
+            for j in tl.static_range(K):
+                e = tl.load(back + E + m * K + j, mask=m < M, other=-1.0).to(tl.int64)
+                tl.store(experts_ptr + (g * N + t) * K + j, e, mask=m < M)
+    tl.debug_barrier()  # the experts just written are read below by other threads
     loads = tl.zeros([BLOCK_E], tl.int32)
     score = tl.zeros([BLOCK_N], tl.float64)
     dual = tl.zeros([BLOCK_N], tl.float64)
@@ -432,21 +454,21 @@ def dense(
     return prices_out, experts, margin, loads, flags
 
 
-def pack(
-    scores, valid, candidates, experts, loads, capacity, num_valid, prices, fixed, flags
-) -> torch.Tensor:
-    """Launches ``pack_kernel``: [G, W] rows in the compute precision (layout: ``packed_width``)."""
+def pack(scores, valid, order, smallest, num_candidates, experts, loads, capacity, num_valid, prices, flags):
+    """Launches ``pack_kernel``: [G, W] rows in the compute precision (layout: ``packed_width``).
+    ``order``/``smallest``: the top-k of the smallest margins, [G, M] or [G, M + 1]."""
     num_groups, num_tokens, num_experts = scores.shape
-    num_candidates, k = candidates.shape[1], experts.shape[-1]
+    k = experts.shape[-1]
     width = packed_width(num_candidates, num_experts)
     out = torch.empty(num_groups, width, dtype=prices.dtype, device=scores.device)
     valid_arg, has_valid = _flag(valid, flags)
-    block_m = max(16, min(triton.next_power_of_2(num_candidates), 8192 // _blocks(1, num_experts)[1]))
+    block_e = _blocks(1, num_experts)[1]
+    block_m = max(16, min(triton.next_power_of_2(num_candidates), 8192 // block_e))
     with torch.profiler.record_function("maxscore::pack_kernel"):
         pack_kernel[(num_groups,)](
-            scores, valid_arg, candidates, experts, loads, capacity, num_valid, prices, fixed, flags, out,
-            num_tokens, num_experts, num_candidates, width,
-            K=k, BLOCK_M=block_m, BLOCK_E=_blocks(1, num_experts)[1], HAS_VALID=has_valid, num_warps=4,
+            scores, valid_arg, order, smallest, experts, loads, capacity, num_valid, prices, flags, out,
+            num_tokens, num_experts, num_candidates, order.shape[1], width,
+            K=k, BLOCK_M=block_m, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -457,16 +479,22 @@ def packed_width(num_candidates: int, num_experts: int) -> int:
     return num_candidates * num_experts + num_candidates + 2 * num_experts + 7
 
 
-def certify(scores, valid, experts, prices, capacity, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches ``certify_kernel``: (loads int64 [G, E], float64 [G, 3]: score, gap, converged)."""
+def certify(scores, valid, experts, back, order, num_candidates, capacity, tolerance: float):
+    """Launches ``certify_kernel``: writes the candidates' experts from ``back`` (the host's
+    answer, float64 [G, E + M K + 1]) into ``experts`` and certifies.  Returns (prices float64
+    [G, E], fallback bool [G], loads int64 [G, E], float64 [G, 3]: score, gap, converged)."""
     num_groups, num_tokens, num_experts = scores.shape
     block_n, block_e = _blocks(num_tokens, num_experts)
-    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=scores.device)
-    stats = torch.empty(num_groups, 3, dtype=torch.float64, device=scores.device)
+    device = scores.device
+    prices = torch.empty(num_groups, num_experts, dtype=torch.float64, device=device)
+    fallback = torch.empty(num_groups, dtype=torch.int8, device=device)
+    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=device)
+    stats = torch.empty(num_groups, 3, dtype=torch.float64, device=device)
     valid_arg, has_valid = _flag(valid, loads)
     with torch.profiler.record_function("maxscore::certify_kernel"):
         certify_kernel[(num_groups,)](
-            scores, valid_arg, experts, prices, capacity, loads, stats, num_tokens, num_experts, tolerance,
+            scores, valid_arg, experts, back, order, prices, fallback, capacity, loads, stats,
+            num_tokens, num_experts, num_candidates, order.shape[1], tolerance,
             K=experts.shape[-1], BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=8,
         )  # fmt: skip
-    return loads, stats
+    return prices, fallback.view(torch.bool), loads, stats
