@@ -76,7 +76,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['groups']} | {r['num_tokens']} | {r['num_experts']} | {r['k']} | {r['distribution']} "
             f"| {r['dense']} | {r['topk_ms']:.3f} | {r['cold_ms']:.2f} | {r['cold_x_topk']:.1f} "
             f"| {r['warm_ms']:.2f} | {r['warm_x_topk']:.1f} | {r['host_ms']:.2f} | {r['host_x_topk']:.1f} "
-            f"| {r['cold_fallbacks']}/{r['warm_fallbacks']} | {r['gap_vs_host']:.1e} | {r['launches']} | {copies} |"
+            f"| {r['cold_fallbacks']}/{r['warm_fallbacks']} | {r['gap_vs_host']:.1e} | {r['launches']} "
+            f"| {copies} |"
         )
     return "\n".join(lines)
 
