@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of the routing engine in one go (about 4 minutes on one H100/H200):
-# the `gpu` tests, the solver benchmark with CUDA scores (batched rows, device engine), the
-# layer benchmark and training throughput per router at the small preset.
+# the `gpu` tests and the device engine's tests (its Triton kernels compiled for the GPU), the
+# engine benchmark (cold/warm x topk, launches and device-to-host copies per warm call,
+# fallbacks, exactness), the layer benchmark (routing x GShard) and training tokens/s per
+# router at the small preset.
 #   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
-# Needs a CUDA build of torch, transformers, scipy and pytest in $PY (default python3) and a C
-# compiler for the solver core; nothing is downloaded (GPU machines are often offline).
+# Needs a CUDA build of torch (it brings Triton), transformers, scipy and pytest in $PY (default
+# python3) and a C compiler for the solver core; nothing is downloaded (GPU machines are often
+# offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -12,11 +15,12 @@ tag=${1:-h100}
 stamp=$(date +%Y%m)
 out=benchmarks/results
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+"$PY" -c "import triton; print('triton', triton.__version__)"
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 "$PY" -m pytest -q -m gpu tests
-"$PY" -m pytest -q tests/solvers/test_device.py tests/solvers/test_batched.py
-"$PY" benchmarks/bench_solvers.py --device cuda --quick --budget 0.3 \
-    --out "$out/engine_${tag}_${stamp}.json" --md "$out/engine_${tag}_${stamp}.md"
+"$PY" -m pytest -q -x tests/solvers/test_device.py tests/solvers/test_prices.py tests/solvers/test_batched.py
+"$PY" benchmarks/bench_engine.py --device cuda --budget 0.5 \
+    --out "$out/engine_fused_${tag}_${stamp}.json" --md "$out/engine_fused_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \

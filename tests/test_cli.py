@@ -22,7 +22,7 @@ def test_solve_bench_quick_writes_rows(tmp_path, capsys):
     for row in exact:
         assert row["gap_vs_exact"] == 0.0 and row["dropped_fraction"] == 0.0
         assert row["max_load_ratio"] == 1.0 and abs(row["certificate_gap"]) < 1e-6
-        assert row["device_ratio"] > 0
+        assert row["device_ratio"] is None  # timed on CUDA scores only (bench_engine.py covers the CPU)
     batched = [r for r in rows if r["groups"] == 64 and r["method"].startswith("exact")]
     assert len(batched) == 4 and all(r["gap_vs_exact"] == 0.0 for r in batched)
     greedy = [r for r in rows if r["method"] == "greedy"]

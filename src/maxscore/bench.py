@@ -5,8 +5,8 @@ repeated calls of the public ``solve`` (validation included); ratios divide by t
 of ``torch.topk`` on the same scores, measured in the same run.  Batched rows solve G routing
 groups ([G, N, E] scores) in one call, against ``torch.topk`` over the same [G * N, E] scores
 (and, as a baseline, one ``solve`` call per group).  The device column times the exact
-method's device engine (``engine="device"``) on the scores' device: on a CPU it is a proxy of
-the code path, in topk units, not a device timing.
+method's device engine (``engine="device"``) on CUDA scores; ``benchmarks/bench_engine.py``
+measures it in detail (and its launches on a CPU).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _timed_row(
     quality columns they measure)."""
     ms = median_ms(run, budget_s)
     device_ratio = None
-    if method == "exact":
+    if method == "exact" and scores.is_cuda:  # on a CPU: benchmarks/bench_engine.py
         device_ratio = median_ms(lambda: solve(scores, case["k"], engine="device"), budget_s) / topk_ms
     return BenchRow(
         **case,

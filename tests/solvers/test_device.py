@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import maxscore
+from maxscore.bench import count_launches
 from maxscore.solvers.exact import device
 from tests.conftest import random_instance
-from tests.solvers.helpers import kernels_run_here
+from tests.solvers.helpers import kernels_run_here, needs_kernels
 
 
 @pytest.fixture(params=["kernels", "torch"])
@@ -181,6 +182,19 @@ def test_bad_input_on_every_engine(mutate, kwargs, match, engine, backend):
     mutate(scores)
     with pytest.raises(ValueError, match=match):
         maxscore.solve(scores, 2, **{"engine": engine, **kwargs})
+
+
+@needs_kernels
+def test_a_warm_call_launches_a_few_kernels():
+    """The fused path: the kernels' launches and the few torch operations around them (the
+    issue's budget is 30 per warm call), whatever the number of groups."""
+    for num_groups in (2, 8):
+        scores, valid = _groups("padding", num_groups, 64, 8, 2)
+        cold = maxscore.solve(scores, 2, valid=valid, engine="device")
+        launches, _ = count_launches(lambda s=scores, v=valid, p=cold.prices: maxscore.solve(
+            s, 2, valid=v, engine="device", prices=p
+        ))  # fmt: skip
+        assert launches <= 12, launches
 
 
 @pytest.mark.gpu
