@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="where the scores live (cpu or cuda)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     parser.add_argument("--sizes", default=",".join("x".join(map(str, s)) for s in SIZES), help="GxNxExk,...")
+    parser.add_argument("--distributions", default=",".join(DISTRIBUTIONS), help="std1,std1+bias,...")
     parser.add_argument("--out", help="JSON output")
     parser.add_argument("--md", help="markdown output with the environment")
     parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
@@ -101,7 +102,7 @@ def main() -> int:
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     rows = []
     for size in sizes:
-        for distribution in DISTRIBUTIONS:
+        for distribution in args.distributions.split(","):
             print(f"  {size} {distribution}", file=sys.stderr, flush=True)
             rows.append(bench_case(*size, distribution, args.device, args.budget, not args.count_only))
     table = format_table(rows)

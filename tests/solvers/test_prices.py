@@ -12,6 +12,7 @@ from maxscore.solvers._validate import make_problems
 from maxscore.solvers.collectives import Reducer
 from maxscore.solvers.exact import prices as price_module
 from maxscore.solvers.exact._native import core_price_step
+from maxscore.solvers.exact.dense import FusedOps
 from maxscore.solvers.exact.global_prices import price_steps
 from maxscore.solvers.exact.prices import DAMPING, certify, price_step
 from tests.conftest import random_instance
@@ -97,22 +98,10 @@ def test_host_core_step_equals_the_reference(case):
 @needs_kernels
 @pytest.mark.parametrize("case", CASES + [("peaked", 2000, 64, 8, 1.0)], ids=lambda c: "-".join(map(str, c)))
 def test_kernel_step_equals_the_reference(case):
-    from maxscore.solvers.exact import kernels
-
     problems = _problem(*case)
     warm = _warm(problems.num_experts)
     step = price_step(problems.scores_GNE, problems.k, problems.capacity_G, warm[None], problems.valid_GN)[0]
-    prices, *_ = kernels.dense(
-        problems.scores_GNE,
-        problems.valid_GN,
-        problems.capacity_G,
-        problems.num_valid_G,
-        warm[None].contiguous(),
-        problems.k,
-        1,
-        DAMPING,
-        early_stop=False,
-    )
+    prices = FusedOps().dense(problems, warm[None].contiguous(), 1, early_stop=False).prices
     # float32 arithmetic on the device: agreement to its rounding
     assert torch.allclose(prices[0].double(), step, rtol=0, atol=1e-6)
 
@@ -151,8 +140,8 @@ def test_certificate_rejects_what_it_must():
 def test_constants_are_defined_once():
     """The engines import the step's constants from prices.py rather than defining their own."""
     import maxscore.solvers.exact._native as native
-    import maxscore.solvers.exact.device as device
+    import maxscore.solvers.exact.dense as dense
     import maxscore.solvers.exact.global_prices as global_prices
 
-    for module in (native, device, global_prices):
+    for module in (native, dense, global_prices):
         assert module.DAMPING is price_module.DAMPING

@@ -21,10 +21,10 @@ Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing g
    only then).  The new prices and the candidates' experts come back in one transfer.
 4. **Certificate** (``prices.certify``) on the device, with no host synchronization.
 
-Two implementations of steps 1, 3 (packing) and 4 run the same algorithm: fused Triton
-kernels (``kernels.py``: one program per group, three launches) where Triton runs (CUDA, or
-CPU tensors under ``TRITON_INTERPRET=1``), else plain torch operations (the reference steps
-of ``prices.py``, in float64).  Bad input (NaN/+inf, tokens with fewer than k allowed experts,
+Two implementations of steps 1, 3 (packing) and 4 run the same algorithm (``dense.py``):
+fused Triton kernels (``kernels.py``: one program per group, three launches) where Triton
+runs (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), else plain torch operations (the
+reference steps of ``prices.py``, in float64).  Bad input (NaN/+inf, tokens with fewer than k allowed experts,
 an infeasible capacity, non-finite warm prices) is flagged on the device and raised at the one
 transfer with the host engine's messages.
 
@@ -39,10 +39,7 @@ Flows* (1993), ch. 9 (reduced costs and successive shortest paths).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,35 +47,12 @@ import torch
 from maxscore.solvers._validate import Problems, infeasible_message, nonfinite_message, short_message
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.exact._native import run_core_batch
+from maxscore.solvers.exact.dense import FusedOps, TorchOps, kernels_available, valid_mask
 from maxscore.solvers.exact.host import check_counts, solve_exact_groups
-from maxscore.solvers.exact.prices import (
-    DAMPING,
-    DEVICE_PRICE_STEPS,
-    GAP_TOLERANCE,
-    Certificate,
-    certify,
-    price_step,
-)
+from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 CANDIDATE_FRACTION = 8
 ROUNDING = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative allowance of the margin test
-
-
-@functools.cache
-def _kernels():
-    try:
-        from maxscore.solvers.exact import kernels
-    except ImportError:  # Triton is an optional extra
-        return None
-    return kernels
-
-
-def kernels_available(device: torch.device) -> bool:
-    """True when the fused kernels run on ``device``: CUDA with Triton installed, or the CPU
-    with ``TRITON_INTERPRET=1`` set before the kernels were first used."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-        return False
-    return device.type in ("cuda", "cpu") and _kernels() is not None
 
 
 def solve_exact_device(
@@ -98,7 +72,7 @@ def solve_exact_device(
     warm = _warm_prices(prices, problems)
     if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
         return solve_exact_groups(_on_host(problems), prices=prices, threads=threads)
-    ops = _TritonOps() if kernels_available(problems.scores_GNE.device) else _TorchOps()
+    ops = FusedOps() if kernels_available(problems.scores_GNE.device) else TorchOps()
     return _DeviceSolve(problems, ops).run(warm, price_iterations, max_moves, threads)
 
 
@@ -132,150 +106,10 @@ def _on_host(problems: Problems) -> Problems:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Dense:
-    """Step 1's result: prices [G, E], experts [G, N, K] (-1 for padding), margins [G, N]
-    (+inf for padding), loads [G, E] and flags int32 [G, 4] (NaN/+inf rows, short rows,
-    infeasible capacity, non-finite warm prices)."""
-
-    prices: torch.Tensor
-    experts: torch.Tensor
-    margin: torch.Tensor
-    loads: torch.Tensor
-    flags: torch.Tensor
-
-
-class _TorchOps:
-    """Steps 1, 3 (packing) and 4 as plain torch operations, in float64."""
-
-    def dense(self, problems: Problems, warm: torch.Tensor, steps: int) -> Dense:
-        s, valid, k = problems.scores_GNE.double(), problems.valid_GN, problems.k
-        mask = _mask(problems)
-        flags = torch.stack(
-            [
-                ((torch.isnan(s) | (s == math.inf)).any(-1) & mask).sum(1),
-                (((s > -math.inf).sum(-1) < k) & mask).sum(1),
-                (problems.capacity_G * problems.num_experts < k * problems.num_valid_G).long(),
-                (~torch.isfinite(warm)).any(1).long(),
-            ],
-            dim=1,
-        ).int()
-        s = torch.where(mask[..., None] & ~torch.isnan(s), s, -math.inf)
-        p = torch.nan_to_num(warm, nan=0.0, posinf=0.0, neginf=0.0)
-        p = p - p.min(1, keepdim=True).values
-        for _ in range(steps if k < problems.num_experts else 0):
-            p = price_step(s, k, problems.capacity_G, p, valid)
-        top = torch.topk(s - p[:, None, :], min(k + 1, problems.num_experts), dim=-1)
-        experts = top.indices[..., :k].masked_fill(~mask[..., None], -1)
-        nxt = (
-            top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
-        )
-        margin = torch.where(mask, top.values[..., k - 1] - nxt, math.inf)
-        loads = _loads(experts, problems.num_experts)
-        return Dense(p, experts, margin, loads, flags)
-
-    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
-        num_experts, k = problems.num_experts, problems.k
-        candidates = smallest.indices[:, :num_candidates]
-        if num_candidates < problems.num_tokens:
-            fixed = smallest.values[:, num_candidates]
-        else:
-            fixed = dense.margin.new_full((problems.num_groups,), math.inf)
-        index = candidates[..., None]
-        scores = problems.scores_GNE.double().gather(1, index.expand(-1, -1, num_experts))
-        valid = _mask(problems).gather(1, candidates)
-        taken = _loads(dense.experts.gather(1, index.expand(-1, -1, k)), num_experts)
-        left = problems.capacity_G[:, None] - dense.loads + taken
-        parts = [
-            scores.flatten(1),
-            valid,
-            left,
-            dense.prices,
-            fixed[:, None],
-            problems.capacity_G[:, None],
-            problems.num_valid_G[:, None],
-            dense.flags,
-        ]
-        return torch.cat([part.double() for part in parts], dim=1)
-
-    def finish(
-        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
-    ):
-        num_experts, k = problems.num_experts, problems.k
-        prices = back[:, :num_experts].contiguous()
-        fallback = back[:, -1] > 0
-        sub = back[:, num_experts:-1].long().view(problems.num_groups, num_candidates, k)
-        index = order[:, :num_candidates, None].expand(-1, -1, k)
-        kept = torch.where(fallback[:, None, None], experts.gather(1, index), sub)  # fallen back: in place
-        experts = experts.scatter_(1, index, kept)
-        stats = certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
-        return experts, prices, fallback, stats
-
-
-class _TritonOps:
-    """Steps 1, 3 (packing) and 4 as the fused kernels of ``kernels.py``."""
-
-    def dense(self, problems: Problems, warm: torch.Tensor, steps: int) -> Dense:
-        out = _kernels().dense(
-            problems.scores_GNE.contiguous(),
-            problems.valid_GN,
-            problems.capacity_G,
-            problems.num_valid_G,
-            warm,
-            problems.k,
-            steps,
-            DAMPING,
-        )
-        return Dense(*out)
-
-    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
-        return _kernels().pack(
-            problems.scores_GNE.contiguous(),
-            problems.valid_GN,
-            smallest.indices,
-            smallest.values,
-            num_candidates,
-            dense.experts,
-            dense.loads,
-            problems.capacity_G,
-            problems.num_valid_G,
-            dense.prices,
-            dense.flags,
-        )
-
-    def finish(
-        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
-    ):
-        prices, fallback, loads, stats = _kernels().certify(
-            problems.scores_GNE.contiguous(),
-            problems.valid_GN,
-            experts,
-            back,
-            order,
-            num_candidates,
-            problems.capacity_G,
-            GAP_TOLERANCE,
-        )
-        return experts, prices, fallback, Certificate(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
-
-
-def _mask(problems: Problems) -> torch.Tensor:
-    if problems.valid_GN is not None:
-        return problems.valid_GN
-    shape = (problems.num_groups, problems.num_tokens)
-    return torch.ones(shape, dtype=torch.bool, device=problems.scores_GNE.device)
-
-
-def _loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    loads = torch.zeros(experts.shape[0], num_experts + 1, dtype=torch.int64, device=experts.device)
-    slots = (experts % (num_experts + 1)).flatten(1)  # -1 lands in the extra column
-    return loads.scatter_add_(1, slots, torch.ones_like(slots))[:, :num_experts]
-
-
 class _DeviceSolve:
     """One call of the device engine: steps 2-4 around the dense step of ``ops``."""
 
-    def __init__(self, problems: Problems, ops: _TorchOps | _TritonOps) -> None:
+    def __init__(self, problems: Problems, ops: TorchOps | FusedOps) -> None:
         self.problems, self.ops = problems, ops
         self.G, self.N, self.E, self.k = (
             problems.num_groups,
@@ -341,7 +175,7 @@ class _DeviceSolve:
         group_size = self.N if self.G > 1 else None
         if flags[:, 0].any() or flags[:, 1].any():
             s = self.problems.scores_GNE
-            mask = _mask(self.problems)
+            mask = valid_mask(self.problems)
             if flags[:, 0].any():
                 bad = (torch.isnan(s) | (s == math.inf)).any(-1) & mask
                 raise ValueError(nonfinite_message(bad.flatten().nonzero().flatten().cpu(), group_size))

@@ -1,8 +1,8 @@
 """The device engine's fused kernels (Triton): one program per routing group, three launches.
 
 1. ``dense``: from the warm start, damped best-response price steps (``prices.py``) while the
-   group's excess is above ``stop_excess`` (at most ``steps``), then every valid token's top-k of
-   ``s - p``, its margin ``v_k - v_(k+1)``, the loads and the input flags (NaN/+inf, tokens with
+   group's excess is above about 1/4096 of its units (at most ``steps``), then every valid
+   token's top-k of ``s - p``, its margin ``v_k - v_(k+1)``, the loads and the input flags (NaN/+inf, tokens with
    fewer than k allowed experts, non-finite warm prices).  Each step writes the thresholds
    ``theta`` of the group once (a scratch the size of the scores) and locates each expert's
    C-th/(C+1)-th largest threshold by bisection over the values (a selection, no sort): a
@@ -21,11 +21,11 @@ tensors (how they are tested without a GPU).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 MAX_BISECT = 40  # halvings of a quantile's bracket per step (float32 resolution, with margin)
+COMPUTE = {"fp32": tl.float32, "fp64": tl.float64}  # the arithmetic's precision, by the scores
 
 
 @triton.jit
@@ -59,22 +59,13 @@ def _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID: tl.constexpr
     return tl.where(row_ok[:, None], s, -float("inf")), row_ok, rows
 
 
+# fmt: off
 @triton.jit
 def _thresholds(
-    s_ptr,
-    valid_ptr,
-    theta_ptr,
-    g,
-    p,
-    C,
-    N,
-    E,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr
 ):
+# fmt: on
     """Writes theta of every token at prices p; returns loads, the finite range and counts."""
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -138,23 +129,13 @@ def _bracket(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     return below, over
 
 
+# fmt: off
 @triton.jit
 def _best_response(
-    theta_ptr,
-    g,
-    p,
-    C,
-    slack,
-    loads,
-    low,
-    high,
-    above,
-    infinite,
-    N,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    MAX_BISECT: tl.constexpr,
+    theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, MAX_BISECT: tl.constexpr
 ):
+# fmt: on
     """Each expert's target price from the thresholds (prices.best_response, by bisection)."""
     few = C >= above  # fewer than C + 1 thresholds: the smallest finite one
     active = (loads != C) & (C > 0) & (above > 0) & ~few & (infinite <= C)
@@ -186,31 +167,14 @@ def _best_response(
     return tl.where(usable, target, p)
 
 
+# fmt: off
 @triton.jit
 def dense_kernel(
-    s_ptr,
-    valid_ptr,
-    cap_ptr,
-    num_valid_ptr,
-    p_in_ptr,
-    p_out_ptr,
-    experts_ptr,
-    margin_ptr,
-    loads_ptr,
-    flags_ptr,
-    theta_ptr,
-    N,
-    E,
-    steps,
-    damping,
-    early_stop,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    MAX_BISECT: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    s_ptr, valid_ptr, cap_ptr, num_valid_ptr, p_in_ptr, p_out_ptr, experts_ptr, margin_ptr, loads_ptr,
+    flags_ptr, theta_ptr, N, E, steps, damping, early_stop, K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, MAX_BISECT: tl.constexpr, COMPUTE: tl.constexpr
 ):
+# fmt: on
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -273,29 +237,14 @@ def dense_kernel(
     tl.store(flags_ptr + g * 4 + 3, bad_prices)
 
 
+# fmt: off
 @triton.jit
 def pack_kernel(
-    s_ptr,
-    valid_ptr,
-    order_ptr,
-    smallest_ptr,
-    experts_ptr,
-    loads_ptr,
-    cap_ptr,
-    num_valid_ptr,
-    p_ptr,
-    flags_ptr,
-    out_ptr,
-    N,
-    E,
-    M,
-    M1,
-    W,
-    K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    s_ptr, valid_ptr, order_ptr, smallest_ptr, experts_ptr, loads_ptr, cap_ptr, num_valid_ptr, p_ptr,
+    flags_ptr, out_ptr, N, E, M, M1, W, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr
 ):
+# fmt: on
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -334,28 +283,14 @@ def pack_kernel(
     tl.store(out + base + 3 + four, flags.to(out_ptr.dtype.element_ty))
 
 
+# fmt: off
 @triton.jit
 def certify_kernel(
-    s_ptr,
-    valid_ptr,
-    experts_ptr,
-    back_ptr,
-    order_ptr,
-    p_ptr,
-    fallback_ptr,
-    cap_ptr,
-    loads_ptr,
-    stats_ptr,
-    N,
-    E,
-    M,
-    M1,
-    tolerance,
-    K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    HAS_VALID: tl.constexpr,
+    s_ptr, valid_ptr, experts_ptr, back_ptr, order_ptr, p_ptr, fallback_ptr, cap_ptr, loads_ptr,
+    stats_ptr, N, E, M, M1, tolerance, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_VALID: tl.constexpr
 ):
+# fmt: on
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     rows0 = tl.arange(0, BLOCK_N)
@@ -411,90 +346,3 @@ def certify_kernel(
     tl.store(stats_ptr + g * 3 + 0, total)
     tl.store(stats_ptr + g * 3 + 1, gap)
     tl.store(stats_ptr + g * 3 + 2, converged.to(tl.float64))
-
-
-# ---- launches ---------------------------------------------------------------------------------
-def _blocks(num_tokens: int, num_experts: int) -> tuple[int, int]:
-    block_e = triton.next_power_of_2(max(num_experts, 2))
-    return max(16, min(triton.next_power_of_2(max(num_tokens, 1)), 8192 // block_e)), block_e
-
-
-def _compute(dtype: torch.dtype) -> tuple[torch.dtype, object]:
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
-def _flag(valid: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    return (fallback, False) if valid is None else (valid.view(torch.uint8), True)
-
-
-def dense(
-    scores, valid, capacity, num_valid, prices, k: int, steps: int, damping: float, early_stop: bool = True
-):
-    """Launches ``dense_kernel``: (prices [G, E], experts [G, N, K], margins [G, N], loads [G, E],
-    flags int32 [G, 4]) in the compute precision.  ``early_stop=False`` takes every step, even
-    once the excess is small (for tests of one step)."""
-    num_groups, num_tokens, num_experts = scores.shape
-    block_n, block_e = _blocks(num_tokens, num_experts)
-    dtype, compute = _compute(scores.dtype)
-    device = scores.device
-    prices_out = torch.empty(num_groups, num_experts, dtype=dtype, device=device)
-    experts = torch.empty(num_groups, num_tokens, k, dtype=torch.int64, device=device)
-    margin = torch.empty(num_groups, num_tokens, dtype=dtype, device=device)
-    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=device)
-    flags = torch.empty(num_groups, 4, dtype=torch.int32, device=device)
-    theta = torch.empty(num_groups * num_tokens * block_e if steps else 1, dtype=dtype, device=device)
-    valid_arg, has_valid = _flag(valid, flags)
-    with torch.profiler.record_function("maxscore::dense_kernel"):
-        dense_kernel[(num_groups,)](
-            scores, valid_arg, capacity, num_valid, prices, prices_out, experts, margin, loads, flags, theta,
-            num_tokens, num_experts, steps if k < num_experts else 0, damping, int(early_stop),
-            K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, MAX_BISECT=MAX_BISECT,
-            COMPUTE=compute, num_warps=8,
-        )  # fmt: skip
-    return prices_out, experts, margin, loads, flags
-
-
-def pack(scores, valid, order, smallest, num_candidates, experts, loads, capacity, num_valid, prices, flags):
-    """Launches ``pack_kernel``: [G, W] rows in the compute precision (layout: ``packed_width``).
-    ``order``/``smallest``: the top-k of the smallest margins, [G, M] or [G, M + 1]."""
-    num_groups, num_tokens, num_experts = scores.shape
-    k = experts.shape[-1]
-    width = packed_width(num_candidates, num_experts)
-    out = torch.empty(num_groups, width, dtype=prices.dtype, device=scores.device)
-    valid_arg, has_valid = _flag(valid, flags)
-    block_e = _blocks(1, num_experts)[1]
-    block_m = max(16, min(triton.next_power_of_2(num_candidates), 8192 // block_e))
-    with torch.profiler.record_function("maxscore::pack_kernel"):
-        pack_kernel[(num_groups,)](
-            scores, valid_arg, order, smallest, experts, loads, capacity, num_valid, prices, flags, out,
-            num_tokens, num_experts, num_candidates, order.shape[1], width,
-            K=k, BLOCK_M=block_m, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=4,
-        )  # fmt: skip
-    return out
-
-
-def packed_width(num_candidates: int, num_experts: int) -> int:
-    """Row layout: candidate scores [M, E], candidate validity [M], capacities left [E], prices [E],
-    the smallest fixed margin, the capacity, the valid tokens, the 4 flags."""
-    return num_candidates * num_experts + num_candidates + 2 * num_experts + 7
-
-
-def certify(scores, valid, experts, back, order, num_candidates, capacity, tolerance: float):
-    """Launches ``certify_kernel``: writes the candidates' experts from ``back`` (the host's
-    answer, float64 [G, E + M K + 1]) into ``experts`` and certifies.  Returns (prices float64
-    [G, E], fallback bool [G], loads int64 [G, E], float64 [G, 3]: score, gap, converged)."""
-    num_groups, num_tokens, num_experts = scores.shape
-    block_n, block_e = _blocks(num_tokens, num_experts)
-    device = scores.device
-    prices = torch.empty(num_groups, num_experts, dtype=torch.float64, device=device)
-    fallback = torch.empty(num_groups, dtype=torch.int8, device=device)
-    loads = torch.empty(num_groups, num_experts, dtype=torch.int64, device=device)
-    stats = torch.empty(num_groups, 3, dtype=torch.float64, device=device)
-    valid_arg, has_valid = _flag(valid, loads)
-    with torch.profiler.record_function("maxscore::certify_kernel"):
-        certify_kernel[(num_groups,)](
-            scores, valid_arg, experts, back, order, prices, fallback, capacity, loads, stats,
-            num_tokens, num_experts, num_candidates, order.shape[1], tolerance,
-            K=experts.shape[-1], BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=8,
-        )  # fmt: skip
-    return prices, fallback.view(torch.bool), loads, stats
