@@ -4,11 +4,11 @@
    group's excess is above about 1/4096 of its units (at most ``steps``), then every valid
    token's top-k of ``s - p``, its margin ``v_k - v_(k+1)``, the loads and the input flags
    (NaN/+inf, tokens with fewer than k allowed experts, non-finite warm prices).  Each step
-   writes the thresholds ``theta`` of the group once (a scratch the size of the scores) and locates each expert's
-   C-th/(C+1)-th largest threshold by bisection over the values (a selection, no sort): a
-   value with exactly C thresholds above it gives the exact midpoint of the two in one more
-   pass; at a tie the tied value itself; after ``MAX_BISECT`` halvings, the best estimate (the
-   repair and the certificate make the routing exact whatever the prices).
+   writes the group's thresholds ``theta`` once (a scratch the size of the scores) and finds
+   each expert's C-th/(C+1)-th largest threshold by bisection over the values (a selection,
+   no sort): a value with exactly C thresholds above it gives the exact midpoint of the two
+   in one more pass; at a tie the tied value itself; after ``MAX_BISECT`` halvings, the best
+   estimate (the repair and the certificate make the routing exact whatever the prices).
 2. ``pack``: the candidates' scores and validity, the capacities the fixed tokens leave, the
    prices, the smallest fixed margin and the flags, in one row per group: one transfer.
 3. ``certify``: loads, score, dual and gap in float64, and the feasibility checks of
