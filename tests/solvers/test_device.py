@@ -206,3 +206,36 @@ def test_cuda_scores_take_the_device_engine():
     assert dev.experts.is_cuda and dev.converged.all()
     assert torch.allclose(dev.score.cpu(), host.score, rtol=1e-9)
     assert _same_experts(dev.experts.cpu(), host.experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_kernels
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_on_cuda_equal_the_host_engine(case, dtype):
+    kind, num_groups, num_tokens, num_experts, k, capacity_factor = case
+    scores, valid = _groups(kind, num_groups, num_tokens, num_experts, k)
+    scores = scores.to(dtype)
+    host = maxscore.solve(scores, k, capacity_factor=capacity_factor, valid=valid, engine="host")
+    on_cuda = dict(capacity_factor=capacity_factor, valid=None if valid is None else valid.cuda())
+    cold = maxscore.solve(scores.cuda(), k, **on_cuda)
+    warm = maxscore.solve(scores.cuda(), k, prices=host.prices.cuda(), **on_cuda)
+    for dev in (cold, warm):
+        assert dev.experts.is_cuda and dev.converged.all()
+        assert torch.allclose(dev.score.cpu(), host.score, rtol=1e-9, atol=1e-12)
+        assert (dev.loads <= dev.capacity[:, None]).all()
+    assert not warm.fallback.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_kernels
+def test_a_warm_call_on_cuda_launches_few_kernels_and_one_copy_to_the_host():
+    for shape in ((64, 512, 16, 2), (16, 4096, 64, 8)):
+        num_groups, num_tokens, num_experts, k = shape
+        scores, _ = _groups("peaked", num_groups, num_tokens, num_experts, k)
+        scores = scores.cuda()
+        cold = maxscore.solve(scores, k)
+        launches, copies = count_launches(lambda s=scores, p=cold.prices, k=k: maxscore.solve(s, k, prices=p))
+        assert launches <= 30 and copies == 1, (shape, launches, copies)
