@@ -239,3 +239,30 @@ def test_a_warm_call_on_cuda_launches_few_kernels_and_one_copy_to_the_host():
         cold = maxscore.solve(scores, k)
         launches, copies = count_launches(lambda s=scores, p=cold.prices, k=k: maxscore.solve(s, k, prices=p))
         assert launches <= 30 and copies == 1, (shape, launches, copies)
+
+
+@needs_kernels
+def test_a_kernel_that_fails_to_compile_sends_auto_to_the_host_engine(monkeypatch):
+    from maxscore.solvers import exact
+    from maxscore.solvers.exact import dense, kernels
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("out of resources")
+
+            return launch
+
+    monkeypatch.setattr(kernels, "dense_kernel", Broken())
+    monkeypatch.setattr(dense, "_FAILED", set())
+    # as on a GPU: auto would pick the device engine for these scores
+    monkeypatch.setattr(
+        maxscore.solvers, "pick_engine", lambda engine, s: "host" if engine == "host" else "device"
+    )
+    scores, _ = _groups("peaked", 3, 64, 8, 2)
+    with pytest.raises(exact.KernelError, match="dense_kernel failed to compile or launch: out of resources"):
+        maxscore.solve(scores, 2, engine="device")
+    with pytest.warns(RuntimeWarning, match="falls back to the host engine"):
+        routed = maxscore.solve(scores, 2)
+    host = maxscore.solve(scores, 2, engine="host")
+    assert torch.equal(routed.experts, host.experts) and not dense.kernels_available(scores.device)

@@ -36,6 +36,8 @@ from maxscore.solvers._validate import (
 from maxscore.solvers.assignment import Assignment, single_assignment, stack_assignments
 from maxscore.solvers.exact import (
     GlobalAssignment,
+    KernelError,
+    disable_kernels,
     pick_engine,
     solve_exact,
     solve_exact_device,
@@ -133,8 +135,14 @@ def _dispatch(scores, k, capacity, capacity_factor, method, valid, finite, optio
             f"unknown option(s) {unknown} for method={method!r}; it accepts {list(method_options(method))}"
         )
     require_feasible = method not in CAPACITY_OPTIONAL
-    if method == "exact" and pick_engine(options.pop("engine", "auto"), scores) == "device":
-        return _solve_on_device(scores, k, capacity, capacity_factor, valid, options)
+    engine = options.pop("engine", "auto") if method == "exact" else "host"
+    if pick_engine(engine, scores) == "device":
+        try:
+            return _solve_on_device(scores, k, capacity, capacity_factor, valid, options)
+        except KernelError as error:
+            if engine != "auto":
+                raise
+            disable_kernels(scores.device, error)  # warns once; the host engine from now on
     if isinstance(scores, torch.Tensor) and scores.dim() == 3:
         problems = make_problems(
             scores, k, capacity, capacity_factor, valid, require_feasible=require_feasible, finite=finite

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from maxscore.solvers.exact.device import kernels_available, solve_exact_device
+from maxscore.solvers.exact.dense import KernelError, disable_kernels, kernels_available
+from maxscore.solvers.exact.device import solve_exact_device
 from maxscore.solvers.exact.global_routing import GlobalAssignment, solve_global
 from maxscore.solvers.exact.host import solve_exact, solve_exact_groups
 
@@ -35,7 +36,8 @@ def pick_engine(engine: str, scores: torch.Tensor) -> str:
     ``auto``: CPU scores take the host core.  CUDA scores take the device engine when its fused
     kernels can run (Triton); without them its plain torch steps cost more than the host core
     with its two transfers (measured on one H200: 12 ms against 2.9 ms at 64 x (512, 16, 2),
-    ``benchmarks/results``), so they take the host core.
+    ``benchmarks/results``), so they take the host core.  If a kernel fails to compile or
+    launch on a device, ``auto`` warns once and takes the host core there from then on.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -48,6 +50,8 @@ def pick_engine(engine: str, scores: torch.Tensor) -> str:
 __all__ = [
     "ENGINES",
     "GlobalAssignment",
+    "KernelError",
+    "disable_kernels",
     "pick_engine",
     "solve_exact",
     "solve_exact_device",

@@ -13,9 +13,11 @@ host's answer put in place, and the certificate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +54,42 @@ def _kernels():
     return kernels
 
 
+_FAILED: set[str] = set()  # devices where a kernel failed to compile or launch
+
+
+class KernelError(RuntimeError):
+    """A fused kernel could not be compiled or launched (Triton's error is the cause)."""
+
+
 def kernels_available(device: torch.device) -> bool:
     """True when the fused kernels run on ``device``: CUDA with Triton installed, or the CPU
-    with ``TRITON_INTERPRET=1`` set before the kernels were first used."""
+    with ``TRITON_INTERPRET=1`` set before the kernels were first used; and no kernel has
+    failed there (``disable_kernels``)."""
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
         return False
-    return device.type in ("cuda", "cpu") and _kernels() is not None
+    return device.type in ("cuda", "cpu") and str(device) not in _FAILED and _kernels() is not None
+
+
+def disable_kernels(device: torch.device, error: KernelError) -> None:
+    """After a kernel failed on ``device``: warn once; ``engine="auto"`` takes the host core there."""
+    if str(device) not in _FAILED:
+        warnings.warn(
+            f"{error}; exact routing on {device} falls back to the host engine for the rest of this "
+            "process (please report this with your GPU, torch and Triton versions)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _FAILED.add(str(device))
+
+
+@contextlib.contextmanager
+def _launch(name: str):
+    """A kernel launch: a profiler range (``maxscore::<name>``) and its errors as ``KernelError``."""
+    with torch.profiler.record_function(f"maxscore::{name}"):
+        try:
+            yield
+        except Exception as error:  # compilation, resources, driver: whatever Triton raises
+            raise KernelError(f"the device engine's {name} failed to compile or launch: {error}") from error
 
 
 class TorchOps:
@@ -149,7 +181,7 @@ class FusedOps:
         )
         theta = new(num_groups * num_tokens * block_e if steps else 1, dtype=dtype)  # the steps' scratch
         valid, has_valid = _valid_arg(problems, out.flags)
-        with torch.profiler.record_function("maxscore::dense_kernel"):
+        with _launch("dense_kernel"):
             kernels.dense_kernel[(num_groups,)](
                 scores, valid, problems.capacity_G, problems.num_valid_G, warm, out.prices, out.experts,
                 out.margin, out.loads, out.flags, theta,
@@ -168,7 +200,7 @@ class FusedOps:
         block_e = _blocks(1, num_experts)[1]
         block_m = max(16, min(_next_power_of_2(num_candidates), 8192 // block_e))
         order = smallest.indices
-        with torch.profiler.record_function("maxscore::pack_kernel"):
+        with _launch("pack_kernel"):
             _kernels().pack_kernel[(num_groups,)](
                 scores, valid, order, smallest.values, dense.experts, dense.loads, problems.capacity_G,
                 problems.num_valid_G, dense.prices, dense.flags, out,
@@ -193,7 +225,7 @@ class FusedOps:
             new(num_groups, 3, dtype=torch.float64),
         )
         valid, has_valid = _valid_arg(problems, loads)
-        with torch.profiler.record_function("maxscore::certify_kernel"):
+        with _launch("certify_kernel"):
             _kernels().certify_kernel[(num_groups,)](
                 scores, valid, experts, back, order, prices, fallback, problems.capacity_G, loads, stats,
                 num_tokens, num_experts, num_candidates, order.shape[1], GAP_TOLERANCE,
