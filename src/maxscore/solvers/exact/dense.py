@@ -25,6 +25,9 @@ import torch
 from maxscore.solvers._validate import Problems
 from maxscore.solvers.exact.prices import DAMPING, GAP_TOLERANCE, Certificate, certify, price_step
 
+TILE = 2048  # scores per tile: with WARPS warps the kernels fit in registers on sm_90 (no spills)
+WARPS = 8  # warps per program (tests/solvers/test_kernels_compile.py checks the fit)
+
 
 @dataclass(frozen=True, slots=True)
 class Dense:
@@ -187,7 +190,7 @@ class FusedOps:
                 out.margin, out.loads, out.flags, theta,
                 num_tokens, num_experts, steps if k < num_experts else 0, DAMPING, int(early_stop),
                 K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, MAX_BISECT=kernels.MAX_BISECT,
-                COMPUTE=kernels.COMPUTE[compute], num_warps=8,
+                COMPUTE=kernels.COMPUTE[compute], num_warps=WARPS,
             )  # fmt: skip
         return out
 
@@ -198,14 +201,14 @@ class FusedOps:
         out = torch.empty(num_groups, width, dtype=dense.prices.dtype, device=scores.device)
         valid, has_valid = _valid_arg(problems, dense.flags)
         block_e = _blocks(1, num_experts)[1]
-        block_m = max(16, min(_next_power_of_2(num_candidates), 8192 // block_e))
+        block_m = max(16, min(_next_power_of_2(num_candidates), TILE // block_e))
         order = smallest.indices
         with _launch("pack_kernel"):
             _kernels().pack_kernel[(num_groups,)](
                 scores, valid, order, smallest.values, dense.experts, dense.loads, problems.capacity_G,
                 problems.num_valid_G, dense.prices, dense.flags, out,
                 num_tokens, num_experts, num_candidates, order.shape[1], width,
-                K=problems.k, BLOCK_M=block_m, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=4,
+                K=problems.k, BLOCK_M=block_m, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=WARPS,
             )  # fmt: skip
         return out
 
@@ -229,7 +232,7 @@ class FusedOps:
             _kernels().certify_kernel[(num_groups,)](
                 scores, valid, experts, back, order, prices, fallback, problems.capacity_G, loads, stats,
                 num_tokens, num_experts, num_candidates, order.shape[1], GAP_TOLERANCE,
-                K=problems.k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=8,
+                K=problems.k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=WARPS,
             )  # fmt: skip
         certificate = Certificate(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
         return experts, prices, fallback.view(torch.bool), certificate
@@ -240,9 +243,9 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _blocks(num_tokens: int, num_experts: int) -> tuple[int, int]:
-    """Tile sizes: all experts of a token in one row, about 8192 scores per tile."""
+    """Tile sizes: all experts of a token in one row, about ``TILE`` scores per tile."""
     block_e = _next_power_of_2(max(num_experts, 2))
-    return max(16, min(_next_power_of_2(max(num_tokens, 1)), 8192 // block_e)), block_e
+    return max(16, min(_next_power_of_2(max(num_tokens, 1)), TILE // block_e)), block_e
 
 
 def _valid_arg(problems: Problems, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
