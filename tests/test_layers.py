@@ -11,6 +11,7 @@ import maxscore
 PACKAGE = Path(maxscore.__file__).parent
 LAYERS = {  # first component below maxscore -> its layer
     "_checks": 0,
+    "_distributed": 0,
     "shapes": 0,
     "data": 0,
     "gates": 0,

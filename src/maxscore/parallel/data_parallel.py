@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from maxscore._distributed import initialized
 from maxscore.parallel.expert_parallel import expert_parameter_names
 from maxscore.parallel.topology import Topology
 
@@ -78,7 +79,7 @@ def clip_grad_norm(
             for grads in (shared, local)
         ]
     )
-    if dist.is_initialized() and local:
+    if initialized() and local:
         dist.all_reduce(squares[1:], group=expert_group)
     total = squares.sum().sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)

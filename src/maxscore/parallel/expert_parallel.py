@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from maxscore._distributed import initialized
 from maxscore.moe.dispatch import capacity_slots, combine, dispatch, pair_weights, slot_table, sort_by_expert
 from maxscore.moe.experts import SwiGLUExperts
 from maxscore.moe.layer import MoELayer
@@ -178,7 +179,7 @@ def parallelize_moe(
     Returns:
         ``model``; ``expert_parameter_names(model)`` names its (sharded) expert parameters.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         raise ValueError("parallelize_moe needs an initialized process group: see maxscore.parallel.launch")
     size, rank = dist.get_world_size(expert_group), dist.get_rank(expert_group)
     same_ranks = _members(routing_group) == _members(expert_group)

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import maxscore._distributed as process_group
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -60,15 +62,15 @@ def explain_timeouts(timeout_s: float) -> Iterator[None]:
         text = str(error).lower()
         if "timed out" not in text and "timeout" not in text:
             raise
-        rank = dist.get_rank() if dist.is_initialized() else 0
         raise RuntimeError(
-            f"rank {rank}: a collective timed out after {timeout_s:g} s waiting for the other ranks: "
-            f"another rank failed or stalled (see its output); raise the timeout for slow steps. ({error})"
+            f"rank {process_group.rank()}: a collective timed out after {timeout_s:g} s waiting for the "
+            "other ranks: another rank failed or stalled (see its output); raise the timeout for slow "
+            f"steps. ({error})"
         ) from error
 
 
 def destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if process_group.initialized():
         dist.destroy_process_group()
 
 

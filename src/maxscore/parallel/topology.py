@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maxscore.solvers.collectives import world_size
+from maxscore._distributed import world_size
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

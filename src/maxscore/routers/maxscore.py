@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from maxscore._distributed import world_size
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
-from maxscore.solvers.collectives import world_size
 from maxscore.solvers.exact.global_routing import solve_global
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")

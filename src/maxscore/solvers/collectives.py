@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world_size(group: dist.ProcessGroup | None = None) -> int:
-    """Ranks in ``group`` (default: the world); 1 without an initialized process group."""
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+from maxscore._distributed import rank, world_size
 
 
 class Reducer:
@@ -19,7 +16,7 @@ class Reducer:
         self.group = group
         self.ranks = world_size(group)
         self.distributed = self.ranks > 1
-        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.rank = rank(group)
         # NCCL reduces device tensors only: the summaries make a round trip to the GPU
         self.device = "cuda" if self.distributed and dist.get_backend(group) == "nccl" else "cpu"
         self.calls = self.bytes = 0
