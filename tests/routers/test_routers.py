@@ -7,8 +7,7 @@ import torch
 
 import maxscore
 from maxscore.routers import ROUTERS, make_router, router_options
-from maxscore.routers.base import group_capacity
-from maxscore.solvers import solve
+from maxscore.solvers import group_capacity, solve
 from tests.conftest import assert_top_k
 
 CAPACITY_ROUTERS = (

@@ -29,11 +29,10 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
-from maxscore.routers.groups import Groups, Selection
+from maxscore.routers.groups import Groups, Selection, routing_groups
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
 from maxscore.solvers import expert_capacity
-from maxscore.solvers._validate import group_capacity
 
 GROUPS = ("sequence", "batch")
 ALL_GROUPS = GROUPS + ("global",)
@@ -257,11 +256,10 @@ class GatedRouter(nn.Module):
         groups = self._groups(x_TD, valid_T, sequence_length)
         logits_TE = self.logits(x_TD)
         scores_TE = router_scores(logits_TE, self.score_function)
-        capacity_G = self._capacity(valid_T, groups)
         if causal:
             selection = Selection(experts_TK=self.route_causal(scores_TE.detach()), dropless=True)
         else:
-            selection = self.select(scores_TE, logits_TE, valid_T, groups, capacity_G)
+            selection = self.select(scores_TE, logits_TE, valid_T, groups, groups.capacity_G)
         experts_TK = selection.experts_TK
         if valid_T is not None:
             experts_TK = experts_TK.masked_fill(~valid_T[:, None], -1)
@@ -275,7 +273,8 @@ class GatedRouter(nn.Module):
             scores_TE=scores_TE,
             experts_TK=experts_TK,
             valid_T=valid_T,
-            capacity_G=capacity_G,
+            capacity_G=_stats_capacity(groups, selection, logits_TE.device),
+            loads_E=selection.loads_E,
             k=self.k,
             solver_gap=selection.solver_gap,
             solver_ms=selection.solver_ms,
@@ -348,31 +347,26 @@ class GatedRouter(nn.Module):
     def _groups(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None, sequence_length: int | None
     ) -> Groups:
-        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
-            got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
-            raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
-        num_tokens = x_TD.shape[0]
-        if num_tokens == 0:
-            raise ValueError("x is an empty batch (0 tokens); route at least one token")
-        if valid_T is not None and (valid_T.dtype != torch.bool or valid_T.shape != (num_tokens,)):
-            raise ValueError(
-                f"valid must be a bool tensor of shape [T] = [{num_tokens}], got {valid_T.dtype} "
-                f"{tuple(valid_T.shape)}; use valid.bool()"
-            )
-        if self.group != "sequence" or sequence_length is None:
-            count, size = 1, num_tokens
-        elif sequence_length < 1 or num_tokens % sequence_length:
-            raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")
-        else:
-            count, size = num_tokens // sequence_length, sequence_length
-        return Groups(count, size, expert_capacity(size, self.num_experts, self.k, self.capacity_factor))
+        return routing_groups(
+            x_TD,
+            valid_T,
+            sequence_length,
+            per_sequence=self.group == "sequence",
+            num_experts=self.num_experts,
+            k=self.k,
+            capacity_factor=self.capacity_factor,
+            solver_capacity=self.group == "global",
+        )
 
-    def _capacity(self, valid_T: torch.Tensor | None, groups: Groups) -> torch.Tensor:
-        device = self.gate.weight.device
-        if valid_T is None:
-            return torch.full((groups.count,), groups.slots, dtype=torch.int64, device=device)
-        num_valid_G = valid_T.view(groups.count, groups.size).sum(1)
-        return group_capacity(num_valid_G, self.num_experts, self.k, self.capacity_factor)
+
+def _stats_capacity(groups: Groups, selection: Selection, device: torch.device) -> torch.Tensor:
+    """The capacity the statistics compare loads with: the groups', or the solver's where it owned
+    it (global routing), or (causal routing of a global router) the nominal slots."""
+    if selection.capacity_G is not None:
+        return selection.capacity_G
+    if groups.capacity_G is not None:
+        return groups.capacity_G
+    return torch.full((groups.count,), groups.slots, dtype=torch.int64, device=device)
 
 
 def _check_finite(logits_TE: torch.Tensor) -> None:

@@ -8,27 +8,81 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.solvers import Assignment, solve_finite
+from maxscore.solvers import Assignment, expert_capacity, group_capacity, solve_finite
 
 
 @dataclass(frozen=True, slots=True)
 class Groups:
     """Routing groups: ``count`` groups of ``size`` consecutive tokens; ``slots``: the capacity
-    of a group with no padding, the per-group size of the static dispatch buffer (computed once
-    per call)."""
+    of a group with no padding, the per-group size of the static dispatch buffer;
+    ``capacity_G``: int64 [count], each group's capacity (its valid tokens only), or None where
+    the solver owns the capacity (global routing).  Computed once per routing call
+    (``routing_groups``)."""
 
     count: int
     size: int
     slots: int
+    capacity_G: torch.Tensor | None = None
+
+
+def routing_groups(
+    x_TD: torch.Tensor,
+    valid_T: torch.Tensor | None,
+    sequence_length: int | None,
+    *,
+    per_sequence: bool,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    solver_capacity: bool = False,
+) -> Groups:
+    """The routing groups of one call and their capacities: the one place a router computes them.
+
+    Args:
+        x_TD: float [T, D] hidden states (checked here).
+        valid_T: bool [T] or None.
+        sequence_length: tokens per sequence; with ``per_sequence`` each sequence is a group,
+            else (or without it) the whole input is one group.
+        solver_capacity: the solver computes the capacity itself (global routing over ranks):
+            ``capacity_G`` is None.
+    """
+    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
+        got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
+        raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+    num_tokens = x_TD.shape[0]
+    if num_tokens == 0:
+        raise ValueError("x is an empty batch (0 tokens); route at least one token")
+    if valid_T is not None and (valid_T.dtype != torch.bool or valid_T.shape != (num_tokens,)):
+        raise ValueError(
+            f"valid must be a bool tensor of shape [T] = [{num_tokens}], got {valid_T.dtype} "
+            f"{tuple(valid_T.shape)}; use valid.bool()"
+        )
+    if not per_sequence or sequence_length is None:
+        count, size = 1, num_tokens
+    elif sequence_length < 1 or num_tokens % sequence_length:
+        raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")
+    else:
+        count, size = num_tokens // sequence_length, sequence_length
+    slots = expert_capacity(size, num_experts, k, capacity_factor)
+    if solver_capacity:
+        return Groups(count, size, slots)
+    if valid_T is None:
+        capacity_G = torch.full((count,), slots, dtype=torch.int64, device=x_TD.device)
+    else:
+        capacity_G = group_capacity(valid_T.view(count, size).sum(1), num_experts, k, capacity_factor)
+    return Groups(count, size, slots, capacity_G)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Selection:
     """What a router's ``select`` decided: experts [T, K] and whether capacity was enforced
-    (``rank_loads``: see ``RouterOutput``)."""
+    (``rank_loads``: see ``RouterOutput``); a solver that owned the capacity (global routing)
+    reports it with the loads it certified, over all ranks (``capacity_G``, ``loads_E``)."""
 
     experts_TK: torch.Tensor
     dropless: bool = False
+    capacity_G: torch.Tensor | None = None
+    loads_E: torch.Tensor | None = None
     solver_gap: float | torch.Tensor | None = None
     solver_ms: float | None = None
     solver_fallbacks: int | torch.Tensor | None = None

@@ -179,8 +179,12 @@ class MaxScoreRouter(GatedRouter):
         if self.training:
             self._update_prices(assignment.prices.float()[None])
             self.training_forwards += 1
+        device = scores_TE.device
         return Selection(
-            experts_TK=assignment.experts.to(scores_TE.device),
+            experts_TK=assignment.experts.to(device),
+            # the solver owned the capacity: its global capacity and loads, over all ranks
+            capacity_G=torch.tensor([assignment.capacity], dtype=torch.int64, device=device),
+            loads_E=assignment.loads.to(device),
             # global capacities: no static per-rank buffer, unless this process is the only rank
             dropless=world_size(self.process_group) > 1,
             solver_gap=assignment.gap,

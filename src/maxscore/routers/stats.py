@@ -80,11 +80,13 @@ def routing_stats(
     valid_T: torch.Tensor | None,
     capacity_G: torch.Tensor,
     k: int,
+    loads_E: torch.Tensor | None = None,
     solver_gap: float | torch.Tensor | None = None,
     solver_ms: float | None = None,
     solver_fallbacks: int | torch.Tensor | None = None,
 ) -> RoutingStats:
-    """Statistics of one routing; ``experts_TK`` holds each token's choices in preference order."""
+    """Statistics of one routing; ``experts_TK`` holds each token's choices in preference order.
+    ``loads_E`` replaces the loads counted from ``experts_TK`` (global routing: over all ranks)."""
     with torch.no_grad():
         num_experts = scores_TE.shape[1]
         valid_T = (
@@ -95,8 +97,9 @@ def routing_stats(
         weight_T = valid_T.float()
         num_valid = weight_T.sum().clamp(min=1)
         assigned_TK = (experts_TK >= 0) & valid_T[:, None]
-        loads_E = torch.zeros(num_experts, dtype=torch.int64, device=scores_TE.device)
-        loads_E.scatter_add_(0, experts_TK.clamp(min=0).flatten(), assigned_TK.flatten().long())
+        if loads_E is None:
+            loads_E = torch.zeros(num_experts, dtype=torch.int64, device=scores_TE.device)
+            loads_E.scatter_add_(0, experts_TK.clamp(min=0).flatten(), assigned_TK.flatten().long())
         dropped_K = ((~assigned_TK[:, :k]) * weight_T[:, None]).sum(0) / num_valid
         picked_TK = scores_TE.gather(1, experts_TK.clamp(min=0)).masked_fill(~assigned_TK, -torch.inf)
         ranked_TK = picked_TK.sort(1, descending=True).values[:, :k]

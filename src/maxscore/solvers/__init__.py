@@ -30,6 +30,7 @@ from maxscore.solvers._validate import (
     check_scores,
     check_valid,
     expert_capacity,
+    group_capacity,
     make_problem,
     make_problems,
 )
@@ -181,6 +182,7 @@ __all__ = [
     "Problem",
     "Problems",
     "expert_capacity",
+    "group_capacity",
     "method_options",
     "solve",
     "solve_global",
