@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import maxscore._distributed as process_group
+from maxscore._checks import check_int
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -100,6 +101,5 @@ def spawn(
     Raises:
         ProcessRaisedException / ProcessExitedException: a rank failed (its traceback included).
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("world_size", world_size)
     mp.spawn(_entry, args=(fn, world_size, _free_port(), backend, timeout_s, args), nprocs=world_size)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS
 from maxscore.routers.base import GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
@@ -53,8 +54,7 @@ class SBaseRouterConfig(GatedRouterConfig):
     def __post_init__(self) -> None:
         GatedRouterConfig.__post_init__(self)
         iterations = self.iterations
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        check_int("iterations", iterations)
 
 
 class BaseRouter(GatedRouter):

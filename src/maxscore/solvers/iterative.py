@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from maxscore._checks import check_int
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.exact._native import REPAIR, run_core
@@ -44,8 +45,8 @@ def solve_iterative(problem: Problem, *, max_rounds: int | None = None) -> Assig
     num_tokens, num_experts, k = problem.num_tokens, problem.num_experts, problem.k
     if max_rounds is None:
         max_rounds = num_experts
-    elif isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
+    else:
+        check_int("max_rounds", max_rounds)
     scores_TE = problem.scores_TE
     tried_TE = torch.isneginf(scores_TE)
     missing_T = torch.full((num_tokens,), k, dtype=torch.int64)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from maxscore._checks import check_int
 from maxscore.solvers._validate import Problem
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.exact._native import run_core
@@ -64,8 +65,7 @@ def solve_sinkhorn(
         tolerance: largest column overflow of the plan, relative to the largest residual
             capacity, below which ``converged`` is True.
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    check_int("iterations", iterations)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     first_T, loads_E = first_stage(problem)

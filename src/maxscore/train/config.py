@@ -76,8 +76,7 @@ class TrainConfig:
             raise ValueError(
                 f"expert_parallel must be an int >= 0 (0: all ranks), got {self.expert_parallel!r}"
             )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        check_int("warmup", self.warmup, 0)
         for name in ("lr", "clip"):
             if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a number > 0, got {getattr(self, name)!r}")

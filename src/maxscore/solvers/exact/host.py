@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from maxscore._checks import check_int
 from maxscore.solvers._validate import Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.exact._native import run_core, run_core_batch
@@ -122,5 +123,5 @@ def check_prices(prices: torch.Tensor | None, num_groups: int | None, num_expert
 def check_counts(**counts: int | None) -> None:
     """Each named count is None or an int >= 0."""
     for name, value in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if value is not None:
+            check_int(name, value, 0)
