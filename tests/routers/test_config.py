@@ -6,11 +6,14 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
+import maxscore
 from maxscore.gates import TemperatureScheduleConfig
 from maxscore.routers import (
     ROUTERS,
     FlowOnlyRouterConfig,
+    GatedRouter,
     GatedRouterConfig,
     GShardRouterConfig,
     MaxScoreRouterConfig,
@@ -114,3 +117,46 @@ def test_saved_dicts_take_the_defaults_they_were_saved_with():
         router_config("maxscore", soft_topk=True, schedule={"start": 2.0}),
     ):
         assert router_config("maxscore", written.to_dict(), saved=True) == written
+
+
+def test_moe_config_types_the_router_options_and_checks_its_settings():
+    moe = maxscore.MoEConfig(
+        num_experts=8, k=2, capacity_factor=1.25, router="gshard", router_config={"z_coef": 0.1}
+    )
+    assert isinstance(moe.router_config, GShardRouterConfig) and moe.router_config.z_coef == 0.1
+    assert moe.to_dict()["router_config"]["z_coef"] == 0.1 and moe.capacity_factor == 1.25
+    for bad, match in (
+        (dict(k=9, num_experts=8), "k must satisfy"),
+        (dict(capacity_factor=0.0), "capacity_factor must be"),
+        (dict(router="topk"), "router must be one of"),
+        (dict(router_config={"temperature": 2.0}), r"unknown option\(s\) \['temperature'\]"),
+        (dict(expert_hidden=0), "expert_hidden must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            maxscore.MoEConfig(**bad)
+
+
+def test_every_router_is_built_by_the_one_constructor():
+    """No registered router writes out its own constructor: their extras go in ``setup``."""
+    for cls in ROUTERS.values():
+        writers = [c.__name__ for c in cls.__mro__ if "__init__" in vars(c) and issubclass(c, GatedRouter)]
+        assert writers == ["GatedRouter"], (cls.__name__, writers)
+
+
+@pytest.mark.parametrize("name", ["maxscore", "deepseek_v3", "sbase", "gshard"])
+def test_the_old_constructor_form_warns_and_builds_the_same_router(name):
+    torch.manual_seed(0)
+    moe = maxscore.MoEConfig(
+        num_experts=4, k=2, capacity_factor=1.5, router=name, router_config={"z_coef": 0.01}
+    )
+    new = ROUTERS[name](8, moe)
+    with pytest.warns(DeprecationWarning, match=r"\(dim, num_experts, k, \.\.\.\) .* is deprecated"):
+        old = ROUTERS[name](8, 4, 2, 1.5, z_coef=0.01)
+    assert old.config == new.config and old.moe == new.moe
+    assert sorted(old.state_dict()) == sorted(new.state_dict())
+
+
+def test_base_layers_router_keeps_its_old_name():
+    from maxscore.routers import BaseLayersRouter, BaseRouter
+
+    assert BaseRouter is BaseLayersRouter and ROUTERS["base"] is BaseLayersRouter

@@ -26,8 +26,16 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from maxscore.routers.balanced import BaseRouter, BaseRouterConfig, SBaseRouter, SBaseRouterConfig
+from maxscore.routers.balanced import (
+    BaseLayersRouter,
+    BaseLayersRouterConfig,
+    BaseRouter,
+    BaseRouterConfig,
+    SBaseRouter,
+    SBaseRouterConfig,
+)
 from maxscore.routers.base import GatedRouter, GatedRouterConfig, Router, RouterOutput
+from maxscore.routers.config import MoEConfig, legacy_moe_config
 from maxscore.routers.deepseek import DeepSeekV3Router, DeepSeekV3RouterConfig
 from maxscore.routers.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
 from maxscore.routers.maxscore import (
@@ -59,7 +67,7 @@ ROUTERS: dict[str, type[GatedRouter]] = {
     "iterative": IterativeRouter,
     "dropless": DroplessRouter,
     "expert_choice": ExpertChoiceRouter,
-    "base": BaseRouter,
+    "base": BaseLayersRouter,
     "sbase": SBaseRouter,
     "deepseek_v3": DeepSeekV3Router,
 }
@@ -108,7 +116,22 @@ def make_router(
 ) -> GatedRouter:
     """Builds router ``name`` (see ``ROUTERS``) with ``config`` and ``options`` (see
     ``router_config``); unknown names and options are ValueErrors."""
-    return _router_class(name)(dim, num_experts, k, capacity_factor, config=config, **options)
+    moe = legacy_moe_config(name, num_experts, k, capacity_factor, config=config, options=options)
+    return _router_class(name)(dim, moe)
+
+
+def router_name(router_class: type[GatedRouter]) -> str:
+    """The registered name of ``router_class`` (or of the registered router with its config class)."""
+    for name, registered in ROUTERS.items():
+        if registered is router_class:
+            return name
+    for name, registered in ROUTERS.items():
+        if registered.config_class is router_class.config_class:
+            return name
+    raise ValueError(
+        f"{router_class.__name__} is not a registered router; add it to maxscore.routers.ROUTERS or "
+        "build it with moe=MoEConfig(router=<a registered name>, ...)"
+    )
 
 
 def _router_class(name: str) -> type[GatedRouter]:
@@ -140,6 +163,9 @@ def install_step_hook(optimizer: torch.optim.Optimizer, model: nn.Module):
 __all__ = [
     "ROUTERS",
     "SAVED_DEFAULTS",
+    "BaseLayersRouter",
+    "BaseLayersRouterConfig",
+    "BaseRouter",
     "BaseRouterConfig",
     "DeepSeekV3RouterConfig",
     "ExpertChoiceRouterConfig",
@@ -147,6 +173,7 @@ __all__ = [
     "GShardRouterConfig",
     "GatedRouter",
     "GatedRouterConfig",
+    "MoEConfig",
     "MaxScoreRouterConfig",
     "PaperMaxScoreRouterConfig",
     "Router",
@@ -156,6 +183,7 @@ __all__ = [
     "SoftTopkOnlyRouterConfig",
     "install_step_hook",
     "make_router",
+    "router_name",
     "router_config",
     "router_options",
     "step_routers",

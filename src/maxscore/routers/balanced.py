@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +28,7 @@ from maxscore.solvers.sinkhorn import sinkhorn_potentials
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class BaseRouterConfig(GatedRouterConfig):
+class BaseLayersRouterConfig(GatedRouterConfig):
     """Options of ``base``: ``GatedRouterConfig``'s, with sigmoid scores and no balance loss by default."""
 
     balance_coef: float = 0.0
@@ -57,10 +56,10 @@ class SBaseRouterConfig(GatedRouterConfig):
         check_int("iterations", iterations)
 
 
-class BaseRouter(GatedRouter):
+class BaseLayersRouter(GatedRouter):
     """BASE layers: balanced assignment of the gate logits in training, greedy top-k at eval."""
 
-    config_class = BaseRouterConfig
+    config_class = BaseLayersRouterConfig
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         if not self.training:
@@ -74,19 +73,9 @@ class SBaseRouter(GatedRouter):
 
     config_class = SBaseRouterConfig
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int,
-        capacity_factor: float = 1.0,
-        *,
-        config: SBaseRouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+    def setup(self) -> None:
         if self.score_function == "auto":
-            self.score_function = "sigmoid" if k == 1 else "softmax"
+            self.score_function = "sigmoid" if self.k == 1 else "softmax"
 
     def select(
         self,
@@ -111,3 +100,8 @@ class SBaseRouter(GatedRouter):
             choices_GNK = choices_GNK.masked_fill(~valid_T.view(*shape, 1), -1)
         experts_GNK = drop_overflow(choices_GNK, self.num_experts, capacity_G)
         return Selection(experts_TK=experts_GNK.view(-1, self.k))
+
+
+# the names before the rename: "BaseRouter" read as the base class of all routers
+BaseRouter = BaseLayersRouter
+BaseRouterConfig = BaseLayersRouterConfig

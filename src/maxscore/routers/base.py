@@ -29,10 +29,10 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
+from maxscore.routers.config import MoEConfig, legacy_moe_config
 from maxscore.routers.groups import Groups, Selection, routing_groups
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
-from maxscore.solvers import expert_capacity
 
 GROUPS = ("sequence", "batch")
 ALL_GROUPS = GROUPS + ("global",)
@@ -166,17 +166,15 @@ class GatedRouterConfig:
 class GatedRouter(nn.Module):
     """Linear gate -> scores -> ``select`` -> SoftTopk-family weights -> losses and stats.
 
-    Subclasses implement ``select`` and may override ``temperature``, ``auxiliary_losses`` and
-    ``after_optimizer_step``; each declares its ``config_class``.
+    Subclasses implement ``select``, may add state in ``setup`` and may override
+    ``temperature``, ``auxiliary_losses`` and ``after_optimizer_step``; each declares its
+    ``config_class``.  One constructor for all of them.
 
     Args:
         dim: model dimension D.
-        num_experts: E.
-        k: experts per token.
-        capacity_factor: capacity per group is ``ceil(capacity_factor * k * valid / E)``.
-        config: the router's options (an instance of its ``config_class``, or their dict);
-            default: the config's defaults.
-        **options: options by name, over ``config`` (see ``config_class``).
+        moe: the layer's ``MoEConfig`` (experts, k, capacity factor, this router's typed options
+            in ``moe.router_config``).  The older form ``(dim, num_experts, k,
+            capacity_factor=1.0, *, config=None, **options)`` still works and warns.
     """
 
     config_class: ClassVar[type[GatedRouterConfig]] = GatedRouterConfig
@@ -185,32 +183,57 @@ class GatedRouter(nn.Module):
     process_group = None
     supported_groups = GROUPS
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int,
-        capacity_factor: float = 1.0,
-        *,
-        config: GatedRouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
+    def __init__(self, dim: int, moe: MoEConfig | int | None = None, *args, **kwargs) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k)):
-            check_int(name, value)
-        expert_capacity(0, num_experts, k, capacity_factor)  # validates k and capacity_factor
-        self.config = self.make_config(config, **options)
+        if not isinstance(moe, MoEConfig):
+            moe = self._legacy(moe, args, kwargs)
+        elif args or kwargs:
+            raise ValueError(
+                f"{type(self).__name__}(dim, moe) takes no other arguments, got {args or ''} {kwargs or ''}; "
+                "set the router's options in moe.router_config"
+            )
+        check_int("dim", dim)
+        self.config = self.make_config(moe.router_config)
         if self.config.group not in self.supported_groups:
             raise ValueError(
                 f"group must be one of {self.supported_groups} for {type(self).__name__}, "
                 f"got {self.config.group!r}"
             )
-        self.num_experts, self.k, self.capacity_factor = num_experts, k, float(capacity_factor)
+        self.moe = moe
+        self.num_experts, self.k, self.capacity_factor = moe.num_experts, moe.k, moe.capacity_factor
         self.group, self.score_function = self.config.group, self.config.score_function
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.gate = nn.Linear(dim, moe.num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
         if self.has_schedule:
             self.schedule = TemperatureSchedule(self.config.schedule)
+        self.setup()
+
+    def setup(self) -> None:
+        """A subclass's own state and checks, after the common parts (buffers, derived settings)."""
+
+    @classmethod
+    def _legacy(cls, num_experts, args: tuple, kwargs: dict) -> MoEConfig:
+        """The older flat constructor form, converted once (``legacy_moe_config``)."""
+        from maxscore.routers import router_name  # the registry imports every router module
+
+        flat = dict(zip(("k", "capacity_factor"), args, strict=False))
+        if len(args) > 2:
+            raise ValueError(f"{cls.__name__}: too many positional arguments {args}")
+        num_experts = kwargs.pop("num_experts", num_experts)
+        k = flat.get("k", kwargs.pop("k", None))
+        capacity_factor = flat.get("capacity_factor", kwargs.pop("capacity_factor", 1.0))
+        for name, value in (("num_experts", num_experts), ("k", k)):
+            check_int(name, value)
+        config = kwargs.pop("config", None)
+        return legacy_moe_config(
+            router_name(cls),
+            num_experts,
+            k,
+            capacity_factor,
+            config=cls.make_config(config, **kwargs),
+            where=f"{cls.__name__}(dim, num_experts, k, ...)",
+            stacklevel=5,
+        )
 
     @property
     def has_schedule(self) -> bool:

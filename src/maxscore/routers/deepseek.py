@@ -12,7 +12,6 @@ default 1e-4) complements it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,17 +58,8 @@ class DeepSeekV3Router(GatedRouter):
 
     config_class = DeepSeekV3RouterConfig
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int,
-        capacity_factor: float = 1.0,
-        *,
-        config: DeepSeekV3RouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
+    def setup(self) -> None:
+        num_experts, k = self.num_experts, self.k
         num_groups, top_groups = self.config.num_groups, self.config.top_groups
         if num_experts % num_groups or not 1 <= top_groups <= num_groups:
             raise ValueError(

@@ -30,7 +30,6 @@ every rank.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -120,18 +119,8 @@ class MaxScoreRouter(GatedRouter):
     config_class = MaxScoreRouterConfig
     supported_groups = GROUPS + ("global",)
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int,
-        capacity_factor: float = 1.0,
-        *,
-        config: FlowOnlyRouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
-        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
-        self.register_buffer("prices", torch.zeros(num_experts))
+    def setup(self) -> None:
+        self.register_buffer("prices", torch.zeros(self.num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
         self.process_group = None  # of group="global"; None: the world (or a single process)

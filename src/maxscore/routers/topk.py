@@ -13,7 +13,6 @@ All run on the device with no host sync except ``iterative`` (its rerouting runs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -73,21 +72,11 @@ class SwitchRouter(GShardRouter):
 
     config_class = GatedRouterConfig
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int = 1,
-        capacity_factor: float = 1.0,
-        *,
-        config: GatedRouterConfig | Mapping | None = None,
-        **options,
-    ) -> None:
-        if k != 1:
+    def setup(self) -> None:
+        if self.k != 1:
             raise ValueError(
-                f"router='switch' routes each token to 1 expert, got k={k}; use k=1 or router='gshard'"
+                f"router='switch' routes each token to 1 expert, got k={self.k}; use k=1 or router='gshard'"
             )
-        super().__init__(dim, num_experts, k, capacity_factor, config=config, **options)
 
 
 class SoftTopkOnlyRouter(GShardRouter):
