@@ -182,3 +182,16 @@ def test_layer_construction_errors():
         MoELayer(8, 16, 4, 2, shared_hidden=-1)
     with pytest.raises(ValueError, match="router must be one of"):
         MoELayer(8, 16, 4, 2, router="top2")
+
+
+def test_a_layer_built_from_its_moe_config_equals_the_named_form():
+    moe = maxscore.MoEConfig(num_experts=4, k=2, capacity_factor=1.25, expert_hidden=12, router="gshard")
+    torch.manual_seed(0)
+    from_config = maxscore.MoELayer.from_config(8, moe)
+    torch.manual_seed(0)
+    named = maxscore.MoELayer(8, 12, 4, 2, "gshard", 1.25)
+    assert from_config.router.config == named.router.config
+    x = torch.randn(2, 6, 8)
+    assert torch.equal(from_config(x).output, named(x).output)
+    with pytest.raises(ValueError, match="moe must be a maxscore.MoEConfig"):
+        maxscore.MoELayer.from_config(8, {"num_experts": 4})

@@ -18,7 +18,7 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.moe.dispatch import LocalDispatcher
 from maxscore.moe.experts import SwiGLU, SwiGLUExperts
-from maxscore.routers import GatedRouterConfig, Router, RouterOutput, make_router
+from maxscore.routers import ROUTERS, GatedRouterConfig, MoEConfig, Router, RouterOutput, make_router
 from maxscore.routers.stats import RoutingStats
 
 
@@ -78,6 +78,14 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
         # moves tokens to the experts and back; maxscore.parallel swaps in an all-to-all one
         self.dispatcher = LocalDispatcher()
+
+    @classmethod
+    def from_config(cls, dim: int, moe: MoEConfig, *, shared_hidden: int = 0) -> MoELayer:
+        """The layer ``moe`` describes (its experts, k, capacity factor, router and options)."""
+        if not isinstance(moe, MoEConfig):
+            raise ValueError(f"moe must be a maxscore.MoEConfig, got {type(moe).__name__}")
+        router = ROUTERS[moe.router](dim, moe)
+        return cls(dim, moe.expert_hidden, moe.num_experts, moe.k, router, shared_hidden=shared_hidden)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, causal: bool = False) -> MoEOutput:
         """Routes and runs ``x`` [B, L, D].
