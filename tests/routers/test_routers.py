@@ -265,7 +265,7 @@ def test_router_state_round_trips(tmp_path):
     for module, name in ((router, "prices"), (ds, "bias")):
         path = tmp_path / f"{name}.pt"
         torch.save(module.state_dict(), path)
-        fresh = type(module)(4, 4, 2)
+        fresh = type(module)(4, module.moe)
         fresh.load_state_dict(torch.load(path, weights_only=True))
         assert (
             torch.equal(getattr(fresh, name), getattr(module, name)) and getattr(fresh, name).abs().sum() > 0

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.hf.upcycle import attention_mask_of
-from maxscore.routers.maxscore import FlowOnlyRouter, MaxScoreRouter
+from maxscore.routers import make_router
 
 SUPPORTED = {  # model_type -> the router module's class name
     "mixtral": "MixtralTopKRouter",
@@ -147,9 +147,10 @@ def swap_router(
 def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     num_experts, hidden = gate.weight.shape
     normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral always renormalizes
-    router_class = MaxScoreRouter if settings["soft_topk"] else FlowOnlyRouter
+    name = "maxscore" if settings["soft_topk"] else "flow_only"
     options = {"soft_topk": True, "schedule": settings["schedule"]} if settings["soft_topk"] else {}
-    router = router_class(
+    router = make_router(
+        name,
         hidden,
         num_experts,
         gate.top_k,
