@@ -7,6 +7,7 @@ import torch
 
 import maxscore
 from maxscore.routers import ROUTERS, make_router, router_options
+from maxscore.routers.groups import routing_groups
 from maxscore.solvers import group_capacity, solve
 from tests.conftest import assert_top_k
 
@@ -313,3 +314,26 @@ def test_router_options_lists_own_and_shared_options():
         router_options("maxscore")
     )
     assert "bias_rate" in router_options("deepseek_v3") and "bias_rate" not in router_options("gshard")
+
+
+def test_routing_groups_carry_each_groups_capacity_once():
+    x = torch.randn(12, 4)
+    valid = torch.tensor([True] * 6 + [True, True, False, False, False, False])
+    common = dict(per_sequence=True, num_experts=4, k=2, capacity_factor=1.0)
+    groups = routing_groups(x, valid, 6, **common)
+    assert (groups.count, groups.size, groups.slots) == (2, 6, 3)
+    assert groups.capacity_G.tolist() == [3, 1]  # ceil(2 x 6 / 4), ceil(2 x 2 / 4): padding uses none
+    assert routing_groups(x, None, 6, **common).capacity_G.tolist() == [3, 3]
+    owned = routing_groups(x, valid, None, **common, solver_capacity=True)  # global routing
+    assert owned.capacity_G is None and (owned.count, owned.slots) == (1, 6)
+    with pytest.raises(ValueError, match="sequence_length=5 does not divide the 12 tokens"):
+        routing_groups(x, None, 5, **common)
+
+
+def test_global_routing_reports_the_solvers_capacity_and_loads():
+    router = make_router("maxscore", 8, 4, 2, group="global")
+    valid = torch.ones(3 * 16, dtype=torch.bool)
+    valid[-4:] = False  # 44 valid tokens: the solver's capacity ceil(2 x 44 / 4) = 22
+    out = router(torch.randn(3 * 16, 8), valid, sequence_length=16)
+    assert out.stats.capacity_G.tolist() == [22]
+    assert out.stats.loads.tolist() == [22, 22, 22, 22]
