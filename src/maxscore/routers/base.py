@@ -29,7 +29,7 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
-from maxscore.routers.config import MoEConfig, legacy_moe_config
+from maxscore.routers.config import MoEConfig, legacy_router_moe
 from maxscore.routers.groups import Groups, Selection, routing_groups
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
@@ -186,7 +186,7 @@ class GatedRouter(nn.Module):
     def __init__(self, dim: int, moe: MoEConfig | int | None = None, *args, **kwargs) -> None:
         super().__init__()
         if not isinstance(moe, MoEConfig):
-            moe = self._legacy(moe, args, kwargs)
+            moe = legacy_router_moe(type(self), moe, args, kwargs)
         elif args or kwargs:
             raise ValueError(
                 f"{type(self).__name__}(dim, moe) takes no other arguments, got {args or ''} {kwargs or ''}; "
@@ -210,30 +210,6 @@ class GatedRouter(nn.Module):
 
     def setup(self) -> None:
         """A subclass's own state and checks, after the common parts (buffers, derived settings)."""
-
-    @classmethod
-    def _legacy(cls, num_experts, args: tuple, kwargs: dict) -> MoEConfig:
-        """The older flat constructor form, converted once (``legacy_moe_config``)."""
-        from maxscore.routers import router_name  # the registry imports every router module
-
-        flat = dict(zip(("k", "capacity_factor"), args, strict=False))
-        if len(args) > 2:
-            raise ValueError(f"{cls.__name__}: too many positional arguments {args}")
-        num_experts = kwargs.pop("num_experts", num_experts)
-        k = flat.get("k", kwargs.pop("k", None))
-        capacity_factor = flat.get("capacity_factor", kwargs.pop("capacity_factor", 1.0))
-        for name, value in (("num_experts", num_experts), ("k", k)):
-            check_int(name, value)
-        config = kwargs.pop("config", None)
-        return legacy_moe_config(
-            router_name(cls),
-            num_experts,
-            k,
-            capacity_factor,
-            config=cls.make_config(config, **kwargs),
-            where=f"{cls.__name__}(dim, num_experts, k, ...)",
-            stacklevel=5,
-        )
 
     @property
     def has_schedule(self) -> bool:

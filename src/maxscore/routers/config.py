@@ -92,3 +92,28 @@ def legacy_moe_config(
         router_config=typed,
         **extra,
     )
+
+
+def legacy_router_moe(router_class: type, num_experts: object, args: tuple, kwargs: dict) -> MoEConfig:
+    """A router built the older way, ``Router(dim, num_experts, k, capacity_factor=1.0, *,
+    config=None, **options)``: its arguments as a ``MoEConfig`` (``legacy_moe_config``, warns)."""
+    from maxscore.routers import router_name  # the registry imports every router module
+
+    if len(args) > 2:
+        raise ValueError(f"{router_class.__name__}: too many positional arguments {args}")
+    flat = dict(zip(("k", "capacity_factor"), args, strict=False))
+    num_experts = kwargs.pop("num_experts", num_experts)
+    k = flat.get("k", kwargs.pop("k", None))
+    capacity_factor = flat.get("capacity_factor", kwargs.pop("capacity_factor", 1.0))
+    for name, value in (("num_experts", num_experts), ("k", k)):
+        check_int(name, value)
+    config = kwargs.pop("config", None)
+    return legacy_moe_config(
+        router_name(router_class),
+        num_experts,
+        k,
+        capacity_factor,
+        config=router_class.make_config(config, **kwargs),
+        where=f"{router_class.__name__}(dim, num_experts, k, ...)",
+        stacklevel=4,
+    )
