@@ -44,11 +44,17 @@ import math
 import numpy as np
 import torch
 
-from maxscore.solvers._validate import Problems, infeasible_message, nonfinite_message, short_message
+from maxscore.solvers._validate import (
+    Problems,
+    host_scores,
+    infeasible_message,
+    nonfinite_message,
+    short_message,
+)
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers.exact.dense import FusedOps, TorchOps, kernels_available, valid_mask
-from maxscore.solvers.exact.host import check_counts, solve_exact_groups
+from maxscore.solvers.exact.host import check_counts, check_price_shape, solve_exact_groups
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 CANDIDATE_FRACTION = 8
@@ -82,24 +88,15 @@ def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tenso
     device = problems.scores_GNE.device
     if prices is None:
         return torch.zeros(num_groups, num_experts, dtype=torch.float64, device=device)
-    if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in (
-        (num_experts,),
-        (num_groups, num_experts),
-    ):
-        raise ValueError(
-            f"prices must be a float tensor of shape [E] or [G, E] = [{num_experts}] or "
-            f"[{num_groups}, {num_experts}], got {prices!r}"
-        )
+    check_price_shape(prices, num_groups, num_experts)
     return prices.detach().to(device, torch.float64).expand(num_groups, num_experts).contiguous()
 
 
 def _on_host(problems: Problems) -> Problems:
     """The same problems with every tensor on the host (the host core's input)."""
-    scores = problems.scores_GNE
-    host_dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
     return dataclasses.replace(
         problems,
-        scores_GNE=scores.detach().to("cpu", host_dtype).contiguous(),
+        scores_GNE=host_scores(problems.scores_GNE),
         capacity_G=problems.capacity_G.cpu(),
         valid_GN=None if problems.valid_GN is None else problems.valid_GN.cpu().contiguous(),
         num_valid_G=problems.num_valid_G.cpu(),

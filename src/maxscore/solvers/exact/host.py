@@ -106,14 +106,20 @@ def solve_exact_groups(
     )
 
 
-def check_prices(prices: torch.Tensor | None, num_groups: int | None, num_experts: int) -> np.ndarray | None:
-    """Warm-start prices as float64 [G, E] on the host (G = 1 for one problem, ``num_groups=None``)."""
-    if prices is None:
-        return None
+def check_price_shape(prices: torch.Tensor, num_groups: int | None, num_experts: int) -> None:
+    """Warm-start prices are a tensor of shape [E], or [G, E] for G groups (``num_groups=None``:
+    one problem, [E] only)."""
     shapes = [(num_experts,)] + ([] if num_groups is None else [(num_groups, num_experts)])
     if not isinstance(prices, torch.Tensor) or tuple(prices.shape) not in shapes:
         form = "[E]" if num_groups is None else "[E] or [G, E]"
         raise ValueError(f"prices must be a float tensor of shape {form} = {shapes}, got {prices!r}")
+
+
+def check_prices(prices: torch.Tensor | None, num_groups: int | None, num_experts: int) -> np.ndarray | None:
+    """Warm-start prices as float64 [G, E] on the host (G = 1 for one problem, ``num_groups=None``)."""
+    if prices is None:
+        return None
+    check_price_shape(prices, num_groups, num_experts)
     prices_GE = prices.detach().to("cpu", torch.float64).expand(num_groups or 1, num_experts)
     if not torch.isfinite(prices_GE).all():
         raise ValueError("prices must be finite; pass None for a cold start")
