@@ -95,17 +95,18 @@ def _thresholds(
 
 
 @triton.jit
+def _theta_tile(theta_ptr, g, start, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """A tile of the thresholds ``_thresholds`` wrote (-inf past the group's tokens)."""
+    rows = start + tl.arange(0, BLOCK_N)
+    offsets = (g * N + rows)[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    return tl.load(theta_ptr + offsets, mask=(rows < N)[:, None], other=-float("inf"))
+
+
+@triton.jit
 def _count_above(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    cols = tl.arange(0, BLOCK_E)
-    rows0 = tl.arange(0, BLOCK_N)
     count = tl.zeros([BLOCK_E], tl.int32)
     for start in range(0, N, BLOCK_N):
-        rows = start + rows0
-        theta = tl.load(
-            theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
-            mask=(rows < N)[:, None],
-            other=-float("inf"),
-        )
+        theta = _theta_tile(theta_ptr, g, start, N, BLOCK_N, BLOCK_E)
         count += tl.sum((theta > x[None, :]).to(tl.int32), axis=0)
     return count
 
@@ -113,17 +114,10 @@ def _count_above(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexp
 @triton.jit
 def _bracket(theta_ptr, g, x, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per expert: the largest threshold <= x and the smallest > x."""
-    cols = tl.arange(0, BLOCK_E)
-    rows0 = tl.arange(0, BLOCK_N)
     below = tl.full([BLOCK_E], -float("inf"), x.dtype)
     over = tl.full([BLOCK_E], float("inf"), x.dtype)
     for start in range(0, N, BLOCK_N):
-        rows = start + rows0
-        theta = tl.load(
-            theta_ptr + (g * N + rows)[:, None] * BLOCK_E + cols[None, :],
-            mask=(rows < N)[:, None],
-            other=-float("inf"),
-        )
+        theta = _theta_tile(theta_ptr, g, start, N, BLOCK_N, BLOCK_E)
         below = tl.maximum(below, tl.max(tl.where(theta <= x[None, :], theta, -float("inf")), axis=0))
         over = tl.minimum(over, tl.min(tl.where(theta > x[None, :], theta, float("inf")), axis=0))
     return below, over
@@ -330,13 +324,8 @@ def certify_kernel(
         score += tl.sum(tl.where(held & row_ok[:, None], s, 0.0), axis=1)
         loads += tl.sum((held & row_ok[:, None]).to(tl.int32), axis=0)
         v = s - p[None, :]
-        top = tl.zeros([BLOCK_N], tl.float64)
-        for _ in tl.static_range(K):
-            best = tl.max(v, axis=1)
-            first = tl.min(tl.where(v == best[:, None], cols[None, :], BLOCK_E), axis=1)
-            v = tl.where(cols[None, :] == first[:, None], -float("inf"), v)
-            top += best
-        dual += tl.where(row_ok, top, 0.0)
+        best, _, _ = _row_top(v, cols, K, False, BLOCK_E)
+        dual += tl.where(row_ok, tl.sum(tl.where(best, v, 0.0), axis=1), 0.0)
     total = tl.sum(score, axis=0)
     gap = tl.sum(dual, axis=0) + tl.sum(tl.where(col_ok, C.to(tl.float64) * p, 0.0), axis=0) - total
     feasible = (tl.sum(wrong, axis=0) == 0) & (tl.sum(((loads > C) | (p < 0)).to(tl.int32), axis=0) == 0)
