@@ -17,13 +17,12 @@ the timings are then the interpreter's, only the launch column means anything).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from maxscore import solve
-from maxscore.bench import count_launches, environment, make_scores, median_ms
+from maxscore.bench import count_launches, make_scores, median_ms, write_report
 from maxscore.solvers.exact.device import kernels_available
 
 SIZES = ((64, 512, 16, 2), (16, 4096, 64, 8))  # (G, N, E, k): a layer's routing groups
@@ -105,14 +104,7 @@ def main() -> int:
         for distribution in args.distributions.split(","):
             print(f"  {size} {distribution}", file=sys.stderr, flush=True)
             rows.append(bench_case(*size, distribution, args.device, args.budget, not args.count_only))
-    table = format_table(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# Device engine benchmark\n\n{environment(args.concurrent)}\n{table}\n")
+    write_report("Device engine benchmark", format_table(rows), rows, args.out, args.md, args.concurrent)
     return 0
 
 

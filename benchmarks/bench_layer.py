@@ -17,15 +17,14 @@ Hungarian matching per 512-token sequence on the CPU) with SoftTopk weights.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
-from maxscore import MoELayer
-from maxscore.bench import environment, paper_design
+from maxscore import MoEConfig, MoELayer
+from maxscore.bench import paper_design, write_report
 from maxscore.routers import ROUTERS
 from maxscore.routers.groups import Selection
 from maxscore.routers.maxscore import MaxScoreRouter
@@ -46,7 +45,8 @@ class PaperDesignRouter(MaxScoreRouter):
 
 def make_layer(name: str, dim: int, hidden: int, num_experts: int, k: int) -> MoELayer:
     if name == PAPER_DESIGN:
-        return MoELayer(dim, hidden, num_experts, k, router=PaperDesignRouter(dim, num_experts, k))
+        router = PaperDesignRouter(dim, MoEConfig(num_experts=num_experts, k=k))
+        return MoELayer(dim, hidden, num_experts, k, router=router)
     return MoELayer(dim, hidden, num_experts, 1 if name == "switch" else k, router=name)
 
 
@@ -173,14 +173,9 @@ def main() -> int:
         results[label] = rows
         shape = ", ".join(f"{key} {value}" for key, value in config.items())
         tables.append(format_table(rows, f"{shape}; router logits {label}"))
+    title = f"MoE layer benchmark ({args.device})"
     text = "\n\n".join(tables)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"config": config, "results": results}, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# MoE layer benchmark ({args.device})\n\n{environment(args.concurrent)}\n{text}\n")
+    write_report(title, text, {"config": config, "results": results}, args.out, args.md, args.concurrent)
     return 0
 
 

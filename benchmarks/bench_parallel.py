@@ -34,7 +34,7 @@ import time
 import torch
 from torch import nn
 
-from maxscore.bench import environment
+from maxscore.bench import write_report
 from maxscore.model import Decoder
 from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
@@ -229,14 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(preset, router, group, world_size, args.steps, args.device, args.cores)
                 measured[router, group, world_size].append(row)
         rows += [pooled(runs) for runs in measured.values()]
-    table = format_table(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# Expert-parallel training throughput\n\n{environment(args.concurrent)}\n{table}\n")
+    title = "Expert-parallel training throughput"
+    write_report(title, format_table(rows), rows, args.out, args.md, args.concurrent)
     return 0
 
 

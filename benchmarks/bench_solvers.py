@@ -11,7 +11,6 @@ dated markdown file with the hardware, versions and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from maxscore.bench import (
@@ -20,9 +19,9 @@ from maxscore.bench import (
     SIZES,
     bench_batched,
     bench_solvers,
-    environment,
     format_table,
     rows_as_dicts,
+    write_report,
 )
 
 
@@ -47,13 +46,7 @@ def main() -> int:
         progress=progress,
     )
     table = format_table(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows_as_dicts(rows), f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# Solver benchmark\n\n{environment(args.concurrent)}\n{table}\n")
+    write_report("Solver benchmark", table, rows_as_dicts(rows), args.out, args.md, args.concurrent)
     return 0
 
 

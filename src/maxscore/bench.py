@@ -12,6 +12,7 @@ measures it in detail (and its launches on a CPU).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 import statistics
@@ -343,3 +344,17 @@ def environment(concurrent: str = "nothing") -> str:
         f"- command: `python {' '.join(sys.argv)}`\n"
         f"- also running: {concurrent}\n"
     )
+
+
+def write_report(
+    title: str, table: str, results: object, out: str | None, md: str | None, concurrent: str = "nothing"
+) -> None:
+    """Prints ``table``; writes ``results`` as JSON to ``out`` and a dated markdown report (title,
+    environment, table) to ``md`` when given."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    if md:
+        with open(md, "w") as f:
+            f.write(f"# {title}\n\n{environment(concurrent)}\n{table}\n")
