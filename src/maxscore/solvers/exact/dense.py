@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from maxscore.solvers._validate import Problems
-from maxscore.solvers.exact.prices import DAMPING, GAP_TOLERANCE, Certificate, certify, price_step
+from maxscore.solvers.exact.prices import (
+    DAMPING,
+    GAP_TOLERANCE,
+    Certificate,
+    certify,
+    expert_loads,
+    price_step,
+)
 
 TILE = 2048  # scores per tile: with WARPS warps the kernels fit in registers on sm_90 (no spills)
 WARPS = 8  # warps per program (tests/solvers/test_kernels_compile.py checks the fit)
@@ -122,7 +129,7 @@ class TorchOps:
             top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
         )
         margin = torch.where(mask, top.values[..., k - 1] - nxt, math.inf)
-        loads = _loads(experts, problems.num_experts)
+        loads = expert_loads(experts, problems.num_experts)
         return Dense(p, experts, margin, loads, flags)
 
     def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
@@ -135,7 +142,7 @@ class TorchOps:
         index = candidates[..., None]
         scores = problems.scores_GNE.double().gather(1, index.expand(-1, -1, num_experts))
         valid = valid_mask(problems).gather(1, candidates)
-        taken = _loads(dense.experts.gather(1, index.expand(-1, -1, k)), num_experts)
+        taken = expert_loads(dense.experts.gather(1, index.expand(-1, -1, k)), num_experts)
         left = problems.capacity_G[:, None] - dense.loads + taken
         parts = [
             scores.flatten(1),
@@ -260,10 +267,3 @@ def valid_mask(problems: Problems) -> torch.Tensor:
         return problems.valid_GN
     shape = (problems.num_groups, problems.num_tokens)
     return torch.ones(shape, dtype=torch.bool, device=problems.scores_GNE.device)
-
-
-def _loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 [G, E]: the slots each expert holds (-1 slots ignored)."""
-    loads = torch.zeros(experts.shape[0], num_experts + 1, dtype=torch.int64, device=experts.device)
-    slots = (experts % (num_experts + 1)).flatten(1)  # -1 lands in the extra column
-    return loads.scatter_add_(1, slots, torch.ones_like(slots))[:, :num_experts]

@@ -135,6 +135,13 @@ def price_step(
     return p + DAMPING * (target - p)
 
 
+def expert_loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [G, E]: the slots each expert holds in experts [G, N, K] (-1 slots ignored)."""
+    loads = torch.zeros(experts.shape[0], num_experts + 1, dtype=torch.int64, device=experts.device)
+    slots = (experts % (num_experts + 1)).flatten(1)  # -1 lands in the extra column
+    return loads.scatter_add_(1, slots, torch.ones_like(slots))[:, :num_experts]
+
+
 @dataclass(frozen=True, slots=True)
 class Certificate:
     """What ``certify`` found of G groups (all on the scores' device)."""
@@ -168,11 +175,7 @@ def certify(
     mask = torch.ones(num_groups, num_tokens, dtype=torch.bool, device=s.device) if valid is None else valid
     slot = experts >= 0
     index = experts.clamp(min=0)
-    loads = torch.zeros(num_groups, num_experts + 1, dtype=torch.int64, device=s.device)
-    loads.scatter_add_(
-        1, torch.where(slot, experts, num_experts).flatten(1), torch.ones_like(experts).flatten(1)
-    )
-    loads = loads[:, :num_experts]
+    loads = expert_loads(experts, num_experts)
     picked = torch.where(slot, s.gather(-1, index), 0.0)
     score = picked.sum((1, 2))
     best = torch.topk(s - p[:, None, :], k, dim=-1).values.sum(-1)
