@@ -30,6 +30,7 @@ EXPECTED = {
     "iterative": "a43eba0cb6063c74",
     "maxscore": "0e28d93f4dce881c",
     "maxscore_paper": "f0edc66816d22bed",
+    "quantile": "b217b14a717888d6",
     "sbase": "96169ee078c012f2",
     "softtopk_only": "28eba94b78541b12",
     "switch": "a5a7188dbf57ef2e",

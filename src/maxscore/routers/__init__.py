@@ -15,6 +15,7 @@ name                routing                                                     
 ``base``            balanced assignment of the gate logits (BASE)               no drops
 ``sbase``           Sinkhorn-balanced top-k (S-BASE)                            drops
 ``deepseek_v3``     sigmoid + auxiliary-loss-free bias                          none
+``quantile``        top-k of logits - bias, bias set from quantiles (Megatron)  none/drops
 ==================  ==========================================================  ===========
 """
 
@@ -46,6 +47,7 @@ from maxscore.routers.maxscore import (
     PaperMaxScoreRouter,
     PaperMaxScoreRouterConfig,
 )
+from maxscore.routers.quantile import QuantileRouter, QuantileRouterConfig
 from maxscore.routers.stats import RoutingStats
 from maxscore.routers.topk import (
     DroplessRouter,
@@ -70,6 +72,7 @@ ROUTERS: dict[str, type[GatedRouter]] = {
     "base": BaseLayersRouter,
     "sbase": SBaseRouter,
     "deepseek_v3": DeepSeekV3Router,
+    "quantile": QuantileRouter,
 }
 
 
@@ -176,6 +179,7 @@ __all__ = [
     "MoEConfig",
     "MaxScoreRouterConfig",
     "PaperMaxScoreRouterConfig",
+    "QuantileRouterConfig",
     "Router",
     "RouterOutput",
     "RoutingStats",

@@ -278,6 +278,7 @@ class GatedRouter(nn.Module):
             solver_gap=selection.solver_gap,
             solver_ms=selection.solver_ms,
             solver_fallbacks=selection.solver_fallbacks,
+            group_size=groups.size,
         )
         capacity = None if selection.dropless else groups.count * groups.slots
         return RouterOutput(

@@ -27,6 +27,8 @@ class RoutingStats:
         solver_ms: host time spent in the solver call, or None.
         solver_fallbacks: groups the device engine handed to the host solver (an int or a
             scalar tensor), or None where no exact solve ran.
+        scores_TE, experts_TK, valid_T, group_size: the routing itself (references, no copies),
+            kept for ``optimality``; None where not recorded.
     """
 
     loads: torch.Tensor
@@ -37,6 +39,10 @@ class RoutingStats:
     solver_gap: float | torch.Tensor | None = None
     solver_ms: float | None = None
     solver_fallbacks: int | torch.Tensor | None = None
+    scores_TE: torch.Tensor | None = None
+    experts_TK: torch.Tensor | None = None
+    valid_T: torch.Tensor | None = None
+    group_size: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -84,9 +90,11 @@ def routing_stats(
     solver_gap: float | torch.Tensor | None = None,
     solver_ms: float | None = None,
     solver_fallbacks: int | torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> RoutingStats:
     """Statistics of one routing; ``experts_TK`` holds each token's choices in preference order.
-    ``loads_E`` replaces the loads counted from ``experts_TK`` (global routing: over all ranks)."""
+    ``loads_E`` replaces the loads counted from ``experts_TK`` (global routing: over all ranks);
+    ``group_size``: tokens per routing group, recorded with the routing for ``optimality``."""
     with torch.no_grad():
         num_experts = scores_TE.shape[1]
         valid_T = (
@@ -117,4 +125,52 @@ def routing_stats(
         solver_gap=solver_gap,
         solver_ms=solver_ms,
         solver_fallbacks=solver_fallbacks,
+        scores_TE=scores_TE.detach(),
+        experts_TK=experts_TK,
+        valid_T=valid_T,
+        group_size=group_size,
     )
+
+
+def optimality(stats: RoutingStats) -> dict[str, float]:
+    """How far a routing is from the exact optimum of the same routing groups at capacity
+    factor 1 (host-side: one exact solve, for logging steps only).
+
+    Returns:
+        opt_gap: ``(OPT - score) / |OPT|``, score the total router score of the assigned pairs;
+            negative when the routing overloads experts (it then beats every routing within
+            capacity; read it beside ``over_capacity``).
+        load_max_over_mean: the largest expert load over the mean load (batch).
+        over_capacity: the share of the valid tokens' k slots above capacity factor 1's capacity
+            of their group and expert.
+    """
+    from maxscore.solvers import group_capacity, solve  # solvers sit below routers
+
+    scores_TE, experts_TK, size = stats.scores_TE, stats.experts_TK, stats.group_size
+    if scores_TE is None or experts_TK is None or size is None:
+        raise ValueError("these statistics carry no routing (scores, experts, group size) to compare")
+    num_tokens, num_experts = scores_TE.shape
+    k = experts_TK.shape[1]
+    scores_GNE = scores_TE.detach().double().cpu().view(-1, size, num_experts)
+    experts_GNK = experts_TK.cpu().view(-1, size, k)
+    valid_GN = None if stats.valid_T is None else stats.valid_T.cpu().view(-1, size)
+    optimum = solve(scores_GNE, k, capacity_factor=1.0, valid=valid_GN, engine="host")
+    assigned_GNK = experts_GNK >= 0
+    if valid_GN is not None:
+        assigned_GNK &= valid_GN[..., None]
+    picked_GNK = scores_GNE.gather(2, experts_GNK.clamp(min=0))
+    score = float((picked_GNK * assigned_GNK).sum())
+    best = float(optimum.score.sum())
+    loads_GE = torch.zeros(scores_GNE.shape[0], num_experts + 1, dtype=torch.int64)
+    slots_GS = experts_GNK.masked_fill(~assigned_GNK, num_experts).flatten(1)  # none: a sentinel
+    loads_GE.scatter_add_(1, slots_GS, torch.ones_like(slots_GS))
+    loads_GE = loads_GE[:, :num_experts]
+    counts_G = torch.full((scores_GNE.shape[0],), size) if valid_GN is None else valid_GN.sum(1)
+    capacity_G = group_capacity(counts_G, num_experts, k, 1.0)
+    over = (loads_GE - capacity_G[:, None]).clamp(min=0).sum()
+    loads_E = loads_GE.sum(0).double()
+    return {
+        "opt_gap": (best - score) / max(abs(best), 1e-30),
+        "load_max_over_mean": float(loads_E.max() / loads_E.mean().clamp(min=1e-30)),
+        "over_capacity": float(over) / max(1, int(counts_G.sum()) * k),
+    }

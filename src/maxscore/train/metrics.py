@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from maxscore.routers.stats import RoutingStats
+from maxscore.routers.stats import RoutingStats, optimality
 
 
 def summarize(stats: list[RoutingStats]) -> dict:
@@ -36,6 +36,9 @@ def summarize(stats: list[RoutingStats]) -> dict:
     fallbacks = [r["solver_fallbacks"] for r in rows if r["solver_fallbacks"] is not None]
     if fallbacks:
         summary["solver_fallbacks"] = sum(fallbacks)
+    measured = [optimality(s) for s in stats if s.group_size is not None]
+    if measured:  # the distance to the exact optimum at capacity factor 1, per layer averaged
+        summary.update({key: sum(m[key] for m in measured) / len(measured) for key in measured[0]})
     return summary
 
 

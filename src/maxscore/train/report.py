@@ -86,6 +86,45 @@ def summary_table(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _over_training(runs: list[dict], key: str) -> list[float]:
+    """Each run's mean of ``key`` over its logged steps."""
+    means = []
+    for run in runs:
+        values = [row[key] for row in run["metrics"] if key in row]
+        if values:
+            means.append(statistics.fmean(values))
+    return means
+
+
+def balance_table(groups: dict[str, list[dict]]) -> str:
+    """Distance to the exact optimum at capacity factor 1 (training batches, mean over the logged
+    steps and at the last one) and the balance of causal routing; empty when no run logged it."""
+    if not any("opt_gap" in r["last"] for runs in groups.values() for r in runs):
+        return ""
+    lines = [
+        "| router | gap to optimum, mean / last | slots over capacity 1, mean / last "
+        "| largest load / mean, mean / last | causal load max / min | val loss causal |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for router, runs in groups.items():
+
+        def pair(key: str, fmt: str, runs: list[dict] = runs) -> str:
+            return f"{_mean(_over_training(runs, key), fmt)} / {_mean(_last(runs, key), fmt)}"
+
+        causal = [r["causal_load"] for r in runs if "causal_load" in r]
+        causal_text = (
+            f"{_mean([c['max'] for c in causal], '.3f')} / {_mean([c['min'] for c in causal], '.3f')}"
+            if causal
+            else "-"
+        )
+        causal_loss = [r["validation_causal"]["loss"] for r in runs if "validation_causal" in r]
+        lines.append(
+            f"| {router} | {pair('opt_gap', '.2e')} | {pair('over_capacity', '.2%')} "
+            f"| {pair('load_max_over_mean', '.3f')} | {causal_text} | {_mean(causal_loss, '.4f')} |"
+        )
+    return "\n".join(lines)
+
+
 def _series(runs: list[dict], key: str, index: int | None = None) -> tuple[list[int], list[float]]:
     """Mean over seeds of ``key`` per logged step (steps where every seed logged it)."""
     per_step: dict[int, list[float]] = defaultdict(list)
@@ -219,6 +258,15 @@ def write_report(
     (out / "results.json").write_text(
         json.dumps({"baseline": baseline, "configurations": rows or _plain_rows(groups)}, indent=1)
     )
+    balance = balance_table(groups)
+    if balance:
+        balance = (
+            "Distance to the optimum: each training batch's routing against the exact optimum of "
+            "the same routing groups at capacity factor 1 (gap = (OPT - score) / |OPT|, negative "
+            "where a router overloads experts), averaged over layers; causal = the validation split "
+            "routed token by token, the largest and smallest expert load over the capacity of batch "
+            "routing.\n\n" + balance + "\n\n"
+        )
     config = json.loads((Path(groups[next(iter(groups))][0]["path"]) / "config.json").read_text())
     model = config["model"]
     text = (
@@ -231,7 +279,7 @@ def write_report(
         "Losses in nats per token; spread = half the range over seeds; statistics (dropped, load, affinity) "
         "from the last logged step, averaged over layers; causal = every token routed alone (MaxScore: "
         "top-k of score - averaged dual prices).\n\n"
-        f"{summary_table(groups)}\n\n{paired}" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
+        f"{summary_table(groups)}\n\n{balance}{paired}" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
     )
     (out / "results.md").write_text(text)
     return text

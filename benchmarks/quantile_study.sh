@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# MaxScore or quantile balancing: paired seeds (same initial weights and batches), baseline
+# `maxscore`.  Each stage resumes: finished runs under $out/runs/<stage>/ are kept.
+#   bash benchmarks/quantile_study.sh tiny     # tiny preset, 5 seeds x 1000 steps, 2 CPU cores
+#   bash benchmarks/quantile_study.sh small    # small preset, 2 seeds x 800 steps, one GPU
+#   bash benchmarks/quantile_study.sh report   # the reports of the runs present
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
+tiny=benchmarks/results/quantile_tiny_cpu-2core_202612
+small=benchmarks/results/quantile_small_${HARDWARE:-gpu}_202612
+routers="maxscore,quantile,quantile:drop=true,deepseek_v3,gshard:normalize=true"
+case "${1:-}" in
+  tiny)
+    "$MAXSCORE" compare --preset tiny --steps 1000 --seeds 5 --device cpu --quiet \
+      --routers "$routers" --baseline maxscore --out "$tiny/runs" --report "$tiny/report"
+    ;;
+  small)
+    "$MAXSCORE" compare --preset small --steps 800 --seeds 2 --device cuda --quiet \
+      --routers maxscore,quantile --baseline maxscore --out "$small/runs" --report "$small/report"
+    ;;
+  report)
+    "$MAXSCORE" report "$tiny/runs" --out "$tiny/report" --baseline maxscore
+    ;;
+  *)
+    echo "usage: bash benchmarks/quantile_study.sh tiny|small|report" >&2
+    exit 2
+    ;;
+esac
