@@ -84,14 +84,14 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
     raw = json.loads((out / "gshard+normalize=false-s1" / "final.json").read_text())
     assert raw["router"] == "gshard:normalize=false" and raw["seed"] == 1
     # config.json stores every router option, resolved (a later default change cannot alter it)
-    assert json.loads((out / "gshard+normalize=false-s1" / "config.json").read_text())["model"][
-        "router_options"
+    assert json.loads((out / "gshard+normalize=false-s1" / "config.json").read_text())["model"]["moe"][
+        "router_config"
     ] == {"group": "sequence", "balance_coef": 0.01, "z_coef": 0.0, "score_function": "softmax"} | {
         "normalize": False
     }
     scheduled = json.loads(
         (out / "maxscore+soft_topk=true+schedule.steps=50pct-s0" / "config.json").read_text()
-    )["model"]["router_options"]
+    )["model"]["moe"]["router_config"]
     assert scheduled["schedule"] == {"start": 4.0, "end": 1.0, "steps": 3, "kind": "linear"}
     assert scheduled["normalize"] is True and scheduled["method"] == "exact"
     flow = json.loads((out / "maxscore-s0" / "final.json").read_text())
@@ -129,7 +129,7 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--set", "k=9"], "k=9 must be <= num_experts=4"),
+        (["--set", "k=9"], "k must satisfy 1 <= k <= num_experts=4, got k=9"),
         (["--router", "top2"], "router must be 'dense' or one of"),
         (["--data", "/no/such/path"], "does not exist"),
     ],

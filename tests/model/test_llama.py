@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
+from maxscore import MoEConfig
 from maxscore.model import Decoder, ModelConfig
 
-SHAPE = dict(vocab_size=64, dim=32, layers=2, heads=4, seq_len=16, num_experts=4, k=2, expert_hidden=16)
+SHAPE = dict(vocab_size=64, dim=32, layers=2, heads=4, seq_len=16)
 
 
 def model(router: str = "maxscore") -> Decoder:
     torch.manual_seed(0)
-    return Decoder(ModelConfig(**SHAPE, router=router)).eval()
+    if router == "dense":  # FLOP-matched to k = 2 experts of width 16
+        return Decoder(ModelConfig(**SHAPE, moe=None, dense_hidden=32)).eval()
+    return Decoder(
+        ModelConfig(**SHAPE, moe=MoEConfig(num_experts=4, k=2, expert_hidden=16, router=router))
+    ).eval()
 
 
 def tokens(seed: int, batch: int = 2, length: int = 16) -> torch.Tensor:
@@ -66,3 +73,40 @@ def test_the_tied_output_projection_is_the_embedding():
 def test_sequences_longer_than_seq_len_are_refused():
     with pytest.raises(ValueError, match="exceeds the model's seq_len=16"):
         model("dense")(tokens(6, length=17))
+
+
+def test_the_flat_form_warns_and_converts_once():
+    flat = dict(num_experts=4, k=2, expert_hidden=16, capacity_factor=1.25, router="gshard")
+    with pytest.warns(DeprecationWarning, match=r"ModelConfig\(\.\.\.\) with the flat MoE settings"):
+        old = ModelConfig(**SHAPE, **flat, router_options={"normalize": False})
+    new = ModelConfig(
+        **SHAPE,
+        moe=MoEConfig(
+            num_experts=4, k=2, expert_hidden=16, capacity_factor=1.25, router="gshard",
+            router_config={"normalize": False},
+        ),
+    )  # fmt: skip
+    assert old == new
+    with pytest.warns(DeprecationWarning, match="moe=None"):
+        dense = ModelConfig(**SHAPE, router="dense", k=2, expert_hidden=16)
+    assert dense.moe is None and dense.dense_hidden == 32  # k x expert_hidden: the FLOPs of k experts
+    assert ModelConfig(**SHAPE, moe=None).dense_hidden == MoEConfig().k * MoEConfig().expert_hidden
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"moe": {"k": 2}}, "moe must be a maxscore.MoEConfig or None"),
+        ({"moe": MoEConfig(), "dense_hidden": 64}, "dense_hidden is the MLP width of a dense model"),
+        ({"moe": None, "dense_hidden": 0}, "dense_hidden must be an int >= 1"),
+        (
+            {"router": "dense", "router_options": {"normalize": True}},
+            "router='dense' takes no router_options",
+        ),
+        ({"router": "top2"}, "router must be 'dense' or one of"),
+    ],
+)
+def test_bad_model_configs_are_named(values, match):
+    with pytest.raises(ValueError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ModelConfig(**SHAPE, **values)

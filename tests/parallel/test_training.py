@@ -41,7 +41,7 @@ def test_two_ranks_with_global_routing_equal_one_process_and_resume(small_corpus
     # the consolidated checkpoint holds every expert and reads like a single-process one
     model, checkpoint = load_model(ranks / "checkpoint.pt")
     reference, _ = load_model(single / "checkpoint.pt")
-    assert checkpoint.step == 20 and model.blocks[0].mlp.experts.w_up.shape[0] == config.model.num_experts
+    assert checkpoint.step == 20 and model.blocks[0].mlp.experts.w_up.shape[0] == config.model.moe.num_experts
     for (name, value), (_, expected_value) in zip(
         model.state_dict().items(), reference.state_dict().items(), strict=True
     ):

@@ -52,7 +52,7 @@ def test_resume_equals_uninterrupted(router, small_corpus_dir, tmp_path):
 def test_checkpoint_is_self_contained(small_corpus_dir, tmp_path):
     train(tiny_config(small_corpus_dir, steps=10, router="maxscore_paper"), tmp_path, progress=False)
     model, checkpoint = load_model(tmp_path / "checkpoint.pt")
-    assert checkpoint.step == 10 and checkpoint.config.model.router == "maxscore_paper"
+    assert checkpoint.step == 10 and checkpoint.config.model.moe.router == "maxscore_paper"
     assert model.blocks[0].mlp.router.schedule.num_steps == 10
     assert model.blocks[0].mlp.router.price_updates > 0
     assert checkpoint.tokenizer.decode(checkpoint.tokenizer.encode("Union").ids) == "Union"
@@ -73,7 +73,7 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"k": 20}, "k=20 must be <= num_experts=16"),
+        ({"k": 20}, "k must satisfy 1 <= k <= num_experts=16, got k=20"),
         ({"router": "top2"}, "router must be 'dense' or one of"),
         ({"lr": 0}, "lr must be a number > 0"),
         ({"colour": "red"}, r"unknown setting\(s\) \['colour'\]"),
@@ -97,5 +97,5 @@ def test_presets_and_overrides():
     with pytest.raises(ValueError, match="key=value"):
         parse_override("lr")
     config = make_config("paper-162m")
-    assert config.model.dim == 768 and config.model.num_experts == 16 and config.model.seq_len == 512
+    assert config.model.dim == 768 and config.model.moe.num_experts == 16 and config.model.seq_len == 512
     assert set(PRESETS) >= {"tiny", "small", "paper-162m", "paper-317m", "paper-599m", "paper-1205m"}

@@ -80,15 +80,11 @@ def build_hf_decoder(config: ModelConfig, hf_model: str, hf_config_json: str | N
         dense = AutoConfig.for_model(**values)
     else:
         raise ValueError(f"hf_model={hf_model!r} is neither a model directory nor a JSON config file")
-    hf = upcycle(
-        dense,
-        config.num_experts,
-        config.k,
-        capacity_factor=config.capacity_factor,
-        router=config.router,
-        noise=0.01,
-        router_config=config.router_options,
-    )
+    if config.moe is None:
+        raise ValueError(
+            f"hf_model={hf_model!r} is upcycled to an MoE model: the model config needs moe settings"
+        )
+    hf = upcycle(dense, moe=config.moe, noise=0.01)
     return HFDecoder(hf.float(), config)
 
 

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.hf.upcycle import attention_mask_of
-from maxscore.routers import make_router
+from maxscore.routers import ROUTERS, MoEConfig
 
 SUPPORTED = {  # model_type -> the router module's class name
     "mixtral": "MixtralTopKRouter",
@@ -149,19 +149,21 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral always renormalizes
     name = "maxscore" if settings["soft_topk"] else "flow_only"
     options = {"soft_topk": True, "schedule": settings["schedule"]} if settings["soft_topk"] else {}
-    router = make_router(
-        name,
-        hidden,
-        num_experts,
-        gate.top_k,
-        settings["capacity_factor"],
+    options.update(
         method=settings["method"],
         group=settings["group"],
         balance_coef=0.0,
         normalize=normalize,
         score_function="sigmoid" if hasattr(gate, "e_score_correction_bias") else "softmax",
-        **options,
-    ).to(gate.weight.device)
+    )
+    moe = MoEConfig(  # the router only: the model keeps its own experts (expert_hidden unused)
+        num_experts=num_experts,
+        k=gate.top_k,
+        capacity_factor=settings["capacity_factor"],
+        router=name,
+        router_config=options,
+    )
+    router = ROUTERS[name](hidden, moe).to(gate.weight.device)
     del router.gate  # the router reads the model's own gate weight: one parameter, original key
     object.__setattr__(router, "gate", gate)  # a plain reference, not a submodule (no cycle)
     gate.__class__ = _swapped_class(type(gate))

@@ -39,7 +39,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from maxscore.gates import TemperatureSchedule
 from maxscore.moe.layer import MoELayer
-from maxscore.routers import GatedRouterConfig
+from maxscore.routers import GatedRouterConfig, MoEConfig
 from maxscore.routers import router_config as _router_config
 
 DENSE_FAMILIES = {  # dense model_type -> (config class, model class)
@@ -54,15 +54,15 @@ class MaxScoreMLP(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.moe = MoELayer(
-            config.hidden_size,
-            config.intermediate_size,
-            config.num_experts,
-            config.num_experts_per_tok,
-            router=config.router,
+        moe = MoEConfig(
+            num_experts=config.num_experts,
+            k=config.num_experts_per_tok,
             capacity_factor=config.capacity_factor,
+            expert_hidden=config.intermediate_size,
+            router=config.router,
             router_config=_router_config(config.router, config.router_options or {}, saved=True),
         )
+        self.moe = MoELayer.from_config(config.hidden_size, moe)
         self.causal_routing = bool(config.causal_routing)
         self.attention_mask: torch.Tensor | None = None  # [B, past + L], set per forward by the model
         self.last_aux_loss: torch.Tensor | None = None
@@ -164,7 +164,7 @@ MOE_FAMILIES = {
 
 def upcycle(
     model_or_config,
-    num_experts: int,
+    num_experts: int | None = None,
     k: int = 2,
     *,
     capacity_factor: float = 1.0,
@@ -174,6 +174,7 @@ def upcycle(
     causal_routing: bool = False,
     seed: int = 0,
     router_config: GatedRouterConfig | Mapping | None = None,
+    moe: MoEConfig | None = None,
     **router_options,
 ) -> PreTrainedModel:
     """A MaxScore MoE model from a dense Llama / Qwen2 / Mistral model (or a fresh one from a config).
@@ -190,9 +191,28 @@ def upcycle(
         seed: of the noise and the router initialization.
         router_config: the router's config (``maxscore.routers.router_config``) or a dict of
             its options; the model's config stores it complete (``router_options``).
+        moe: the MoE layers as one ``MoEConfig`` (its experts, k, capacity factor, router and
+            options), instead of ``num_experts``, ``k``, ``capacity_factor``, ``router``,
+            ``router_config`` and ``router_options``; its ``expert_hidden`` is ignored (the
+            experts are copies of the dense MLP, of its width).
         **router_options: options of the router by name, over ``router_config``, e.g.
             ``method="two_stage"``, ``schedule={"steps": 1000}``.
     """
+    if moe is None:
+        if num_experts is None:
+            raise ValueError("upcycle needs num_experts (or moe=maxscore.MoEConfig(...))")
+        moe = MoEConfig(
+            num_experts=num_experts,
+            k=k,
+            capacity_factor=capacity_factor,
+            router=router,
+            router_config=_router_config(router, router_config, **router_options),
+        )
+    elif not isinstance(moe, MoEConfig) or num_experts is not None or router_config or router_options:
+        raise ValueError(
+            "upcycle takes either moe=maxscore.MoEConfig(...) or num_experts, k, capacity_factor, router "
+            "and its options, not both"
+        )
     dense = model_or_config if isinstance(model_or_config, PreTrainedModel) else None
     config = dense.config if dense is not None else model_or_config
     family = getattr(config, "model_type", None)
@@ -203,11 +223,11 @@ def upcycle(
         )
     moe_class = MOE_FAMILIES[family]
     settings = dict(
-        num_experts=num_experts,
-        num_experts_per_tok=k,
-        capacity_factor=capacity_factor,
-        router=router,
-        router_options=_router_config(router, router_config, **router_options).to_dict(),
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.k,
+        capacity_factor=moe.capacity_factor,
+        router=moe.router,
+        router_options=moe.router_config.to_dict(),
         causal_routing=causal_routing,
     )
     moe_config = moe_class.config_class(

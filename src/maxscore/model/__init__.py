@@ -1,5 +1,5 @@
 """Models that use the MoE layer."""
 
-from maxscore.model.llama import DENSE, Decoder, ModelConfig, ModelOutput
+from maxscore.model.llama import Decoder, ModelConfig, ModelOutput, moe_from_flat
 
-__all__ = ["DENSE", "Decoder", "ModelConfig", "ModelOutput"]
+__all__ = ["Decoder", "ModelConfig", "ModelOutput", "moe_from_flat"]

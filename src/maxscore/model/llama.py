@@ -2,16 +2,17 @@
 
 RMSNorm, rotary position embeddings, causal attention through ``scaled_dot_product_attention``,
 SwiGLU MLPs; pre-norm residual blocks; tied input/output embeddings.  The MoE layers take any
-router of ``maxscore.routers``; ``router="dense"`` replaces them by one SwiGLU of hidden size
-``k * expert_hidden``, which costs the same FLOPs per token as k experts (the paper's Dense
-baseline).
+router of ``maxscore.routers``, built from the config's ``MoEConfig``; a dense model
+(``moe=None``) has one SwiGLU of hidden size ``dense_hidden`` instead, by default ``k *
+expert_hidden``, which costs the same FLOPs per token as k experts (the paper's Dense baseline).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 from torch import nn
@@ -19,19 +20,27 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.moe import MoELayer, SwiGLU
 from maxscore.moe.experts import count_parameters
-from maxscore.routers import ROUTERS, GatedRouterConfig, router_config
+from maxscore.routers import ROUTERS, GatedRouterConfig, MoEConfig, router_config
+from maxscore.routers.config import legacy_moe_config
 from maxscore.routers.stats import RoutingStats
 
-DENSE = "dense"
+MOE_SETTINGS = ("num_experts", "k", "capacity_factor", "expert_hidden", "router", "router_options")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    """Shape of the decoder and its MoE layers.
+    """Shape of the decoder and its MLPs.
 
-    ``router_options`` is the router's typed config (``maxscore.routers.router_config``); a dict
-    of options (from the CLI or JSON) or None is turned into it with the current defaults.  A
-    dense model has none.  ``from_saved`` reads a saved config (see ``SAVED_DEFAULTS``).
+    Attributes:
+        moe: the MoE layers' settings (experts, k, capacity factor, expert width, router and its
+            typed options), or None for a dense model.
+        dense_hidden: the width of a dense model's SwiGLU MLP (``moe=None`` only); default
+            ``k * expert_hidden`` of the default ``MoEConfig``: the FLOPs per token of k experts.
+
+    The older flat form, ``ModelConfig(num_experts=..., k=..., capacity_factor=...,
+    expert_hidden=..., router=..., router_options=...)`` with ``router="dense"`` for a dense
+    model, still works and warns (``moe_from_flat``).  ``from_saved`` reads a saved config of
+    either form (see ``SAVED_DEFAULTS``).
     """
 
     vocab_size: int = 8192
@@ -39,39 +48,121 @@ class ModelConfig:
     layers: int = 4
     heads: int = 4
     seq_len: int = 256
-    num_experts: int = 16
-    k: int = 2
-    expert_hidden: int = 512
-    router: str = "maxscore"
-    capacity_factor: float = 1.0
-    router_options: GatedRouterConfig | Mapping | None = None
+    moe: MoEConfig | None = MoEConfig()
+    dense_hidden: int | None = None
     rope_base: float = 10000.0
+    num_experts: InitVar[int | None] = None
+    k: InitVar[int | None] = None
+    capacity_factor: InitVar[float | None] = None
+    expert_hidden: InitVar[int | None] = None
+    router: InitVar[str | None] = None
+    router_options: InitVar[GatedRouterConfig | Mapping | None] = None
 
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "layers", "heads", "seq_len", "num_experts", "k", "expert_hidden"):
+    def __post_init__(self, *flat) -> None:
+        given = {name: value for name, value in zip(MOE_SETTINGS, flat, strict=True) if value is not None}
+        if given:
+            moe, dense_hidden = moe_from_flat(given, self, where="ModelConfig(...)")
+            object.__setattr__(self, "moe", moe)
+            object.__setattr__(self, "dense_hidden", dense_hidden)
+        for name in ("vocab_size", "dim", "layers", "heads", "seq_len"):
             check_int(name, getattr(self, name))
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise ValueError(f"dim={self.dim} must be a multiple of 2 x heads={self.heads} (even head size)")
-        if self.k > self.num_experts:
-            raise ValueError(f"k={self.k} must be <= num_experts={self.num_experts}")
-        if self.router != DENSE and self.router not in ROUTERS:
-            raise ValueError(f"router must be 'dense' or one of {sorted(ROUTERS)}, got {self.router!r}")
-        if self.router == DENSE:
-            if self.router_options:
-                raise ValueError("router='dense' takes no router_options")
-            object.__setattr__(self, "router_options", None)
-        else:
-            object.__setattr__(self, "router_options", router_config(self.router, self.router_options))
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be a maxscore.MoEConfig or None (dense), got {self.moe!r}")
+        if self.moe is not None and self.dense_hidden is not None:
+            raise ValueError(
+                "dense_hidden is the MLP width of a dense model (moe=None); leave it unset with moe"
+            )
+        if self.moe is None:
+            default = MoEConfig()
+            width = default.k * default.expert_hidden if self.dense_hidden is None else self.dense_hidden
+            check_int("dense_hidden", width)
+            object.__setattr__(self, "dense_hidden", width)
+
+    @property
+    def dense(self) -> bool:
+        """A dense model: one SwiGLU MLP per block, no MoE layer."""
+        return self.moe is None
 
     @classmethod
     def from_saved(cls, values: Mapping) -> ModelConfig:
-        """The config of a saved model (``asdict`` of one, from ``config.json`` or a checkpoint):
-        router options it lacks take the defaults they had when it was saved."""
+        """The config of a saved model (``config.json``, a checkpoint), nested (``moe``) or flat
+        (older runs): router options it lacks take the defaults they had when it was saved."""
         values = dict(values)
-        router, options = values.get("router", "maxscore"), values.get("router_options")
-        if router != DENSE and router in ROUTERS and isinstance(options, Mapping):
-            values["router_options"] = router_config(router, options, saved=True)
-        return cls(**values)
+        flat = {name: values.pop(name) for name in MOE_SETTINGS if name in values}
+        if flat:  # an older, flat config: converted without a warning (the user wrote no code)
+            moe, dense_hidden = moe_from_flat(flat, saved=True)
+            return cls(**values, moe=moe, dense_hidden=dense_hidden)
+        moe = values.pop("moe", None)
+        if isinstance(moe, Mapping):
+            moe = dict(moe)
+            name = moe.get("router", "maxscore")
+            moe["router_config"] = router_config(name, moe.get("router_config") or {}, saved=True)
+            moe = MoEConfig(**moe)
+        return cls(**values, moe=moe)
+
+
+def moe_from_flat(
+    flat: Mapping, base: ModelConfig | None = None, *, where: str | None = None, saved: bool = False
+) -> tuple[MoEConfig | None, int | None]:
+    """The one conversion of the flat MoE settings (``num_experts``, ``k``, ``capacity_factor``,
+    ``expert_hidden``, ``router``, ``router_options``; ``router="dense"`` for no MoE) into
+    ``(moe, dense_hidden)``: the flat fields of ``ModelConfig(...)`` (``where`` names that form: it
+    warns), ``--set k=...`` and ``--set router=dense``, the variants' ``:capacity_factor=`` and the
+    configs saved by older versions (``saved``: router options they lack take ``SAVED_DEFAULTS``).
+
+    Settings not in ``flat`` keep ``base``'s (a dense base: the ``MoEConfig`` defaults); another
+    router's options do not carry over.
+    """
+    unknown = sorted(set(flat) - set(MOE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown MoE setting(s) {unknown}; the settings are {list(MOE_SETTINGS)}")
+    old = base.moe if base is not None and base.moe is not None else MoEConfig()
+    values = {
+        "num_experts": old.num_experts,
+        "k": old.k,
+        "capacity_factor": old.capacity_factor,
+        "expert_hidden": old.expert_hidden,
+        "router": "dense" if base is not None and base.moe is None else old.router,
+    }
+    values.update(flat)
+    router = values["router"]
+    if router != "dense" and router not in ROUTERS:
+        raise ValueError(f"router must be 'dense' or one of {sorted(ROUTERS)}, got {router!r}")
+    options = flat.get("router_options")
+    if "router_options" not in flat and router == old.router:
+        options = old.router_config
+    if router == "dense":  # the flat form's word for a dense model
+        if options:
+            raise ValueError("router='dense' takes no router_options")
+        for name in ("k", "expert_hidden"):
+            check_int(name, values[name])
+        if where is not None:
+            _warn_flat(where, "moe=None (a dense model), dense_hidden=...")
+        return None, values["k"] * values["expert_hidden"]
+    if saved and isinstance(options, Mapping):
+        options = router_config(router, options, saved=True)
+    moe = legacy_moe_config(
+        router,
+        values["num_experts"],
+        values["k"],
+        values["capacity_factor"],
+        expert_hidden=values["expert_hidden"],
+        config=options,
+    )
+    if where is not None:
+        _warn_flat(where, "moe=maxscore.MoEConfig(num_experts=..., k=..., router=..., ...)")
+    return moe, None
+
+
+def _warn_flat(where: str, instead: str) -> None:
+    warnings.warn(
+        f"{where} with the flat MoE settings (num_experts, k, capacity_factor, expert_hidden, router, "
+        f"router_options) is deprecated; pass {instead} instead",
+        DeprecationWarning,
+        stacklevel=5,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -117,18 +208,10 @@ class Block(nn.Module):
         super().__init__()
         self.attention_norm, self.mlp_norm = RMSNorm(config.dim), RMSNorm(config.dim)
         self.attention = Attention(config)
-        if config.router == DENSE:
-            self.mlp = SwiGLU(config.dim, config.k * config.expert_hidden)
+        if config.moe is None:
+            self.mlp = SwiGLU(config.dim, config.dense_hidden)
         else:
-            self.mlp = MoELayer(
-                config.dim,
-                config.expert_hidden,
-                config.num_experts,
-                config.k,
-                router=config.router,
-                capacity_factor=config.capacity_factor,
-                router_config=config.router_options,
-            )
+            self.mlp = MoELayer.from_config(config.dim, config.moe)
 
     def forward(self, x, cos, sin, valid, causal):
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -197,4 +280,7 @@ class Decoder(nn.Module):
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or those one token uses (k of E experts); experts sharded over ranks
         count in full."""
-        return count_parameters(self, self.config.num_experts, self.config.k, active)
+        moe = self.config.moe
+        if moe is None:
+            return count_parameters(self, 1, 1, active)
+        return count_parameters(self, moe.num_experts, moe.k, active)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from maxscore._checks import check_int
 from maxscore.model import ModelConfig
+from maxscore.model.llama import MOE_SETTINGS, moe_from_flat
+from maxscore.routers import MoEConfig
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -96,8 +98,8 @@ class TrainConfig:
         return cls(**{**values, "model": ModelConfig.from_saved(values["model"])})
 
 
-def _model(**values) -> ModelConfig:
-    return ModelConfig(**values)
+def _model(expert_hidden: int, **values) -> ModelConfig:
+    return ModelConfig(moe=MoEConfig(expert_hidden=expert_hidden), **values)
 
 
 # Paper shapes (PAPER.md §4): F = 8/3 D rounded to 64 (a LLaMA MLP's width; the paper gives
@@ -157,7 +159,8 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 
-MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+# settings by name: the model's fields and its MoE layers' flat settings (``k``, ``router``, ...)
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} | set(MOE_SETTINGS)
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
 
 
@@ -173,9 +176,10 @@ def make_config(preset: str, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; settings are {sorted(MODEL_FIELDS | TRAIN_FIELDS)}")
     base = PRESETS[preset]
-    model_overrides = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
-    if "router" in model_overrides:  # another router's options do not carry over
-        model_overrides.setdefault("router_options", None)
+    model_overrides = {k: v for k, v in overrides.items() if k in MODEL_FIELDS and k not in MOE_SETTINGS}
+    flat = {k: v for k, v in overrides.items() if k in MOE_SETTINGS}
+    if flat:  # --set k=..., router=dense, a variant's capacity_factor=...: over the preset's MoE
+        model_overrides["moe"], model_overrides["dense_hidden"] = moe_from_flat(flat, base.model)
     model = dataclasses.replace(base.model, **model_overrides)
     return dataclasses.replace(base, model=model, **{k: v for k, v in overrides.items() if k in TRAIN_FIELDS})
 

@@ -4,7 +4,7 @@
   ``AutoModelForCausalLM`` by ``import maxscore.hf``): the same weights in the Llama layout, the
   MoE layers (experts, router, dual prices, SoftTopk step count) as they are, and the router
   settings the run resolved (``router_options``) in its config.
-- A dense run (``router="dense"``) becomes a plain ``LlamaForCausalLM``.
+- A dense run (``moe=None``) becomes a plain ``LlamaForCausalLM``.
 - An ``--hf-model`` run already is an HF model and is written as one.
 - A multi-process run exports its consolidated ``checkpoint.pt``.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from maxscore.model import DENSE, Decoder
+from maxscore.model import Decoder
 from maxscore.train.checkpoint import load_model
 from maxscore.train.tokenizer import END_OF_TEXT
 
@@ -63,11 +63,11 @@ def _as_llama(model: Decoder):
     from maxscore.hf.upcycle import MaxScoreLlamaConfig, MaxScoreLlamaForCausalLM
 
     config = model.config
-    dense = config.router == DENSE
+    dense = config.moe is None
     shape = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
-        intermediate_size=config.k * config.expert_hidden if dense else config.expert_hidden,
+        intermediate_size=config.dense_hidden if dense else config.moe.expert_hidden,
         num_hidden_layers=config.layers,
         num_attention_heads=config.heads,
         num_key_value_heads=config.heads,
@@ -82,11 +82,11 @@ def _as_llama(model: Decoder):
         hf = LlamaForCausalLM(LlamaConfig(**shape))
     else:
         moe = dict(
-            num_experts=config.num_experts,
-            num_experts_per_tok=config.k,
-            capacity_factor=config.capacity_factor,
-            router=config.router,
-            router_options=config.router_options.to_dict(),
+            num_experts=config.moe.num_experts,
+            num_experts_per_tok=config.moe.k,
+            capacity_factor=config.moe.capacity_factor,
+            router=config.moe.router,
+            router_options=config.moe.router_config.to_dict(),
             causal_routing=False,
         )
         hf = MaxScoreLlamaForCausalLM(MaxScoreLlamaConfig(**shape, **moe))
@@ -113,7 +113,7 @@ def _llama_state(model: Decoder) -> dict[str, torch.Tensor]:
         state[prefix + "self_attn.o_proj.weight"] = block.attention.out.weight
         state[prefix + "input_layernorm.weight"] = block.attention_norm.weight
         state[prefix + "post_attention_layernorm.weight"] = block.mlp_norm.weight
-        if config.router == DENSE:
+        if config.moe is None:
             for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
                 state[prefix + f"mlp.{theirs}.weight"] = getattr(block.mlp, ours).weight
         else:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maxscore.model import DENSE
 from maxscore.parallel.topology import Topology
 from maxscore.routers import ROUTERS
 from maxscore.train.checkpoint import consolidated_state, write_consolidated
@@ -34,8 +33,13 @@ def finish(
     """Final evaluation (validation and test, batch and causal routing) written to ``final.json``
     (by rank 0; a multi-process run also writes the consolidated ``checkpoint.pt``)."""
     topology = topology or Topology()
-    router, options = config.model.router, config.model.router_options
-    label = config.label or (router if options is None else options.label(router))
+    moe = config.model.moe
+    if config.label is not None:
+        label = config.label
+    elif moe is None:
+        label = f"dense MLP {config.model.dense_hidden}"
+    else:
+        label = moe.router_config.label(moe.router)
     final: dict = {
         "router": label,
         "seed": config.seed,
@@ -43,11 +47,9 @@ def finish(
         "commit": source_commit(),
         "hardware": hardware(device),
     }
-    modes = (False,) if config.model.router == DENSE else (False, True)
+    causal_modes = moe is not None and ROUTERS[moe.router].has_causal_mode
     for split in ("validation", "test"):
-        for causal in modes:
-            if causal and not ROUTERS[config.model.router].has_causal_mode:
-                continue
+        for causal in (False, True) if causal_modes else (False,):
             key = f"{split}_{'causal' if causal else 'batch'}"
             final[key] = evaluate(
                 model,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from maxscore.model import DENSE, Decoder
+from maxscore.model import Decoder
 from maxscore.parallel.data_parallel import data_parallel, optimizer_step
 from maxscore.parallel.expert_parallel import parallelize_moe
 from maxscore.parallel.topology import Topology, check_same_on_all_ranks, make_topology, mean_over_ranks
@@ -45,15 +45,12 @@ def resolve_device(name: str) -> torch.device:
 
 def with_schedule(config: TrainConfig) -> TrainConfig:
     """A SoftTopk schedule with no length of its own (``steps=None``) decays over the whole run."""
-    model = config.model
-    if model.router == DENSE or not model.router_options.scheduled:
+    moe = config.model.moe
+    if moe is None or not moe.router_config.scheduled or moe.router_config.schedule.steps is not None:
         return config
-    schedule = model.router_options.schedule
-    if schedule.steps is not None:
-        return config
-    schedule = dataclasses.replace(schedule, steps=config.steps)
-    options = dataclasses.replace(model.router_options, schedule=schedule)
-    return dataclasses.replace(config, model=dataclasses.replace(model, router_options=options))
+    schedule = dataclasses.replace(moe.router_config.schedule, steps=config.steps)
+    moe = dataclasses.replace(moe, router_config=dataclasses.replace(moe.router_config, schedule=schedule))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe=moe))
 
 
 def initial_model(config: TrainConfig, hf_config=None) -> nn.Module:
@@ -278,7 +275,7 @@ def _parallelize(model: Decoder, topology: Topology) -> nn.Module:
     """Experts sharded over the expert-parallel group, the rest wrapped in DDP (multi-process)."""
     if not topology.distributed:
         return model
-    if model.config.router != DENSE:
+    if model.config.moe is not None:
         parallelize_moe(model, expert_group=topology.expert_group)
     return data_parallel(model)
 

@@ -14,6 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from maxscore.model import ModelConfig
 from maxscore.train.paired import paired_rows, paired_table
 
 PLOTS = ("loss.png", "load_ratio.png", "affinity.png", "dropped.png")
@@ -268,12 +269,17 @@ def write_report(
             "routing.\n\n" + balance + "\n\n"
         )
     config = json.loads((Path(groups[next(iter(groups))][0]["path"]) / "config.json").read_text())
-    model = config["model"]
+    model = ModelConfig.from_saved(config["model"])  # saved nested or (older runs) flat
+    moe = model.moe
+    mlp = (
+        f"dense MLP {model.dense_hidden}"
+        if moe is None
+        else f"{moe.num_experts} experts, top-{moe.k}, capacity factor {moe.capacity_factor}"
+    )
     text = (
         f"# {title}\n\n"
-        f"Model: dim {model['dim']}, {model['layers']} layers, {model['num_experts']} experts, "
-        f"top-{model['k']}, capacity factor {model['capacity_factor']}, sequence {model['seq_len']}, "
-        f"vocabulary {model['vocab_size']}; "
+        f"Model: dim {model.dim}, {model.layers} layers, {mlp}, sequence {model.seq_len}, "
+        f"vocabulary {model.vocab_size}; "
         f"{config['steps']} steps of {config['batch_size'] * config['accumulation']} sequences; data "
         f"{config['data'] or 'bundled State of the Union corpus'}.\n"
         "Losses in nats per token; spread = half the range over seeds; statistics (dropped, load, affinity) "
