@@ -4,11 +4,12 @@
 #   bash benchmarks/quantile_study.sh tiny     # tiny preset, 5 seeds x 1000 steps, 2 CPU cores
 #   bash benchmarks/quantile_study.sh small    # small preset, 2 seeds x 800 steps, one GPU
 #   bash benchmarks/quantile_study.sh report   # the reports of the runs present
+# MAXSCORE: the command (default .venv/bin/maxscore); SMALL: the small stage's folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
 tiny=benchmarks/results/quantile_tiny_cpu-2core_202612
-small=benchmarks/results/quantile_small_${HARDWARE:-gpu}_202612
+small=${SMALL:-benchmarks/results/quantile_small_h200_202612}
 routers="maxscore,quantile,quantile:drop=true,deepseek_v3,gshard:normalize=true"
 case "${1:-}" in
   tiny)
@@ -21,6 +22,7 @@ case "${1:-}" in
     ;;
   report)
     "$MAXSCORE" report "$tiny/runs" --out "$tiny/report" --baseline maxscore
+    if [ -d "$small/runs" ]; then "$MAXSCORE" report "$small/runs" --out "$small/report" --baseline maxscore; fi
     ;;
   *)
     echo "usage: bash benchmarks/quantile_study.sh tiny|small|report" >&2

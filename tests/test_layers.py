@@ -21,6 +21,7 @@ LAYERS = {  # first component below maxscore -> its layer
     "model": 3,
     "parallel": 3,
     "hf": 4,
+    "integrations": 4,
     "train": 5,
     "bench": 6,
     "cli": 6,
@@ -61,3 +62,15 @@ def test_every_import_runs_down_the_layers():
 def test_every_module_has_a_layer():
     tops = {path.relative_to(PACKAGE).parts[0].removesuffix(".py") for path in PACKAGE.rglob("*.py")}
     assert tops <= set(LAYERS), f"modules without a layer: {sorted(tops - set(LAYERS))}"
+
+
+def test_nothing_in_the_package_imports_the_integrations():
+    importers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if parts[0] == "integrations":
+            continue
+        for target in _imported_modules(ast.parse(path.read_text()), parts[:-1]):
+            if target[0] == "integrations":
+                importers.append("/".join(parts))
+    assert not importers, f"the framework adapters are imported by {importers}"

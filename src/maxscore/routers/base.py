@@ -252,8 +252,28 @@ class GatedRouter(nn.Module):
                 routing group, without it the whole input is one group.
             causal: route every token alone (dropless); see the module docstring.
         """
-        groups = self._groups(x_TD, valid_T, sequence_length)
-        logits_TE = self.logits(x_TD)
+        return self.route(self.logits(x_TD), valid_T, sequence_length=sequence_length, causal=causal)
+
+    def route(
+        self,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+        *,
+        sequence_length: int | None = None,
+        causal: bool = False,
+        capacity: int | None = None,
+    ) -> RouterOutput:
+        """Routes T tokens from their gate logits: ``forward`` after the gate, for a framework
+        that owns the gate weight (``maxscore.integrations``).
+
+        Args:
+            logits_TE: float32 [T, E] gate logits (checked finite).
+            valid_T, sequence_length, causal: as in ``forward``.
+            capacity: slots per expert in every routing group, replacing the capacity computed
+                from ``capacity_factor`` (a framework's own capacity rule); None: computed.
+        """
+        _check_finite(logits_TE)
+        groups = self._groups(logits_TE, valid_T, sequence_length, capacity)
         scores_TE = router_scores(logits_TE, self.score_function)
         if causal:
             selection = Selection(experts_TK=self.route_causal(scores_TE.detach()), dropless=True)
@@ -293,10 +313,11 @@ class GatedRouter(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] gate logits, computed in float32 even under autocast."""
+        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
+            got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
+            raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = nn.functional.linear(x_TD.float(), self.gate.weight.float())
-        _check_finite(logits_TE)
-        return logits_TE
+            return nn.functional.linear(x_TD.float(), self.gate.weight.float())
 
     def select(
         self,
@@ -345,10 +366,14 @@ class GatedRouter(nn.Module):
 
     # ---- helpers ---------------------------------------------------------------------------
     def _groups(
-        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None, sequence_length: int | None
+        self,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        sequence_length: int | None,
+        capacity: int | None = None,
     ) -> Groups:
         return routing_groups(
-            x_TD,
+            logits_TE,
             valid_T,
             sequence_length,
             per_sequence=self.group == "sequence",
@@ -356,6 +381,7 @@ class GatedRouter(nn.Module):
             k=self.k,
             capacity_factor=self.capacity_factor,
             solver_capacity=self.group == "global",
+            capacity=capacity,
         )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maxscore._checks import check_int
 from maxscore.solvers import Assignment, expert_capacity, group_capacity, solve_finite
 
 
@@ -35,20 +36,27 @@ def routing_groups(
     k: int,
     capacity_factor: float,
     solver_capacity: bool = False,
+    capacity: int | None = None,
 ) -> Groups:
     """The routing groups of one call and their capacities: the one place a router computes them.
 
     Args:
-        x_TD: float [T, D] hidden states (checked here).
+        x_TD: float [T, *]: the tokens (hidden states, or gate logits), checked here.
         valid_T: bool [T] or None.
         sequence_length: tokens per sequence; with ``per_sequence`` each sequence is a group,
             else (or without it) the whole input is one group.
         solver_capacity: the solver computes the capacity itself (global routing over ranks):
             ``capacity_G`` is None.
+        capacity: slots per expert of every group, given by the caller (a framework's own
+            capacity rule) instead of computed from ``capacity_factor``.
     """
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
         got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
         raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+    if capacity is not None:
+        check_int("capacity", capacity)
+        if solver_capacity:
+            raise ValueError("capacity cannot be given with group='global': the global solver owns it")
     num_tokens = x_TD.shape[0]
     if num_tokens == 0:
         raise ValueError("x is an empty batch (0 tokens); route at least one token")
@@ -63,10 +71,10 @@ def routing_groups(
         raise ValueError(f"sequence_length={sequence_length} does not divide the {num_tokens} tokens")
     else:
         count, size = num_tokens // sequence_length, sequence_length
-    slots = expert_capacity(size, num_experts, k, capacity_factor)
+    slots = expert_capacity(size, num_experts, k, capacity_factor) if capacity is None else capacity
     if solver_capacity:
         return Groups(count, size, slots)
-    if valid_T is None:
+    if valid_T is None or capacity is not None:
         capacity_G = torch.full((count,), slots, dtype=torch.int64, device=x_TD.device)
     else:
         capacity_G = group_capacity(valid_T.view(count, size).sum(1), num_experts, k, capacity_factor)
