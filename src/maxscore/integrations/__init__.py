@@ -2,6 +2,7 @@
 only; each framework is an optional extra, pinned to the version tested):
 
 - ``maxscore.integrations.megatron``: Megatron-Core (``pip install 'maxscore[megatron]'``).
+- ``maxscore.integrations.torchtitan``: torchtitan (``pip install 'maxscore[torchtitan]'``).
 
 Nothing else in the package imports these modules.
 """
