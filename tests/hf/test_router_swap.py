@@ -119,3 +119,73 @@ def test_swapped_model_on_cuda_fills_capacity():
     out.loss.backward()
     assert seen[0].device.type == "cuda"
     assert torch.bincount(seen[0].flatten(), minlength=4).tolist() == [16] * 4
+
+
+def _balance_gradient(model, ids) -> torch.Tensor:
+    """The gates' gradient of the training loss minus that of the LM loss alone."""
+    gates = [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "weight")]
+    out = model(ids, labels=ids)
+    total = torch.autograd.grad(out.loss, [g.weight for g in gates], retain_graph=True)
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    plain = torch.autograd.grad(lm, [g.weight for g in gates], allow_unused=True)
+    return torch.stack(
+        [(t - (p if p is not None else 0)).abs().sum() for t, p in zip(total, plain, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("aux_loss", ["routing", "off", "hf"])
+def test_the_aux_loss_switch(aux_loss):
+    from maxscore.routers.losses import load_balancing_loss
+
+    model = moe_model("mixtral").train()
+    coefficient = model.config.router_aux_loss_coef
+    assert coefficient > 0
+    swap_router(model, aux_loss=aux_loss)
+    ids = tokens(length=16)
+    extra = _balance_gradient(model, ids)
+    if aux_loss == "off":
+        assert model.router_aux_loss_coef == 0 and (extra < 1e-6).all()
+    elif aux_loss == "hf":  # HF's own, recomputed from the logits' top-k
+        assert model.router_aux_loss_coef == coefficient and (extra > 1e-6).any()
+    else:  # HF's off; the Switch loss of MaxScore's routing with HF's coefficient instead
+        assert model.router_aux_loss_coef == 0
+        gate = next(m for m in model.modules() if hasattr(m, "router") and hasattr(m, "weight"))
+        assert gate.aux_loss_coef == coefficient
+        x = torch.randn(32, gate.weight.shape[1])
+        gate.sequence_length, gate.attention_mask = 16, None
+        weights = gate(x)[1]
+        probs = torch.softmax(x @ gate.weight.T, dim=-1)
+        expected = torch.autograd.grad(
+            coefficient * load_balancing_loss(probs[None], gate(x)[2][None]), gate.weight
+        )[0]
+        got = (
+            torch.autograd.grad(weights.sum(), gate.weight)[0]
+            - torch.autograd.grad((gate.router(x, sequence_length=16).weights).sum(), gate.weight)[0]
+        )
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_deepseek_v3_prices_start_from_its_correction_bias(tmp_path):
+    model = moe_model("deepseek_v3").eval()
+    biases = []
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            bias = torch.linspace(-0.3, 0.5, module.e_score_correction_bias.numel())
+            module.e_score_correction_bias.copy_(bias)
+            biases.append(bias)
+    swap_router(model)
+    routers = [m.router for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    assert routers and len(routers) == len(biases)
+    for router, bias in zip(routers, biases, strict=True):
+        torch.testing.assert_close(router.prices, bias.mean() - bias)  # top-k of score - prices
+    ids = tokens(length=12)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path / "swapped")
+    loaded = load_swapped(tmp_path / "swapped").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    for router, bias in zip(
+        [m.router for m in loaded.modules() if hasattr(m, "e_score_correction_bias")], biases, strict=True
+    ):
+        torch.testing.assert_close(router.prices, bias.mean() - bias)

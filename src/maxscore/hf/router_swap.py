@@ -17,7 +17,10 @@ prices.  The dual prices and the schedule live in ``gate.router`` (buffers,
 saved with the model's state dict); the settings are recorded in ``config.maxscore_routing``
 and ``load_swapped`` restores a saved swapped model.  DeepSeek-V3: sigmoid scores and its
 ``routed_scaling_factor`` are kept; its group-limited selection and its bias-based balancing
-are replaced (MaxScore balances by capacity and chooses among all experts).
+are replaced (MaxScore balances by capacity and chooses among all experts), and its
+``e_score_correction_bias`` becomes the starting prices (``prices = mean(bias) - bias``).
+HF's auxiliary loss recomputes a top-k from the logits; ``aux_loss`` chooses the loss of the
+swapped routing instead (default), none, or HF's own.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maxscore.gates import TemperatureScheduleConfig, schedule_config
+from maxscore.gates import TemperatureScheduleConfig, router_scores, schedule_config
 from maxscore.hf.upcycle import attention_mask_of
 from maxscore.routers import ROUTERS, MoEConfig
+from maxscore.routers.losses import attach_loss, load_balancing_loss
+
+AUX_LOSSES = ("routing", "off", "hf")
 
 SUPPORTED = {  # model_type -> the router module's class name
     "mixtral": "MixtralTopKRouter",
@@ -55,6 +61,11 @@ def _gate_forward(self, hidden_states: torch.Tensor):
     router_logits = F.linear(x_TD.to(self.weight.dtype), self.weight)
     weights_TK = routing.weights * getattr(self, "routed_scaling_factor", 1.0)
     experts_TK = routing.experts
+    if self.aux_loss_coef and self.training and torch.is_grad_enabled():  # from this routing
+        probs_1TE = router_scores(router_logits.float(), self.router.score_function)[None]
+        valid_1T = None if valid_T is None else valid_T[None]
+        balance = load_balancing_loss(probs_1TE, experts_TK[None], valid_1T)
+        weights_TK = attach_loss(weights_TK, self.aux_loss_coef * balance)
     if valid_T is not None:  # padding: any k distinct experts with weight 0 (the experts index them)
         fill_TK = torch.arange(experts_TK.shape[1], device=experts_TK.device).expand_as(experts_TK)
         experts_TK = torch.where(valid_T[:, None], experts_TK, fill_TK)
@@ -92,6 +103,7 @@ def swap_router(
     schedule: TemperatureScheduleConfig | dict | None = None,
     causal_routing: bool = False,
     group: str = "sequence",
+    aux_loss: str = "routing",
 ) -> nn.Module:
     """Replaces the top-k routing of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model.
 
@@ -106,6 +118,13 @@ def swap_router(
             must not depend on later tokens.
         group: ``"sequence"`` (default: each sequence is a routing group) or ``"batch"`` (the
             whole forward batch is one group, so sequences share capacity).
+        aux_loss: the model's auxiliary balance loss.  HF's own (``output_router_logits``)
+            recomputes a top-k from the router logits, so it ignores the swapped routing.
+            ``"routing"`` (default): HF's is switched off (the model's ``router_aux_loss_coef``
+            set to 0) and the Switch loss of MaxScore's routing, with HF's coefficient, is
+            added to the training loss through the combine weights.  ``"off"``: no balance
+            loss.  ``"hf"``: HF's own, unchanged (what models swapped before this switch did).
+            Pass the ``*ForCausalLM`` model: its coefficient lives there.
 
     Returns:
         ``model``.
@@ -124,6 +143,15 @@ def swap_router(
         raise ValueError("swap_router: this model's routers are already MaxScore routers")
     if group not in ("sequence", "batch"):
         raise ValueError(f"group must be 'sequence' or 'batch', got {group!r}")
+    if aux_loss not in AUX_LOSSES:
+        raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {aux_loss!r}")
+    coefficient = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if aux_loss != "hf":  # HF's own loss would balance a top-k the model no longer uses
+        for module in model.modules():
+            if hasattr(module, "router_aux_loss_coef"):
+                module.router_aux_loss_coef = 0.0
+        if hasattr(config, "router_aux_loss_coef"):
+            config.router_aux_loss_coef = 0.0
     settings = dict(
         capacity_factor=capacity_factor,
         method=method,
@@ -131,6 +159,8 @@ def swap_router(
         schedule=asdict(schedule_config(schedule)) if soft_topk else None,  # stored resolved
         causal_routing=causal_routing,
         group=group,
+        aux_loss=aux_loss,
+        aux_loss_coef=coefficient if aux_loss != "hf" else 0.0,  # HF's coefficient, now ours
     )
     gates = [
         (block, block.gate)
@@ -163,12 +193,19 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
         router=name,
         router_config=options,
     )
-    router = ROUTERS[name](hidden, moe).to(gate.weight.device)
+    router = ROUTERS[name](hidden, moe).to(gate.weight.device).train(gate.training)  # the model's mode
     del router.gate  # the router reads the model's own gate weight: one parameter, original key
     object.__setattr__(router, "gate", gate)  # a plain reference, not a submodule (no cycle)
     gate.__class__ = _swapped_class(type(gate))
     gate.router = router
     gate.causal_routing = settings["causal_routing"]
+    gate.aux_loss_coef = settings["aux_loss_coef"] if settings["aux_loss"] == "routing" else 0.0
+    bias = getattr(gate, "e_score_correction_bias", None)
+    if bias is not None:  # DeepSeek-V3: top-k of score + bias is top-k of score - prices
+        with torch.no_grad():
+            router.prices.copy_(bias.float().mean() - bias.float())
+            # the bias counts as a full average: training moves the prices from it by the EMA
+            router.price_updates.fill_(round(1 / (1 - router.config.price_momentum)))
     gate.sequence_length = None
     gate.attention_mask = None
     block.register_forward_pre_hook(_record_length(gate))
@@ -186,7 +223,14 @@ def load_swapped(path: str | Path, **from_pretrained_options) -> nn.Module:
             f"{path} was not saved from a model with swapped routers (no config.maxscore_routing)"
         )
     model.config.maxscore_routing = None
-    swap_router(model, **{"group": "batch", **settings})  # saved before groups were a setting: batch
+    # saved before groups were a setting: batch; before the aux_loss switch: HF's own loss
+    settings = {"group": "batch", "aux_loss": "hf", **settings}
+    coefficient = settings.pop("aux_loss_coef", 0.0)  # HF's, saved as 0 in the config since
+    swap_router(model, **settings)
+    model.config.maxscore_routing["aux_loss_coef"] = coefficient
+    swapped = tuple(_SWAPPED.values())
+    for gate in (m for m in model.modules() if isinstance(m, swapped)):
+        gate.aux_loss_coef = coefficient if settings["aux_loss"] == "routing" else 0.0
     saved = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         saved.update({_router_key(k): v for k, v in load_file(str(file)).items() if _router_key(k)})

@@ -43,3 +43,23 @@ def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) 
     if valid_T is None:
         return z_T.mean()
     return (z_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+
+
+class _AttachedLoss(torch.autograd.Function):
+    """Identity on ``output``; the backward pass also sends a gradient of 1 into ``loss``."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(loss)
+
+
+def attach_loss(output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``output`` unchanged, with ``loss`` (a scalar) added to whatever loss ``output`` reaches:
+    an auxiliary loss for a model whose training loop only sees its outputs (HF models)."""
+    return _AttachedLoss.apply(output, loss)
