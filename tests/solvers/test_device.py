@@ -266,3 +266,16 @@ def test_a_kernel_that_fails_to_compile_sends_auto_to_the_host_engine(monkeypatc
         routed = maxscore.solve(scores, 2)
     host = maxscore.solve(scores, 2, engine="host")
     assert torch.equal(routed.experts, host.experts) and not dense.kernels_available(scores.device)
+
+
+@needs_kernels
+def test_a_warm_start_at_the_optimum_certifies_float32_groups_without_the_host():
+    """Peaked float32 scores with many near-zero margins at the optimal prices: the float64
+    margins of the final routing certify every group (the float32 margin test handed half of
+    them back to the host)."""
+    scores, _ = _groups("peaked", 2, 1024, 64, 8)
+    scores = scores.float()
+    host = maxscore.solve(scores, 8, engine="host")
+    warm = maxscore.solve(scores, 8, engine="device", prices=host.prices)
+    assert not warm.fallback.any() and warm.converged.all()
+    assert torch.allclose(warm.score, host.score, rtol=1e-9, atol=1e-12)

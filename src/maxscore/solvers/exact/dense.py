@@ -183,7 +183,7 @@ class FusedOps:
         dtype, compute = (torch.float64, "fp64") if scores.dtype == torch.float64 else (torch.float32, "fp32")
         new = functools.partial(torch.empty, device=scores.device)
         out = Dense(
-            prices=new(num_groups, num_experts, dtype=dtype),
+            prices=new(num_groups, num_experts, dtype=torch.float64),  # a warm start kept exactly
             experts=new(num_groups, num_tokens, k, dtype=torch.int64),
             margin=new(num_groups, num_tokens, dtype=dtype),
             loads=new(num_groups, num_experts, dtype=torch.int64),

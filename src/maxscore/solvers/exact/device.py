@@ -15,8 +15,8 @@ Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing g
    one transfer; the compiled core solves the G candidate sub-problems exactly by successive
    shortest paths from p (no auction: a path raises prices by at most its length).  A group is
    certified when its sub-problem is solved and the price change spread
-   ``max(p' - p) - min(p' - p)`` is below its smallest fixed margin (less a rounding
-   allowance): then every fixed token still holds a top-k of ``s - p'``.  Other groups are
+   ``max(p' - p) - min(p' - p)`` is 0 or below its smallest fixed margin (computed in float64,
+   less its storage rounding): then every fixed token still holds a top-k of ``s - p'``.  Other groups are
    solved by the host core on their full scores (``Assignment.fallback``; a second transfer,
    only then).  The new prices and the candidates' experts come back in one transfer.
 4. **Certificate** (``prices.certify``) on the device, with no host synchronization.
@@ -58,7 +58,8 @@ from maxscore.solvers.exact.host import check_counts, check_price_shape, solve_e
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 CANDIDATE_FRACTION = 8
-ROUNDING = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative allowance of the margin test
+# relative rounding of a margin stored in the scores' precision (computed in float64)
+MARGIN_ROUNDING = {torch.float32: 2.0**-22, torch.float64: 2.0**-50}
 
 
 def solve_exact_device(
@@ -124,7 +125,7 @@ class _DeviceSolve:
         with torch.profiler.record_function("host::repair"):  # host work: no device launches
             host = self.unpack(packed.numpy(), num_candidates)
             self.raise_bad_input(host)
-            prices, sub_experts, fallback = self.repair(host, threads)
+            prices, sub_experts, fallback = self.repair(host, threads, dense.margin.dtype)
             if fallback.any():
                 groups, full_experts = self.fall_back(fallback, prices, max_moves, threads)
             back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
@@ -187,8 +188,9 @@ class _DeviceSolve:
         if flags[:, 3].any():
             raise ValueError("prices must be finite; pass None for a cold start")
 
-    def repair(self, host: dict[str, np.ndarray], threads: int | None):
-        """Solves the candidate sub-problems on the host; certifies each group by its margins.
+    def repair(self, host: dict[str, np.ndarray], threads: int | None, margin_dtype: torch.dtype):
+        """Solves the candidate sub-problems on the host; certifies each group by its margins
+        (computed in float64, stored as ``margin_dtype``).
 
         Returns the new prices [G, E] (float64), the candidates' experts [G, M, K] and the
         groups that fall back (bool [G]).
@@ -216,8 +218,14 @@ class _DeviceSolve:
         change_GE = result.prices_GE - prices_GE
         spread_G = change_GE.max(1) - change_GE.min(1)
         finite = np.where(np.isfinite(host["scores"]), np.abs(host["scores"]), 0.0).max((1, 2), initial=0.0)
-        allowance_G = ROUNDING[scores.dtype] * (1.0 + finite + np.abs(prices_GE).max(1))
-        certified_G = (result.status_G == 0) & ~broken_G & (spread_G <= host["margin"][:, 0] - allowance_G)
+        # the margins are float64 values (stored in the scores' precision: a relative rounding)
+        margin_G = host["margin"][:, 0].astype(np.float64)
+        allowance_G = MARGIN_ROUNDING[margin_dtype] * margin_G + 1e-12 * (
+            1.0 + finite + np.abs(prices_GE).max(1)
+        )
+        # prices the repair left unchanged (up to a common shift) keep every fixed token's top-k
+        holds_G = (spread_G == 0) | (spread_G <= margin_G - allowance_G)
+        certified_G = (result.status_G == 0) & ~broken_G & holds_G
         experts = np.where(host["valid"][..., None] > 0, result.experts_GNK, -1)
         return result.prices_GE, experts, ~certified_G
 

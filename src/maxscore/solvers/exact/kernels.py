@@ -14,7 +14,10 @@
 3. ``certify``: loads, score, dual and gap in float64, and the feasibility checks of
    ``prices.certify``.
 
-Arithmetic in the scores' precision (float32 for 16-bit scores), float64 in the certificate.
+Arithmetic in the scores' precision (float32 for 16-bit scores) in the price steps; float64 in
+the final routing of ``dense`` (its margins: ``s - p`` is exact for float32 values, so a margin
+is certified down to its own rounding, not the scores') and in the certificate.  A warm start
+that takes no step keeps its float64 prices exactly.
 Ties: lower expert index first.  Under ``TRITON_INTERPRET=1`` the same kernels run on CPU
 tensors (how they are tested without a GPU).
 """
@@ -171,15 +174,16 @@ def dense_kernel(
 # fmt: on
     g = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
-    rows0 = tl.arange(0, BLOCK_N)
     col_ok = cols < E
     C = tl.load(cap_ptr + g).to(tl.int32)
     num_valid = tl.load(num_valid_ptr + g).to(tl.int32)
     slack = C * E > K * num_valid
-    p = tl.load(p_in_ptr + g * E + cols, mask=col_ok, other=0.0).to(COMPUTE)
-    bad_prices = tl.sum(((p != p) | (p == float("inf")) | (p == -float("inf"))).to(tl.int32), axis=0)
-    p = tl.where((p == p) & (p < float("inf")) & (p > -float("inf")), p, 0.0)
-    p = tl.where(col_ok, p - tl.min(tl.where(col_ok, p, float("inf")), axis=0), 0.0)
+    # the warm start as given (float64): kept exactly when no step moves it
+    p64 = tl.load(p_in_ptr + g * E + cols, mask=col_ok, other=0.0).to(tl.float64)
+    bad_prices = tl.sum(((p64 != p64) | (p64 == float("inf")) | (p64 == -float("inf"))).to(tl.int32), axis=0)
+    p64 = tl.where((p64 == p64) & (p64 < float("inf")) & (p64 > -float("inf")), p64, 0.0)
+    p64 = tl.where(col_ok, p64 - tl.min(tl.where(col_ok, p64, float("inf")), axis=0), 0.0)
+    p = p64.to(COMPUTE)
     stop = tl.where(early_stop != 0, (K * num_valid) // 4096 + 1, -1)  # the repair takes this excess
     if steps > 0:
         loads, low, high, above, infinite, excess = _thresholds(
@@ -195,20 +199,25 @@ def dense_kernel(
                 s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE
             )
             it += 1
-    tl.store(p_out_ptr + g * E + cols, p, mask=col_ok)
-    # the routing at p: experts, margins, loads, input flags
+        if it > 0:
+            p64 = p.to(tl.float64)
+    tl.store(p_out_ptr + g * E + cols, p64, mask=col_ok)
+    # the routing at p: experts, margins, loads, input flags, in float64 (the certificate's
+    # margins: s - p is exact for float32 s and p, so a tie is a tie and a margin is its value),
+    # on half tiles (float64 takes twice the registers)
+    half = tl.arange(0, BLOCK_N // 2)
     loads = tl.zeros([BLOCK_E], tl.int32)
-    bad = tl.zeros([BLOCK_N], tl.int32)
-    short = tl.zeros([BLOCK_N], tl.int32)
-    for start in range(0, N, BLOCK_N):
-        s, row_ok, rows = _tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, COMPUTE)
+    bad = tl.zeros([BLOCK_N // 2], tl.int32)
+    short = tl.zeros([BLOCK_N // 2], tl.int32)
+    for start in range(0, N, BLOCK_N // 2):
+        s, row_ok, rows = _tile(s_ptr, valid_ptr, g, start, N, E, half, cols, HAS_VALID, tl.float64)
         real = row_ok[:, None] & col_ok[None, :]
         nonfinite = tl.sum((((s != s) | (s == float("inf"))) & real).to(tl.int32), axis=1)
         bad += (nonfinite > 0).to(tl.int32)
         allowed = tl.sum(((s > -float("inf")) & real).to(tl.int32), axis=1)
         short += (row_ok & (allowed < K)).to(tl.int32)
         # the top-k of s - p, best first (ties to the lower index), -1 for padding
-        v = s - p[None, :]
+        v = s - p64[None, :]
         kth = tl.max(v, axis=1)
         for j in tl.static_range(K):
             kth = tl.max(v, axis=1)
@@ -223,7 +232,8 @@ def dense_kernel(
             nxt = tl.max(v, axis=1)
         else:
             nxt = tl.full(kth.shape, -float("inf"), kth.dtype)
-        tl.store(margin_ptr + g * N + rows, tl.where(row_ok, kth - nxt, float("inf")), mask=rows < N)
+        margin = tl.where(row_ok, kth - nxt, float("inf")).to(margin_ptr.dtype.element_ty)
+        tl.store(margin_ptr + g * N + rows, margin, mask=rows < N)
     tl.store(loads_ptr + g * E + cols, loads.to(tl.int64), mask=col_ok)
     tl.store(flags_ptr + g * 4 + 0, tl.sum(bad, axis=0))
     tl.store(flags_ptr + g * 4 + 1, tl.sum(short, axis=0))
