@@ -155,11 +155,17 @@ def main() -> int:
     parser.add_argument("--md", help="markdown output with the environment")
     parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--routers", help="comma-separated router names (default: every router and the paper's design)"
+    )
     args = parser.parse_args()
     config = dict(dim=768, hidden=1536, num_experts=16, k=2, batch=8, length=512)
     if args.quick:
         config.update(dim=128, hidden=256, batch=4, length=256)
-    routers = (*ROUTERS, PAPER_DESIGN)
+    routers = (*ROUTERS, PAPER_DESIGN) if args.routers is None else tuple(args.routers.split(","))
+    unknown = sorted(set(routers) - {*ROUTERS, PAPER_DESIGN})
+    if unknown or "gshard" not in routers:
+        parser.error(f"--routers: unknown {unknown} (and gshard, the baseline, must be among them)")
     results, tables = {}, []
     for label, bias in (("std1", 0.0), ("std1+bias", 1.0)):
         rows = bench_layer(

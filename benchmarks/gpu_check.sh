@@ -23,6 +23,6 @@ out=benchmarks/results
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \
-    --routers gshard,maxscore,flow_only --steps 10 \
+    --routers gshard,maxscore,flow_only,quantile --steps 10 \
     --out "$out/throughput_${tag}_${stamp}.json" --md "$out/throughput_${tag}_${stamp}.md"
 if [ -n "${OUT:-}" ]; then cp "$out"/*_"${tag}"_"${stamp}".* "$OUT"/; fi
