@@ -56,6 +56,20 @@ def test_bias_update_is_the_formula():
     assert abs(float(r.bias.mean())) < 1e-6
 
 
+@pytest.mark.parametrize("num_tokens", [24, 3])  # C < N, and C >= N (the smallest margin)
+def test_the_quantiles_without_padding_are_the_formula(num_tokens):
+    from maxscore.routers.quantile import bias_quantiles
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    values = torch.randn(num_tokens, E, generator=generator)
+    bias = torch.randn(E, generator=generator) * 0.3
+    expected = direct_quantiles(values, bias.tolist(), K, torch.ones(num_tokens, dtype=torch.bool))
+    assert bias_quantiles(values, bias, K).tolist() == pytest.approx(expected, abs=1e-6)
+    assert bias_quantiles(
+        values, bias, K, torch.ones(num_tokens, dtype=torch.bool)
+    ).tolist() == pytest.approx(expected, abs=1e-6)
+
+
 def test_the_update_balances_a_skewed_gate():
     r = router()
     with torch.no_grad():

@@ -38,8 +38,8 @@ class ModelConfig:
             ``k * expert_hidden`` of the default ``MoEConfig``: the FLOPs per token of k experts.
 
     The older flat form, ``ModelConfig(num_experts=..., k=..., capacity_factor=...,
-    expert_hidden=..., router=..., router_options=...)`` with ``router="dense"`` for a dense
-    model, still works and warns (``moe_from_flat``).  ``from_saved`` reads a saved config of
+    expert_hidden=..., router=..., router_options=...)``, still works and warns (converted by
+    ``moe_from_flat``, which also reads its word for a dense model).  ``from_saved`` reads a saved config of
     either form (see ``SAVED_DEFAULTS``).
     """
 

@@ -87,13 +87,14 @@ def bias_quantiles(values_TE: torch.Tensor, bias_E: torch.Tensor, k: int, valid_
     else:  # every token takes every expert: nothing to balance
         return torch.zeros_like(bias_E)
     margins_TE = values_TE - threshold_T[:, None]
-    if valid_T is None:
-        count = torch.full((), num_tokens, dtype=torch.int64, device=values_TE.device)
-    else:
-        margins_TE = margins_TE.masked_fill(~valid_T[:, None], -torch.inf)
-        count = valid_T.sum()
-    capacity = (count * k + num_experts - 1) // num_experts  # = expert_capacity(count, E, k, 1.0)
-    # the (C+1)-th largest: index C of the descending order (the last valid token if C >= N)
+    if valid_T is None:  # the count is known on the host: a selection
+        capacity = -(-num_tokens * k // num_experts)  # = expert_capacity(N, E, k, 1.0)
+        # the (C+1)-th largest is the (N - C)-th smallest (the smallest when C >= N)
+        return torch.kthvalue(margins_TE, max(1, num_tokens - capacity), dim=0).values
+    # padding: the count is on the device; a sort, and the (C+1)-th largest by index (no sync)
+    margins_TE = margins_TE.masked_fill(~valid_T[:, None], -torch.inf)
+    count = valid_T.sum()
+    capacity = (count * k + num_experts - 1) // num_experts
     index = torch.minimum(capacity, (count - 1).clamp(min=0))
     ordered_TE = torch.sort(margins_TE, dim=0, descending=True).values
     return ordered_TE.index_select(0, index.view(1))[0]
