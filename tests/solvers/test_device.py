@@ -279,3 +279,16 @@ def test_a_warm_start_at_the_optimum_certifies_float32_groups_without_the_host()
     warm = maxscore.solve(scores, 8, engine="device", prices=host.prices)
     assert not warm.fallback.any() and warm.converged.all()
     assert torch.allclose(warm.score, host.score, rtol=1e-9, atol=1e-12)
+
+
+def test_groups_whose_fixed_tokens_are_all_padding_certify_on_the_device(backend):
+    """Two valid tokens among 16, both preferring expert 0: the repair moves one (its prices
+    change) and the fixed tokens, all padding, have infinite margins: certified, no fallback."""
+    scores = torch.full((2, 16, 4), 0.1)
+    scores[:, :, 0] = 0.6
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[:, :2] = True
+    dev = maxscore.solve(scores, 1, valid=valid, engine="device")
+    host = maxscore.solve(scores, 1, valid=valid, engine="host")
+    assert not dev.fallback.any() and dev.converged.all()
+    assert torch.allclose(dev.score, host.score, rtol=1e-9)

@@ -220,9 +220,8 @@ class _DeviceSolve:
         finite = np.where(np.isfinite(host["scores"]), np.abs(host["scores"]), 0.0).max((1, 2), initial=0.0)
         # the margins are float64 values (stored in the scores' precision: a relative rounding)
         margin_G = host["margin"][:, 0].astype(np.float64)
-        allowance_G = MARGIN_ROUNDING[margin_dtype] * margin_G + 1e-12 * (
-            1.0 + finite + np.abs(prices_GE).max(1)
-        )
+        relative_G = MARGIN_ROUNDING[margin_dtype] * np.where(np.isfinite(margin_G), margin_G, 0.0)
+        allowance_G = relative_G + 1e-12 * (1.0 + finite + np.abs(prices_GE).max(1))
         # prices the repair left unchanged (up to a common shift) keep every fixed token's top-k
         holds_G = (spread_G == 0) | (spread_G <= margin_G - allowance_G)
         certified_G = (result.status_G == 0) & ~broken_G & holds_G
