@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # MaxScore or quantile balancing: paired seeds (same initial weights and batches), baseline
-# `maxscore`.  Each stage resumes: finished runs under $out/runs/<stage>/ are kept.
+# `maxscore`.  Each stage resumes: the finished runs under its folder's runs/ are kept.
 #   bash benchmarks/quantile_study.sh tiny     # tiny preset, 5 seeds x 1000 steps, 2 CPU cores
 #   bash benchmarks/quantile_study.sh small    # small preset, 2 seeds x 800 steps, one GPU
 #   bash benchmarks/quantile_study.sh report   # the reports of the runs present
-# MAXSCORE: the command (default .venv/bin/maxscore); SMALL: the small stage's folder.
+# MAXSCORE: the command (default .venv/bin/maxscore, else maxscore); SMALL: the small stage's
+# folder.  On a GPU machine, after benchmarks/gpu_check.sh (which installs the package):
+#   bash benchmarks/quantile_study.sh small    # about 8 minutes on one H100/H200
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MAXSCORE=${MAXSCORE:-.venv/bin/maxscore}
+if [ -z "${MAXSCORE:-}" ]; then  # the project's .venv, else the installed command
+  if [ -x .venv/bin/maxscore ]; then MAXSCORE=.venv/bin/maxscore; else MAXSCORE=maxscore; fi
+fi
 tiny=benchmarks/results/quantile_tiny_cpu-2core_202612
 small=${SMALL:-benchmarks/results/quantile_small_h200_202612}
 routers="maxscore,quantile,quantile:drop=true,deepseek_v3,gshard:normalize=true"
