@@ -19,3 +19,12 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 def rank(group: dist.ProcessGroup | None = None) -> int:
     """This process's rank in ``group`` (default: the world); 0 without a process group."""
     return dist.get_rank(group) if initialized() else 0
+
+
+def average_over_ranks(tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Replaces ``tensor`` by its mean over the ranks of ``group`` (default: the world), in place
+    on its device (no host sync); nothing without a process group of more than one rank."""
+    size = world_size(group)
+    if size > 1:
+        dist.all_reduce(tensor, group=group)  # SUM: gloo has no AVG
+        tensor.div_(size)

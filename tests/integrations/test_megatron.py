@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from maxscore import MoEConfig, solve  # noqa: E402
 from maxscore.integrations.megatron import MaxScoreRouter, moe_layer_spec  # noqa: E402
+from tests.integrations.helpers import regression_losses  # noqa: E402
 
 E, K, H, S, B = 4, 2, 32, 16, 3
 
@@ -128,18 +129,7 @@ def test_with_a_capacity_factor_the_capacity_is_megatrons(group):
 
 def test_twenty_steps_lower_the_loss_and_prices_are_saved():
     moe = layer(seed=1)
-    optimizer = torch.optim.Adam(moe.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    target = torch.randn(H, H, generator=generator) / H**0.5
-    losses = []
-    for _ in range(20):
-        x = torch.randn(S, B, H, generator=generator)
-        out, _ = moe(x)
-        loss = (out - torch.tanh(x @ target)).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = regression_losses(moe.parameters(), lambda x: moe(x)[0], (S, B, H))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.9, losses
     state = moe.router.state_dict()
     assert "maxscore.prices" in state and state["maxscore.price_updates"] == 20

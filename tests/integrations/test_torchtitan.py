@@ -16,6 +16,7 @@ from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher  # no
 
 from maxscore import solve  # noqa: E402
 from maxscore.integrations.torchtitan import MaxScoreRouter, use_maxscore  # noqa: E402
+from tests.integrations.helpers import regression_losses  # noqa: E402
 
 D, E, K, F, B, L = 32, 4, 2, 16, 3, 16
 
@@ -69,17 +70,7 @@ def test_the_routing_is_maxscore_solve_per_sequence_and_fills_every_expert():
 
 def test_the_layer_trains_and_saves_its_prices():
     layer = built(seed=1)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    target = torch.randn(D, D, generator=generator) / D**0.5
-    losses = []
-    for _ in range(20):
-        x = torch.randn(B, L, D, generator=generator)
-        loss = (layer(x) - torch.tanh(x @ target)).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = regression_losses(layer.parameters(), layer, (B, L, D))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.9, losses
     assert layer.router.gate.weight.grad.abs().sum() > 0
     state = layer.state_dict()

@@ -52,6 +52,7 @@ import inspect
 import torch
 from torch.nn import functional as F
 
+from maxscore._distributed import average_over_ranks
 from maxscore.routers import ROUTERS, MoEConfig
 
 try:
@@ -193,11 +194,9 @@ class MaxScoreRouter(TopKRouter):
 
     @torch.no_grad()
     def _after_training_forward(self, stats) -> None:
-        group = self.tp_dp_cp_group
         prices = getattr(self.maxscore, "prices", None)
-        if prices is not None and group is not None and torch.distributed.get_world_size(group) > 1:
-            torch.distributed.all_reduce(prices, group=group)  # SUM: gloo has no AVG
-            prices.div_(torch.distributed.get_world_size(group))
+        if prices is not None and self.tp_dp_cp_group is not None:
+            average_over_ranks(prices, self.tp_dp_cp_group)
         num_layers = self.config.num_layers
         for name, value in (
             ("maxscore_load_max", stats.load_ratio().max()),

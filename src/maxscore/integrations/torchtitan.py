@@ -37,6 +37,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
+from maxscore._distributed import average_over_ranks
 from maxscore.gates import router_scores
 from maxscore.routers import ROUTERS, MoEConfig
 
@@ -95,20 +96,11 @@ class MaxScoreRouter(TokenChoiceTopKRouter):
         out = self.maxscore.route(logits_TE, sequence_length=length)
         self.last_stats = out.stats
         if self.training:
-            self._average_prices()
+            average_over_ranks(self.maxscore.prices)
         shape = (batch, length, -1)
         scores_BLE = router_scores(logits_TE, self.moe.router_config.score_function).view(shape)
         weights_BLK = (out.weights * self.route_scale).view(shape)
         return weights_BLK, out.experts.view(shape), scores_BLE
-
-    @torch.no_grad()
-    def _average_prices(self) -> None:
-        prices = self.maxscore.prices
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            size = torch.distributed.get_world_size()
-            if size > 1:
-                torch.distributed.all_reduce(prices)  # SUM: gloo has no AVG
-                prices.div_(size)
 
 
 def torchtitan_moe_config(config: MaxScoreRouter.Config) -> MoEConfig:

@@ -30,7 +30,7 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
 from maxscore.routers.config import MoEConfig, legacy_router_moe
-from maxscore.routers.groups import Groups, Selection, routing_groups
+from maxscore.routers.groups import Groups, Selection, check_tokens, routing_groups, stats_capacity
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
 
@@ -292,7 +292,7 @@ class GatedRouter(nn.Module):
             scores_TE=scores_TE,
             experts_TK=experts_TK,
             valid_T=valid_T,
-            capacity_G=_stats_capacity(groups, selection, logits_TE.device),
+            capacity_G=stats_capacity(groups, selection, logits_TE.device),
             loads_E=selection.loads_E,
             k=self.k,
             solver_gap=selection.solver_gap,
@@ -313,9 +313,7 @@ class GatedRouter(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 [T, E] gate logits, computed in float32 even under autocast."""
-        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
-            got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
-            raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+        check_tokens(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return nn.functional.linear(x_TD.float(), self.gate.weight.float())
 
@@ -383,16 +381,6 @@ class GatedRouter(nn.Module):
             solver_capacity=self.group == "global",
             capacity=capacity,
         )
-
-
-def _stats_capacity(groups: Groups, selection: Selection, device: torch.device) -> torch.Tensor:
-    """The capacity the statistics compare loads with: the groups', or the solver's where it owned
-    it (global routing), or (causal routing of a global router) the nominal slots."""
-    if selection.capacity_G is not None:
-        return selection.capacity_G
-    if groups.capacity_G is not None:
-        return groups.capacity_G
-    return torch.full((groups.count,), groups.slots, dtype=torch.int64, device=device)
 
 
 def _check_finite(logits_TE: torch.Tensor) -> None:

@@ -26,6 +26,13 @@ class Groups:
     capacity_G: torch.Tensor | None = None
 
 
+def check_tokens(x_TD: torch.Tensor) -> None:
+    """Raises ``ValueError`` unless ``x_TD`` is a float [T, *] tensor of tokens (2-D)."""
+    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
+        got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
+        raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+
+
 def routing_groups(
     x_TD: torch.Tensor,
     valid_T: torch.Tensor | None,
@@ -50,9 +57,7 @@ def routing_groups(
         capacity: slots per expert of every group, given by the caller (a framework's own
             capacity rule) instead of computed from ``capacity_factor``.
     """
-    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
-        got = tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__
-        raise ValueError(f"x must be a float tensor of shape [T, D], got {got}")
+    check_tokens(x_TD)
     if capacity is not None:
         check_int("capacity", capacity)
         if solver_capacity:
@@ -106,6 +111,16 @@ class Selection:
             solver_ms=solved.ms,
             solver_fallbacks=a.fallback.sum() if a.method == "exact" else None,
         )
+
+
+def stats_capacity(groups: Groups, selection: Selection, device: torch.device) -> torch.Tensor:
+    """The capacity the statistics compare loads with: the groups', or the solver's where it owned
+    it (global routing), or (causal routing of a global router) the nominal slots."""
+    if selection.capacity_G is not None:
+        return selection.capacity_G
+    if groups.capacity_G is not None:
+        return groups.capacity_G
+    return torch.full((groups.count,), groups.slots, dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True, slots=True)
