@@ -292,3 +292,34 @@ def test_groups_whose_fixed_tokens_are_all_padding_certify_on_the_device(backend
     host = maxscore.solve(scores, 1, valid=valid, engine="host")
     assert not dev.fallback.any() and dev.converged.all()
     assert torch.allclose(dev.score, host.score, rtol=1e-9)
+
+
+def test_groups_the_price_steps_solved_skip_the_host_repair(monkeypatch, backend):
+    """Group 0's tokens each prefer a different expert, so the routing at zero prices is feasible
+    and optimal: only group 1 (all tokens on one expert) goes to the host's repair, and both equal
+    the host engine's optimum."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 64, 8, generator=generator)
+    scores[0, torch.arange(64), torch.arange(64) % 8] += 2.0
+    scores[0, torch.arange(64), (torch.arange(64) + 1) % 8] += 1.0
+    scores[1, :, 0] += 2.0
+    repaired = []
+    run_core_batch = device.run_core_batch
+
+    def spy(problems, **kwargs):
+        repaired.append(problems.num_groups)
+        return run_core_batch(problems, **kwargs)
+
+    monkeypatch.setattr(device, "run_core_batch", spy)
+    monkeypatch.setattr(device, "CANDIDATE_FRACTION", 1)  # group 1's repair is its whole problem
+    dev = maxscore.solve(scores, 2, engine="device", price_iterations=0)
+    assert repaired == [1]
+    host = maxscore.solve(scores, 2, engine="host")
+    assert dev.converged.all() and not dev.fallback.any()
+    assert torch.allclose(dev.score, host.score, rtol=1e-12)
+    assert torch.equal(dev.prices[0], torch.zeros(8, dtype=dev.prices.dtype))
+    # every group solved by the price steps: no host solve at all
+    repaired.clear()
+    alone = maxscore.solve(scores[:1], 2, engine="device", price_iterations=0)
+    assert repaired == [] and alone.converged.all()
+    assert _same_experts(alone.experts, host.experts[:1])

@@ -49,10 +49,14 @@ class Dense:
     flags: torch.Tensor
 
 
+# the host's answer per group (the last column of its row): what ``finish`` does with the group
+REPAIRED, FELL_BACK, UNCHANGED = 0, 1, 2  # candidates' experts from the row / in place / in place
+
+
 def packed_width(num_candidates: int, num_experts: int) -> int:
     """Row layout: candidate scores [M, E], candidate validity [M], capacities left [E], prices [E],
-    the smallest fixed margin, the capacity, the valid tokens, the 4 flags."""
-    return num_candidates * num_experts + num_candidates + 2 * num_experts + 7
+    loads [E], the smallest fixed margin, the capacity, the valid tokens, the 4 flags."""
+    return num_candidates * num_experts + num_candidates + 3 * num_experts + 7
 
 
 @functools.cache
@@ -149,6 +153,7 @@ class TorchOps:
             valid,
             left,
             dense.prices,
+            dense.loads,
             fixed[:, None],
             problems.capacity_G[:, None],
             problems.num_valid_G[:, None],
@@ -161,13 +166,13 @@ class TorchOps:
     ):
         num_experts, k = problems.num_experts, problems.k
         prices = back[:, :num_experts].contiguous()
-        fallback = back[:, -1] > 0
+        state = back[:, -1]
         sub = back[:, num_experts:-1].long().view(problems.num_groups, num_candidates, k)
         index = order[:, :num_candidates, None].expand(-1, -1, k)
-        kept = torch.where(fallback[:, None, None], experts.gather(1, index), sub)  # fallen back: in place
+        kept = torch.where((state != REPAIRED)[:, None, None], experts.gather(1, index), sub)
         experts = experts.scatter_(1, index, kept)
         stats = certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
-        return experts, prices, fallback, stats
+        return experts, prices, state == FELL_BACK, stats
 
 
 class FusedOps:

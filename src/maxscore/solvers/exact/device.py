@@ -11,9 +11,12 @@ Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing g
    price changes it causes, so the ``ceil(N / CANDIDATE_FRACTION)`` tokens of smallest margin
    per group are the candidates; every other token stays fixed.
 3. **Repair** (the one host round trip): the candidates' scores, the capacities the fixed
-   tokens leave, the prices, the smallest fixed margin and the input flags go to the host in
-   one transfer; the compiled core solves the G candidate sub-problems exactly by successive
-   shortest paths from p (no auction: a path raises prices by at most its length).  A group is
+   tokens leave, the prices, the loads, the smallest fixed margin and the input flags go to the
+   host in one transfer.  A group the price steps already solved (loads within capacity, and
+   price 0 wherever an expert has room: complementary slackness) keeps its routing.  The
+   compiled core solves the other groups' candidate sub-problems exactly by successive shortest
+   paths from p (no auction: a path raises prices by at most its length), on one thread per
+   ``REPAIR_SCORES_PER_THREAD`` candidate scores (a thread's start costs more than a small solve).  A group is
    certified when its sub-problem is solved and the price change spread
    ``max(p' - p) - min(p' - p)`` is 0 or below its smallest fixed margin (computed in float64,
    less its storage rounding): then every fixed token still holds a top-k of ``s - p'``.  Other groups are
@@ -53,11 +56,20 @@ from maxscore.solvers._validate import (
 )
 from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.exact._native import run_core_batch
-from maxscore.solvers.exact.dense import FusedOps, TorchOps, kernels_available, valid_mask
+from maxscore.solvers.exact.dense import (
+    FELL_BACK,
+    REPAIRED,
+    UNCHANGED,
+    FusedOps,
+    TorchOps,
+    kernels_available,
+    valid_mask,
+)
 from maxscore.solvers.exact.host import check_counts, check_price_shape, solve_exact_groups
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 CANDIDATE_FRACTION = 8
+REPAIR_SCORES_PER_THREAD = 1 << 16
 # relative rounding of a margin stored in the scores' precision (computed in float64)
 MARGIN_ROUNDING = {torch.float32: 2.0**-22, torch.float64: 2.0**-50}
 
@@ -93,6 +105,13 @@ def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tenso
     return prices.detach().to(device, torch.float64).expand(num_groups, num_experts).contiguous()
 
 
+def _repair_threads(threads: int | None, num_scores: int) -> int:
+    """Threads for the repair: about one per ``REPAIR_SCORES_PER_THREAD`` candidate scores (a
+    thread's start costs more than a small sub-problem's solve)."""
+    limit = torch.get_num_threads() if threads is None else threads
+    return max(1, min(limit, num_scores // REPAIR_SCORES_PER_THREAD))
+
+
 def _on_host(problems: Problems) -> Problems:
     """The same problems with every tensor on the host (the host core's input)."""
     return dataclasses.replace(
@@ -125,10 +144,11 @@ class _DeviceSolve:
         with torch.profiler.record_function("host::repair"):  # host work: no device launches
             host = self.unpack(packed.numpy(), num_candidates)
             self.raise_bad_input(host)
-            prices, sub_experts, fallback = self.repair(host, threads, dense.margin.dtype)
+            prices, sub_experts, state = self.repair(host, threads, dense.margin.dtype)
+            fallback = state == FELL_BACK
             if fallback.any():
                 groups, full_experts = self.fall_back(fallback, prices, max_moves, threads)
-            back = np.concatenate([prices, sub_experts.reshape(self.G, -1), fallback[:, None]], axis=1)
+            back = np.concatenate([prices, sub_experts.reshape(self.G, -1), state[:, None]], axis=1)
         experts = dense.experts
         back = torch.from_numpy(back).to(self.device)  # the one transfer back
         if fallback.any():
@@ -156,6 +176,7 @@ class _DeviceSolve:
             "valid": num_candidates,
             "capacity": self.E,
             "prices": self.E,
+            "loads": self.E,
             "margin": 1,
             "group_capacity": 1,
             "num_valid": 1,
@@ -189,44 +210,56 @@ class _DeviceSolve:
             raise ValueError("prices must be finite; pass None for a cold start")
 
     def repair(self, host: dict[str, np.ndarray], threads: int | None, margin_dtype: torch.dtype):
-        """Solves the candidate sub-problems on the host; certifies each group by its margins
-        (computed in float64, stored as ``margin_dtype``).
+        """Solves the candidate sub-problems of the groups the dense step left unsolved on the host;
+        certifies each by its margins (computed in float64, stored as ``margin_dtype``).
 
-        Returns the new prices [G, E] (float64), the candidates' experts [G, M, K] and the
-        groups that fall back (bool [G]).
+        Returns the new prices [G, E] (float64), the candidates' experts [G, M, K] and each
+        group's state (float64 [G]: ``REPAIRED``, ``FELL_BACK`` or ``UNCHANGED``).
         """
-        capacity_GE = host["capacity"].astype(np.int64)
+        prices_GE = host["prices"].astype(np.float64)
+        state_G = np.full(self.G, float(UNCHANGED))
+        experts = np.full((self.G, host["valid"].shape[1], self.k), -1, dtype=np.int64)
+        # optimal already: feasible, and an expert below capacity has price 0 (complementary slackness)
+        loads_GE, capacity_G = host["loads"], host["group_capacity"]
+        optimal_G = (
+            (loads_GE <= capacity_G) & (prices_GE >= 0) & ((prices_GE == 0) | (loads_GE == capacity_G))
+        ).all(1)
+        todo = np.flatnonzero(~optimal_G)
+        if todo.size == 0:
+            return prices_GE, experts, state_G
+        capacity_GE = host["capacity"][todo].astype(np.int64)
         broken_G = (capacity_GE < 0).any(1)  # the fixed tokens alone overload an expert
         capacity_GE[broken_G] = host["valid"].shape[1] * self.k
-        valid_GM = torch.from_numpy(host["valid"] > 0)
-        prices_GE = host["prices"].astype(np.float64)
-        scores = torch.from_numpy(np.ascontiguousarray(host["scores"]))
+        valid_GM = torch.from_numpy(host["valid"][todo] > 0)
+        scores = torch.from_numpy(np.ascontiguousarray(host["scores"][todo]))
         sub = Problems(
-            scores, self.k, torch.zeros(self.G, dtype=torch.int64), valid_GM, valid_GM.sum(1), self.device
+            scores, self.k, torch.zeros(todo.size, dtype=torch.int64), valid_GM, valid_GM.sum(1), self.device
         )
         # shortest paths only (no auction, no price steps): they raise each price by no more than
         # its path's length, so the fixed tokens' margins can certify the result
         result = run_core_batch(
             sub,
             capacity_GE=capacity_GE,
-            prices_GE=prices_GE,
+            prices_GE=prices_GE[todo],
             max_moves=0,
             price_iterations=0,
-            threads=threads,
+            threads=_repair_threads(threads, scores.numel()),
             raise_errors=False,
         )
-        change_GE = result.prices_GE - prices_GE
+        change_GE = result.prices_GE - prices_GE[todo]
         spread_G = change_GE.max(1) - change_GE.min(1)
-        finite = np.where(np.isfinite(host["scores"]), np.abs(host["scores"]), 0.0).max((1, 2), initial=0.0)
+        finite = np.where(np.isfinite(scores.numpy()), np.abs(scores.numpy()), 0.0).max((1, 2), initial=0.0)
         # the margins are float64 values (stored in the scores' precision: a relative rounding)
-        margin_G = host["margin"][:, 0].astype(np.float64)
+        margin_G = host["margin"][todo, 0].astype(np.float64)
         relative_G = MARGIN_ROUNDING[margin_dtype] * np.where(np.isfinite(margin_G), margin_G, 0.0)
-        allowance_G = relative_G + 1e-12 * (1.0 + finite + np.abs(prices_GE).max(1))
+        allowance_G = relative_G + 1e-12 * (1.0 + finite + np.abs(prices_GE[todo]).max(1))
         # prices the repair left unchanged (up to a common shift) keep every fixed token's top-k
         holds_G = (spread_G == 0) | (spread_G <= margin_G - allowance_G)
         certified_G = (result.status_G == 0) & ~broken_G & holds_G
-        experts = np.where(host["valid"][..., None] > 0, result.experts_GNK, -1)
-        return result.prices_GE, experts, ~certified_G
+        prices_GE[todo] = result.prices_GE
+        experts[todo] = np.where(valid_GM.numpy()[..., None], result.experts_GNK, -1)
+        state_G[todo] = np.where(certified_G, float(REPAIRED), float(FELL_BACK))
+        return prices_GE, experts, state_G
 
     def fall_back(self, fallback: np.ndarray, prices: np.ndarray, max_moves, threads):
         """Groups the repair could not certify: the host core on their full scores (a second

@@ -276,7 +276,8 @@ def pack_kernel(
     tl.store(out + base + cols, (C - loads + taken).to(out_ptr.dtype.element_ty), mask=col_ok)
     p = tl.load(p_ptr + g * E + cols, mask=col_ok, other=0.0)
     tl.store(out + base + E + cols, p.to(out_ptr.dtype.element_ty), mask=col_ok)
-    base += 2 * E
+    tl.store(out + base + 2 * E + cols, loads.to(out_ptr.dtype.element_ty), mask=col_ok)
+    base += 3 * E
     # the smallest margin of the fixed tokens: the (M+1)-th smallest (none when all are candidates)
     fixed = tl.load(smallest_ptr + g * M1 + M, mask=M1 > M, other=float("inf"))
     tl.store(out + base, fixed.to(out_ptr.dtype.element_ty))
@@ -300,14 +301,15 @@ def certify_kernel(
     rows0 = tl.arange(0, BLOCK_N)
     col_ok = cols < E
     C = tl.load(cap_ptr + g)
-    # the host's answer (a row of [prices E, candidates' experts M x K, fallback]): prices out,
-    # and the candidates' experts into place unless the group fell back (then it is there already)
+    # the host's answer (a row of [prices E, candidates' experts M x K, state]): prices out, and
+    # the candidates' experts into place when the group was repaired (state 0); a group that fell
+    # back (1) or needed no repair (2) has its experts in place already
     back = back_ptr + g * (E + M * K + 1)
     p = tl.load(back + cols, mask=col_ok, other=0.0).to(tl.float64)
     tl.store(p_ptr + g * E + cols, p, mask=col_ok)
-    fell_back = tl.load(back + E + M * K)
-    tl.store(fallback_ptr + g, (fell_back > 0).to(tl.int8))
-    if fell_back <= 0:
+    state = tl.load(back + E + M * K)
+    tl.store(fallback_ptr + g, (state == 1).to(tl.int8))
+    if state == 0:
         for start in range(0, M, BLOCK_N):
             m = start + rows0
             t = tl.load(order_ptr + g * M1 + m, mask=m < M, other=0)
