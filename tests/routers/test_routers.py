@@ -194,7 +194,7 @@ def test_causal_mode_ignores_later_tokens():
     changed[20:] = biased_logits(1, length - 20, num_experts, seed=10)
     causal = router(logits, sequence_length=length, causal=True).experts
     assert torch.equal(causal[:20], router(changed, sequence_length=length, causal=True).experts[:20])
-    assert_top_k(logits.softmax(-1) - router.prices, causal)
+    assert_top_k(logits.softmax(-1) - router.prices - router.causal_offset, causal)
     batch = router(logits, sequence_length=length).experts  # batch routing does see later tokens
     assert not torch.equal(
         batch[:20].sort(1).values, router(changed, sequence_length=length).experts[:20].sort(1).values
@@ -225,6 +225,64 @@ def test_causal_prices_balance_the_load():
     causal = router(logits, sequence_length=length, causal=True).stats.loads.float()
     plain = torch.bincount(torch.topk(logits, k, dim=1).indices.flatten(), minlength=num_experts).float()
     assert causal.std() < plain.std() / 3
+
+
+def test_causal_offset_moves_toward_balance_in_training_only():
+    num_experts, k, length = 8, 2, 64
+    router = identity_router("maxscore", num_experts, k)
+    logits = biased_logits(4, length, num_experts)
+    router(logits, sequence_length=length)
+    # one step: the prices' causal routing, corrected by causal_rate per expert, sign by its load
+    router.eval()
+    before = router.causal_offset.clone()
+    loads = torch.bincount(
+        torch.topk(logits.softmax(-1) - router.prices, k, dim=1).indices.flatten(), minlength=num_experts
+    ).float()
+    expected = router.config.causal_rate * torch.sign(loads - loads.mean())
+    assert torch.allclose(before, expected - expected.mean())
+    router(logits, sequence_length=length)
+    router(logits, sequence_length=length, causal=True)
+    assert torch.equal(router.causal_offset, before)  # evaluation never moves it
+    off = identity_router("maxscore", num_experts, k, causal_rate=0.0)
+    off(logits, sequence_length=length)
+    assert not off.causal_offset.any()
+
+
+def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone():
+    """Averaged dual prices balance each batch's optimal routing, not the average causal load;
+    the correction removes what they leave (held-out batches, the same training inputs)."""
+    num_experts, k, length = 8, 2, 64
+    spread = {}
+    for rate in (0.0, 1e-4):
+        router = identity_router("maxscore", num_experts, k, causal_rate=rate)
+        for seed in range(60):
+            router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
+        router.eval()
+        loads = sum(
+            torch.bincount(
+                router(
+                    biased_logits(4, length, num_experts, seed=100 + s), sequence_length=length, causal=True
+                ).experts.flatten(),
+                minlength=num_experts,
+            ).float()
+            for s in range(20)
+        )
+        spread[rate] = float(loads.max() / loads.mean())
+    assert spread[1e-4] < 1 + 0.75 * (spread[0.0] - 1), spread
+
+
+def test_causal_offset_state_and_old_checkpoints():
+    router = identity_router("maxscore", 8, 2)
+    router(biased_logits(4, 64, 8), sequence_length=64)
+    state = router.state_dict()
+    fresh = identity_router("maxscore", 8, 2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.causal_offset, router.causal_offset) and fresh.causal_offset.any()
+    del state["causal_offset"]  # saved before the correction existed: the prices alone, as trained
+    fresh.load_state_dict(state)
+    assert not fresh.causal_offset.any() and torch.equal(fresh.prices, router.prices)
+    with pytest.raises(ValueError, match="causal_rate must be a finite number >= 0"):
+        identity_router("maxscore", 8, 2, causal_rate=-1.0)
 
 
 def test_group_capacity_matches_expert_capacity():

@@ -194,9 +194,10 @@ class MaxScoreRouter(TopKRouter):
 
     @torch.no_grad()
     def _after_training_forward(self, stats) -> None:
-        prices = getattr(self.maxscore, "prices", None)
-        if prices is not None and self.tp_dp_cp_group is not None:
-            average_over_ranks(prices, self.tp_dp_cp_group)
+        if self.tp_dp_cp_group is not None:
+            for name in ("prices", "causal_offset"):
+                if getattr(self.maxscore, name, None) is not None:
+                    average_over_ranks(getattr(self.maxscore, name), self.tp_dp_cp_group)
         num_layers = self.config.num_layers
         for name, value in (
             ("maxscore_load_max", stats.load_ratio().max()),

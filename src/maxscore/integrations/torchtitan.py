@@ -97,6 +97,7 @@ class MaxScoreRouter(TokenChoiceTopKRouter):
         self.last_stats = out.stats
         if self.training:
             average_over_ranks(self.maxscore.prices)
+            average_over_ranks(self.maxscore.causal_offset)
         shape = (batch, length, -1)
         scores_BLE = router_scores(logits_TE, self.moe.router_config.score_function).view(shape)
         weights_BLK = (out.weights * self.route_scale).view(shape)

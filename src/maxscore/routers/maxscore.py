@@ -13,9 +13,13 @@ Causal mode (PAPER.md §5.4): batch routing lets a token's experts depend on lat
 exact solver's dual prices are the per-expert offsets under which independent top-k routing is
 balanced, so the router keeps their running average (buffer ``prices``, saved with the model)
 and, in causal mode, routes each token alone to the top-k of ``score - prices`` (dropless: no
-capacity is enforced, loads are balanced only on average).  The layer switches to causal mode
-by itself for single-token steps (generation).  The averaged prices also warm-start every
-group of the solver.
+capacity is enforced, loads are balanced only on average).  The averaged prices balance the
+batches' routings, not the causal routing's average load, so a correction (buffer
+``causal_offset``) is added: after each training forward, every expert's offset moves by
+``causal_rate`` up if the batch's causal routing overloads it, down if it underloads it
+(DeepSeek-V3's loss-free update, applied to the causal routing only; the batch routing never
+sees it).  The layer switches to causal mode by itself for single-token steps (generation).
+The averaged prices (without the offset) warm-start every group of the solver.
 With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
 forward also runs the exact solver, for the prices only.
 
@@ -29,6 +33,7 @@ every rank.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -52,10 +57,13 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
         price_momentum: momentum of the prices' running average; the first
             ``1 / (1 - price_momentum)`` updates are averaged plainly.
+        causal_rate: per training forward, the causal prices' correction moves each expert
+            by this much (score units) toward balance of the causal routing; 0 disables it.
     """
 
     method: str = "exact"
     price_momentum: float = 0.99
+    causal_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         GatedRouterConfig.__post_init__(self)
@@ -66,6 +74,9 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
         momentum = self.price_momentum
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"price_momentum must be in [0, 1), got {momentum!r}")
+        rate = self.causal_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
+            raise ValueError(f"causal_rate must be a finite number >= 0 (0 disables it), got {rate!r}")
 
     def label(self, router: str) -> str:
         return router if self.method == "exact" else f"{router}@{self.method}"
@@ -123,6 +134,7 @@ class MaxScoreRouter(GatedRouter):
         self.register_buffer("prices", torch.zeros(self.num_experts))
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("causal_offset", torch.zeros(self.num_experts))
         self.process_group = None  # of group="global"; None: the world (or a single process)
         self.last_global = None  # the last GlobalAssignment (its exchange counters) of group="global"
 
@@ -151,6 +163,7 @@ class MaxScoreRouter(GatedRouter):
                 )
             if priced.assignment.prices is not None:
                 self._update_prices(priced.assignment.prices.float())
+            self._update_causal(scores_TE, valid_T)
             self.training_forwards += 1
         return Selection.of(solved)
 
@@ -167,6 +180,7 @@ class MaxScoreRouter(GatedRouter):
         assignment, self.last_global = result.assignment, result
         if self.training:
             self._update_prices(assignment.prices.float()[None])
+            self._update_causal(scores_TE, valid_T)
             self.training_forwards += 1
         device = scores_TE.device
         return Selection(
@@ -182,9 +196,29 @@ class MaxScoreRouter(GatedRouter):
         )
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Each token alone: the top-k of ``scores - prices`` (best first), no capacity."""
-        adjusted_TE = scores_TE - self.prices.to(scores_TE.device)
+        """Each token alone: the top-k of ``scores - prices - causal_offset`` (best first), no capacity."""
+        adjusted_TE = scores_TE - (self.prices + self.causal_offset).to(scores_TE.device)
         return torch.topk(adjusted_TE, self.k, dim=1).indices
+
+    @torch.no_grad()
+    def _update_causal(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> None:
+        """One step of the causal correction from this batch's causal routing (on the device)."""
+        if self.config.causal_rate == 0:
+            return
+        experts_TK = self.route_causal(scores_TE.detach())
+        if valid_T is not None:
+            experts_TK = experts_TK[valid_T.to(experts_TK.device)]
+        loads_E = torch.bincount(experts_TK.flatten(), minlength=self.num_experts).float()
+        step_E = self.config.causal_rate * torch.sign(loads_E - loads_E.mean())
+        self.causal_offset.add_(step_E.to(self.causal_offset.device))
+        self.causal_offset.sub_(self.causal_offset.mean())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # models saved before the causal correction existed route causally by the prices alone
+        key = f"{prefix}causal_offset"
+        if f"{prefix}prices" in state_dict and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.causal_offset)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def _update_prices(self, prices_GE: torch.Tensor) -> None:
