@@ -8,7 +8,7 @@ family), the Switch balance loss and the router z-loss.
 
 Causal mode (``causal=True``): every token is routed from its own scores and the router's
 learned state only, with no capacity (dropless), so its experts cannot depend on other tokens;
-the base rule is plain top-k, MaxScore uses its averaged dual prices.
+the base rule is plain top-k, MaxScore its averaged dual prices plus a causal correction.
 
 Routing groups: capacity applies per group, ``group="sequence"`` (one group per sequence, the
 paper's setting), ``group="batch"`` (the whole local batch) or, for MaxScore,

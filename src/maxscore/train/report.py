@@ -284,7 +284,7 @@ def write_report(
         f"{config['data'] or 'bundled State of the Union corpus'}.\n"
         "Losses in nats per token; spread = half the range over seeds; statistics (dropped, load, affinity) "
         "from the last logged step, averaged over layers; causal = every token routed alone (MaxScore: "
-        "top-k of score - averaged dual prices).\n\n"
+        "top-k of score - averaged dual prices - causal correction).\n\n"
         f"{summary_table(groups)}\n\n{balance}{paired}" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
     )
     (out / "results.md").write_text(text)
