@@ -52,7 +52,6 @@ import inspect
 import torch
 from torch.nn import functional as F
 
-from maxscore._distributed import average_over_ranks
 from maxscore.routers import ROUTERS, MoEConfig
 
 try:
@@ -194,10 +193,9 @@ class MaxScoreRouter(TopKRouter):
 
     @torch.no_grad()
     def _after_training_forward(self, stats) -> None:
-        if self.tp_dp_cp_group is not None:
-            for name in ("prices", "causal_offset"):
-                if getattr(self.maxscore, name, None) is not None:
-                    average_over_ranks(getattr(self.maxscore, name), self.tp_dp_cp_group)
+        average = getattr(self.maxscore, "average_state_over_ranks", None)  # MaxScore's routers
+        if average is not None and self.tp_dp_cp_group is not None:
+            average(self.tp_dp_cp_group)
         num_layers = self.config.num_layers
         for name, value in (
             ("maxscore_load_max", stats.load_ratio().max()),

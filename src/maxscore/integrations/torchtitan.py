@@ -37,7 +37,6 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-from maxscore._distributed import average_over_ranks
 from maxscore.gates import router_scores
 from maxscore.routers import ROUTERS, MoEConfig
 
@@ -96,8 +95,7 @@ class MaxScoreRouter(TokenChoiceTopKRouter):
         out = self.maxscore.route(logits_TE, sequence_length=length)
         self.last_stats = out.stats
         if self.training:
-            average_over_ranks(self.maxscore.prices)
-            average_over_ranks(self.maxscore.causal_offset)
+            self.maxscore.average_state_over_ranks()
         shape = (batch, length, -1)
         scores_BLE = router_scores(logits_TE, self.moe.router_config.score_function).view(shape)
         weights_BLK = (out.weights * self.route_scale).view(shape)

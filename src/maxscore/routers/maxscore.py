@@ -39,11 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore._distributed import world_size
+from maxscore._distributed import average_over_ranks, world_size
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.solvers.exact.global_routing import solve_global
+from maxscore.solvers.exact.prices import expert_loads
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
@@ -206,12 +207,19 @@ class MaxScoreRouter(GatedRouter):
         if self.config.causal_rate == 0:
             return
         experts_TK = self.route_causal(scores_TE.detach())
-        if valid_T is not None:
-            experts_TK = experts_TK[valid_T.to(experts_TK.device)]
-        loads_E = torch.bincount(experts_TK.flatten(), minlength=self.num_experts).float()
+        if valid_T is not None:  # padding counts nowhere (a mask, not an index: no host sync)
+            experts_TK = experts_TK.masked_fill(~valid_T.to(experts_TK.device)[:, None], -1)
+        loads_E = expert_loads(experts_TK[None], self.num_experts)[0].float()
         step_E = self.config.causal_rate * torch.sign(loads_E - loads_E.mean())
         self.causal_offset.add_(step_E.to(self.causal_offset.device))
         self.causal_offset.sub_(self.causal_offset.mean())
+
+    @torch.no_grad()
+    def average_state_over_ranks(self, group=None) -> None:
+        """Averages the learned routing state (prices, causal correction) over the ranks of
+        ``group`` (default: the world), for frameworks whose ranks route different tokens."""
+        for buffer in (self.prices, self.causal_offset):
+            average_over_ranks(buffer, group)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # models saved before the causal correction existed route causally by the prices alone
