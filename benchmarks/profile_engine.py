@@ -3,7 +3,7 @@
 
     python benchmarks/profile_engine.py [--device cuda] [--calls 20] [--out DIR]
 
-Per case: the wall time per call (median, host clock after a device synchronization), then the
+Per case: the wall time per call (``maxscore.bench.median_ms``: median, device work waited for), then the
 profiler's operations by total host time (kernel launches, copies, synchronizations and the
 engine's ranges: ``maxscore::<kernel>``, ``host::repair``) with their device time.  With
 ``--out`` the tables and the Chrome traces of the small shape's calls and of the routers are written there.
@@ -12,9 +12,7 @@ engine's ranges: ``maxscore::<kernel>``, ``host::repair``) with their device tim
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -22,28 +20,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from maxscore import MoELayer, solve
-from maxscore.bench import make_scores
+from maxscore.bench import make_scores, median_ms
 
 TRACED = ("warm_64x", "cold_64x", "router_")  # the cases whose Chrome trace is written
-
-
-def wall_ms(fn, device: str, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 def profiled(name: str, fn, device: str, calls: int, out: Path | None) -> str:
     for _ in range(3):  # compilation and caches out of the numbers
         fn()
-    ms = wall_ms(fn, device, calls)
+    ms = median_ms(fn, budget_s=60.0, max_reps=calls)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):

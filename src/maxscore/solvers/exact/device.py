@@ -230,6 +230,7 @@ class _DeviceSolve:
         capacity_GE = host["capacity"][todo].astype(np.int64)
         broken_G = (capacity_GE < 0).any(1)  # the fixed tokens alone overload an expert
         capacity_GE[broken_G] = host["valid"].shape[1] * self.k
+        start_GE = prices_GE[todo]
         valid_GM = torch.from_numpy(host["valid"][todo] > 0)
         scores = torch.from_numpy(np.ascontiguousarray(host["scores"][todo]))
         sub = Problems(
@@ -240,19 +241,19 @@ class _DeviceSolve:
         result = run_core_batch(
             sub,
             capacity_GE=capacity_GE,
-            prices_GE=prices_GE[todo],
+            prices_GE=start_GE,
             max_moves=0,
             price_iterations=0,
             threads=_repair_threads(threads, scores.numel()),
             raise_errors=False,
         )
-        change_GE = result.prices_GE - prices_GE[todo]
+        change_GE = result.prices_GE - start_GE
         spread_G = change_GE.max(1) - change_GE.min(1)
         finite = np.where(np.isfinite(scores.numpy()), np.abs(scores.numpy()), 0.0).max((1, 2), initial=0.0)
         # the margins are float64 values (stored in the scores' precision: a relative rounding)
         margin_G = host["margin"][todo, 0].astype(np.float64)
         relative_G = MARGIN_ROUNDING[margin_dtype] * np.where(np.isfinite(margin_G), margin_G, 0.0)
-        allowance_G = relative_G + 1e-12 * (1.0 + finite + np.abs(prices_GE[todo]).max(1))
+        allowance_G = relative_G + 1e-12 * (1.0 + finite + np.abs(start_GE).max(1))
         # prices the repair left unchanged (up to a common shift) keep every fixed token's top-k
         holds_G = (spread_G == 0) | (spread_G <= margin_G - allowance_G)
         certified_G = (result.status_G == 0) & ~broken_G & holds_G
