@@ -129,20 +129,25 @@ def test_low_and_high_precision_scores(dtype, backend):
     assert (dev.loads <= dev.capacity[:, None]).all() and (dev.experts[~valid] == -1).all()
 
 
-def test_large_groups_span_several_tiles(backend):
-    scores, _ = _groups("peaked", 2, 1536, 64, 8)  # more tokens than one kernel tile holds
-    host = maxscore.solve(scores, 8, engine="host")
-    cold = maxscore.solve(scores, 8, engine="device")
-    warm = maxscore.solve(scores, 8, engine="device", prices=host.prices)
+def test_groups_span_several_tiles(backend, monkeypatch):
+    """Groups of more tokens than one tile holds (the kernel loops over tiles in every pass)."""
+    from maxscore.solvers.exact import dense
+
+    monkeypatch.setattr(dense, "INTERPRETER_TILE", 1024)  # 64 rows of 16 experts: 5 tiles
+    scores, _ = _groups("peaked", 2, 300, 16, 2)
+    host = maxscore.solve(scores, 2, engine="host")
+    cold = maxscore.solve(scores, 2, engine="device")
+    warm = maxscore.solve(scores, 2, engine="device", prices=host.prices)
     for dev in (cold, warm):
         assert dev.converged.all()
         assert torch.allclose(dev.score, host.score, rtol=1e-9)
+        assert _same_experts(dev.experts, host.experts)
 
 
 def test_fallback_groups_are_flagged_and_solved_on_the_host(monkeypatch, backend):
-    # one candidate per group and no price steps: a cold, biased start cannot be certified
+    # no price steps from a cold, biased start: far more excess than a repair budget of 16
     scores, _ = _groups("peaked", 4, 256, 16, 2)
-    monkeypatch.setattr(device, "CANDIDATE_FRACTION", 256)
+    monkeypatch.setattr(device, "REPAIR_PER_EXPERT", 0)
     dev = maxscore.solve(scores, 2, engine="device", price_iterations=0)
     host = maxscore.solve(scores, 2, engine="host")
     assert dev.fallback.all()
@@ -194,7 +199,7 @@ def test_a_warm_call_launches_a_few_kernels():
         launches, _ = count_launches(lambda s=scores, v=valid, p=cold.prices: maxscore.solve(
             s, 2, valid=v, engine="device", prices=p
         ))  # fmt: skip
-        assert launches <= 12, launches
+        assert launches <= 10, launches
 
 
 @pytest.mark.gpu
@@ -253,14 +258,14 @@ def test_a_kernel_that_fails_to_compile_sends_auto_to_the_host_engine(monkeypatc
 
             return launch
 
-    monkeypatch.setattr(kernels, "dense_kernel", Broken())
+    monkeypatch.setattr(kernels, "route_kernel", Broken())
     monkeypatch.setattr(dense, "_FAILED", set())
     # as on a GPU: auto would pick the device engine for these scores
     monkeypatch.setattr(
         maxscore.solvers, "pick_engine", lambda engine, s: "host" if engine == "host" else "device"
     )
     scores, _ = _groups("peaked", 3, 64, 8, 2)
-    with pytest.raises(exact.KernelError, match="dense_kernel failed to compile or launch: out of resources"):
+    with pytest.raises(exact.KernelError, match="route_kernel failed to compile or launch: out of resources"):
         maxscore.solve(scores, 2, engine="device")
     with pytest.warns(RuntimeWarning, match="falls back to the host engine"):
         routed = maxscore.solve(scores, 2)
@@ -294,32 +299,31 @@ def test_groups_whose_fixed_tokens_are_all_padding_certify_on_the_device(backend
     assert torch.allclose(dev.score, host.score, rtol=1e-9)
 
 
-def test_groups_the_price_steps_solved_skip_the_host_repair(monkeypatch, backend):
-    """Group 0's tokens each prefer a different expert, so the routing at zero prices is feasible
-    and optimal: only group 1 (all tokens on one expert) goes to the host's repair, and both equal
-    the host engine's optimum."""
+@needs_kernels
+def test_the_fused_kernel_repairs_on_the_device_without_the_host_core(monkeypatch):
+    """Group 0's tokens each prefer a different expert, so the routing at zero prices is optimal;
+    group 1 puts a few more tokens on expert 0 than it holds, so its repair moves them.  Neither
+    calls the host core, and both equal the host engine's optimum."""
+    from maxscore.solvers.exact import dense
+
     generator = torch.Generator().manual_seed(3)
     scores = torch.rand(2, 64, 8, generator=generator)
     scores[0, torch.arange(64), torch.arange(64) % 8] += 2.0
     scores[0, torch.arange(64), (torch.arange(64) + 1) % 8] += 1.0
-    scores[1, :, 0] += 2.0
-    repaired = []
-    run_core_batch = device.run_core_batch
+    scores[1, :20, 0] += 2.0  # 20 tokens want expert 0 (capacity 16): 4 augmentations or more
+    calls = []
 
-    def spy(problems, **kwargs):
-        repaired.append(problems.num_groups)
-        return run_core_batch(problems, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("the host core ran")
 
     monkeypatch.setattr(device, "run_core_batch", spy)
-    monkeypatch.setattr(device, "CANDIDATE_FRACTION", 1)  # group 1's repair is its whole problem
+    monkeypatch.setattr(dense, "run_core_batch", spy)
     dev = maxscore.solve(scores, 2, engine="device", price_iterations=0)
-    assert repaired == [1]
+    assert calls == [] and dev.converged.all() and not dev.fallback.any()
+    monkeypatch.undo()
     host = maxscore.solve(scores, 2, engine="host")
-    assert dev.converged.all() and not dev.fallback.any()
     assert torch.allclose(dev.score, host.score, rtol=1e-12)
+    assert _same_experts(dev.experts, host.experts)
     assert torch.equal(dev.prices[0], torch.zeros(8, dtype=dev.prices.dtype))
-    # every group solved by the price steps: no host solve at all
-    repaired.clear()
-    alone = maxscore.solve(scores[:1], 2, engine="device", price_iterations=0)
-    assert repaired == [] and alone.converged.all()
-    assert _same_experts(alone.experts, host.experts[:1])
+    assert (dev.prices[1] >= 0).all() and dev.prices[1, 0] > 0  # expert 0's price rose

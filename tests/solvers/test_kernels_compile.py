@@ -64,45 +64,24 @@ def test_kernels_compile_for_sm90_and_fit_in_registers(scores, k, num_tokens, nu
     assert child.returncode == 0, child.stderr[-3000:]
     stacks = json.loads(child.stdout.strip().splitlines()[-1])
     if scores != "fp64":  # the training cases: no spills (float64 scores may spill a little)
-        assert stacks == {"dense": 0, "pack": 0, "certify": 0}, stacks
+        assert stacks == {"route": 0}, stacks
 
 
 def compile_all(scores: str, k: int, num_tokens: int, num_experts: int) -> None:
-    """Compiles the three kernels as the engine launches them; prints their stack bytes as JSON."""
+    """Compiles the kernel as the engine launches it on a GPU; prints its stack bytes as JSON."""
     from maxscore.solvers.exact import kernels
 
     compute = "fp64" if scores == "fp64" else "fp32"
     block_n, block_e = _blocks(num_tokens, num_experts)
-    dense_types = dict(
+    types = dict(
         s_ptr=f"*{scores}", valid_ptr="*u8", cap_ptr="*i64", num_valid_ptr="*i64", p_in_ptr="*fp64",
-        p_out_ptr=f"*{compute}", experts_ptr="*i64", margin_ptr=f"*{compute}", loads_ptr="*i64",
-        flags_ptr="*i32", theta_ptr=f"*{compute}", N="i32", E="i32", steps="i32", damping="fp32",
-        early_stop="i32",
+        p_out_ptr="*fp64", experts_ptr="*i64", loads_ptr="*i64", stats_ptr="*fp64", flags_ptr="*i32",
+        theta_ptr=f"*{compute}", edges_ptr="*fp64", edge_tokens_ptr="*i32", N="i32", E="i32", steps="i32",
+        damping="fp32", stop="i32", max_augment="i32", tolerance="fp32",
     )  # fmt: skip
-    pack_types = dict(
-        s_ptr=f"*{scores}", valid_ptr="*u8", order_ptr="*i64", smallest_ptr=f"*{compute}", experts_ptr="*i64",
-        loads_ptr="*i64", cap_ptr="*i64", num_valid_ptr="*i64", p_ptr=f"*{compute}", flags_ptr="*i32",
-        out_ptr=f"*{compute}", N="i32", E="i32", M="i32", M1="i32", W="i32",
+    constants = dict(
+        K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=True, MAX_BISECT=kernels.MAX_BISECT,
+        COMPUTE=kernels.COMPUTE[compute], STEPS_ONLY=False,
     )  # fmt: skip
-    certify_types = dict(
-        s_ptr=f"*{scores}", valid_ptr="*u8", experts_ptr="*i64", back_ptr="*fp64", order_ptr="*i64",
-        p_ptr="*fp64", fallback_ptr="*i8", cap_ptr="*i64", loads_ptr="*i64", stats_ptr="*fp64", N="i32",
-        E="i32", M="i32", M1="i32", tolerance="fp32",
-    )  # fmt: skip
-    shared = dict(K=k, BLOCK_E=block_e, HAS_VALID=True)
-    dense = _compile(
-        kernels.dense_kernel,
-        dense_types,
-        dict(shared, BLOCK_N=block_n, MAX_BISECT=kernels.MAX_BISECT, COMPUTE=kernels.COMPUTE[compute]),
-        WARPS,
-    )
-    pack = _compile(kernels.pack_kernel, pack_types, dict(shared, BLOCK_M=block_n), WARPS)
-    certify = _compile(kernels.certify_kernel, certify_types, dict(shared, BLOCK_N=block_n), WARPS)
-    print(
-        json.dumps(
-            {
-                name: _stack_bytes(c)
-                for name, c in zip(("dense", "pack", "certify"), (dense, pack, certify), strict=True)
-            }
-        )
-    )
+    route = _compile(kernels.route_kernel, types, constants, WARPS)
+    print(json.dumps({"route": _stack_bytes(route)}))

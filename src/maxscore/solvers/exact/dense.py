@@ -1,19 +1,20 @@
-"""The device engine's dense work (steps 1, 3 and 4 of ``device.py``) in its two implementations.
+"""The device engine's work on the scores' device, in its two implementations.
 
-``FusedOps``: the Triton kernels of ``kernels.py``, one program per routing group, three
-launches per call (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).  ``TorchOps``: the same
-algorithm as plain torch operations in float64 (the reference steps of ``prices.py``; a fixed
-number of price steps, so no host synchronization), for machines without Triton.
+``FusedOps``: the Triton kernel of ``kernels.py``, one program per routing group and one
+launch per call: price steps, routing, repair and certificate (CUDA, or CPU tensors under
+``TRITON_INTERPRET=1``).  ``TorchOps``: the price steps as plain torch operations in float64 (the
+reference step of ``prices.py``; a fixed number of steps, so no host synchronization), then the
+compiled core's repair from those prices on the host (the same path: routing at the prices,
+slack experts lowered to 0, shortest augmenting paths), for machines without Triton.
 
-Both take the problems of ``make_problems(..., on_device=True)`` and return the same things:
-``dense`` the prices, every token's top-k and margin, the loads and the input flags; ``pack``
-one buffer for the host (layout: ``packed_width``); ``finish`` the candidates' experts from the
-host's answer put in place, and the certificate.
+Both take the problems of ``make_problems(..., on_device=True)`` and return a ``Routed``: the
+routing, its prices and certificate, and the flags the engine reads in its one transfer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore.solvers._validate import Problems
+from maxscore.solvers._validate import Problems, host_scores
+from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers.exact.prices import (
     DAMPING,
     GAP_TOLERANCE,
@@ -32,31 +34,29 @@ from maxscore.solvers.exact.prices import (
     price_step,
 )
 
-TILE = 2048  # scores per tile: with WARPS warps the kernels fit in registers on sm_90 (no spills)
+TILE = 2048  # scores per tile: with WARPS warps the kernel fits in registers on sm_90 (no spills)
+# scores per tile under Triton's interpreter (CPU tensors): each operation is a numpy call, so
+# fewer, larger tiles run the same kernel faster
+INTERPRETER_TILE = 1 << 16
 WARPS = 8  # warps per program (tests/solvers/test_kernels_compile.py checks the fit)
+# the kernel's price steps stop at this excess: a step (about 25 passes over the group's
+# scores) costs more than the augmentations it would save below it (a few passes each)
+STOP_EXCESS = 8
 
 
 @dataclass(frozen=True, slots=True)
-class Dense:
-    """Step 1's result: prices [G, E], experts [G, N, K] (-1 for padding), margins [G, N]
-    (+inf for padding), loads [G, E] and flags int32 [G, 4] (NaN/+inf rows, short rows,
-    infeasible capacity, non-finite warm prices)."""
+class Routed:
+    """A call's result on the device: experts [G, N, K] (-1 for padding), prices float64 [G, E],
+    the certificate, flags int32 [G, 5] (rows with NaN/+inf, rows with fewer than k allowed
+    experts, infeasible capacity, non-finite warm prices, and "solve on the host": the repair
+    found no path or ran out of augmentations, or the certificate failed) and the work float64
+    [G, 2] (price steps taken, augmentations)."""
 
-    prices: torch.Tensor
     experts: torch.Tensor
-    margin: torch.Tensor
-    loads: torch.Tensor
+    prices: torch.Tensor
+    certificate: Certificate
     flags: torch.Tensor
-
-
-# the host's answer per group (the last column of its row): what ``finish`` does with the group
-REPAIRED, FELL_BACK, UNCHANGED = 0, 1, 2  # candidates' experts from the row / in place / in place
-
-
-def packed_width(num_candidates: int, num_experts: int) -> int:
-    """Row layout: candidate scores [M, E], candidate validity [M], capacities left [E], prices [E],
-    loads [E], the smallest fixed margin, the capacity, the valid tokens, the 4 flags."""
-    return num_candidates * num_experts + num_candidates + 3 * num_experts + 7
+    work: torch.Tensor
 
 
 @functools.cache
@@ -107,10 +107,11 @@ def _launch(name: str):
 
 
 class TorchOps:
-    """The dense work as plain torch operations, in float64."""
+    """Price steps in plain torch (float64); the repair by the compiled core on the host."""
 
-    def dense(self, problems: Problems, warm: torch.Tensor, steps: int, early_stop: bool = True) -> Dense:
-        # a fixed number of steps (no early stop: it would wait for the device)
+    def steps(self, problems: Problems, warm: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prices after ``steps`` steps from the warm start (shifted to minimum 0; a fixed number
+        of steps: an early stop would wait for the device), and the input flags int32 [G, 4]."""
         s, valid, k = problems.scores_GNE.double(), problems.valid_GN, problems.k
         mask = valid_mask(problems)
         flags = torch.stack(
@@ -127,137 +128,119 @@ class TorchOps:
         p = p - p.min(1, keepdim=True).values
         for _ in range(steps if k < problems.num_experts else 0):
             p = price_step(s, k, problems.capacity_G, p, valid)
-        top = torch.topk(s - p[:, None, :], min(k + 1, problems.num_experts), dim=-1)
-        experts = top.indices[..., :k].masked_fill(~mask[..., None], -1)
-        nxt = (
-            top.values[..., k] if k < problems.num_experts else torch.full_like(top.values[..., 0], -math.inf)
-        )
-        margin = torch.where(mask, top.values[..., k - 1] - nxt, math.inf)
-        loads = expert_loads(experts, problems.num_experts)
-        return Dense(p, experts, margin, loads, flags)
+        return p - p.min(1, keepdim=True).values, flags
 
-    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
-        num_experts, k = problems.num_experts, problems.k
-        candidates = smallest.indices[:, :num_candidates]
-        if num_candidates < problems.num_tokens:
-            fixed = smallest.values[:, num_candidates]
-        else:
-            fixed = dense.margin.new_full((problems.num_groups,), math.inf)
-        index = candidates[..., None]
-        scores = problems.scores_GNE.double().gather(1, index.expand(-1, -1, num_experts))
-        valid = valid_mask(problems).gather(1, candidates)
-        taken = expert_loads(dense.experts.gather(1, index.expand(-1, -1, k)), num_experts)
-        left = problems.capacity_G[:, None] - dense.loads + taken
-        parts = [
-            scores.flatten(1),
-            valid,
-            left,
-            dense.prices,
-            dense.loads,
-            fixed[:, None],
-            problems.capacity_G[:, None],
-            problems.num_valid_G[:, None],
-            dense.flags,
-        ]
-        return torch.cat([part.double() for part in parts], dim=1)
-
-    def finish(
-        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
-    ):
-        num_experts, k = problems.num_experts, problems.k
-        prices = back[:, :num_experts].contiguous()
-        state = back[:, -1]
-        sub = back[:, num_experts:-1].long().view(problems.num_groups, num_candidates, k)
-        index = order[:, :num_candidates, None].expand(-1, -1, k)
-        kept = torch.where((state != REPAIRED)[:, None, None], experts.gather(1, index), sub)
-        experts = experts.scatter_(1, index, kept)
-        stats = certify(problems.scores_GNE, experts, prices, problems.capacity_G, problems.valid_GN)
-        return experts, prices, state == FELL_BACK, stats
+    def solve(
+        self, problems: Problems, warm: torch.Tensor, steps: int, max_augment: int, threads: int | None
+    ) -> Routed:
+        k, num_experts = problems.k, problems.num_experts
+        p, flags = self.steps(problems, warm, steps)
+        padding = ~valid_mask(problems)[..., None]
+        s = problems.scores_GNE.double().masked_fill(padding, -math.inf)
+        experts = torch.topk(s - p[:, None, :], k, dim=-1).indices.masked_fill(padding, -1)
+        excess = (expert_loads(experts, num_experts) - problems.capacity_G[:, None]).clamp(min=0).sum(1)
+        host = torch.cat([flags, excess[:, None].int()], dim=1).cpu()  # the one transfer
+        work = torch.zeros(problems.num_groups, 2, dtype=torch.float64)
+        work[:, 0] = steps if k < num_experts else 0
+        todo = torch.zeros(problems.num_groups, dtype=torch.bool)
+        if not host[:, :4].any():  # bad input is raised by the engine from the flags
+            todo = host[:, 4] <= max_augment
+        flags = host.clone()
+        flags[:, 4] = (~todo & (host[:, 4] > 0)).int()
+        groups = todo.nonzero().flatten()
+        if groups.numel():
+            result = run_core_batch(
+                on_host(select_groups(problems, groups.to(s.device))),
+                prices_GE=p.index_select(0, groups.to(s.device)).cpu().numpy(),
+                max_moves=0,
+                price_iterations=0,
+                threads=threads,
+                raise_errors=False,
+            )
+            index = groups.to(s.device)
+            experts.index_copy_(0, index, torch.from_numpy(result.experts_GNK).to(s.device))
+            p.index_copy_(0, index, torch.from_numpy(result.prices_GE).to(s.device))
+            flags[groups, 4] = torch.from_numpy(result.status_G != 0).int()
+            work[groups, 1] = torch.from_numpy(result.stats_GS[:, 3]).double()
+        certificate = certify(problems.scores_GNE, experts, p, problems.capacity_G, problems.valid_GN)
+        flags[:, 4] |= (~certificate.converged.cpu() & todo).int()
+        return Routed(experts, p, certificate, flags.to(s.device), work.to(s.device))
 
 
 class FusedOps:
-    """The dense work as the fused Triton kernels of ``kernels.py`` (one program per group)."""
+    """The fused Triton kernel of ``kernels.py`` (one program per group, one launch)."""
 
-    def dense(self, problems: Problems, warm: torch.Tensor, steps: int, early_stop: bool = True) -> Dense:
-        """``early_stop=False`` takes every step, even once the excess is small (tests of one step)."""
+    def solve(
+        self, problems: Problems, warm: torch.Tensor, steps: int, max_augment: int, threads: int | None
+    ) -> Routed:
+        return self._launch(problems, warm, steps, STOP_EXCESS, max_augment, steps_only=False)
+
+    def steps(self, problems: Problems, warm: torch.Tensor, steps: int) -> torch.Tensor:
+        """Prices float64 [G, E] after exactly ``steps`` price steps (no routing: the step's tests)."""
+        return self._launch(problems, warm, steps, -1, 0, steps_only=True).prices
+
+    def _launch(self, problems, warm, steps, stop, max_augment, steps_only) -> Routed:
         kernels = _kernels()
         scores = problems.scores_GNE.contiguous()
         num_groups, num_tokens, num_experts = scores.shape
         k = problems.k
-        block_n, block_e = _blocks(num_tokens, num_experts)
+        tile = TILE if scores.device.type == "cuda" else INTERPRETER_TILE
+        block_n, block_e = _blocks(num_tokens, num_experts, tile)
         dtype, compute = (torch.float64, "fp64") if scores.dtype == torch.float64 else (torch.float32, "fp32")
         new = functools.partial(torch.empty, device=scores.device)
-        out = Dense(
-            prices=new(num_groups, num_experts, dtype=torch.float64),  # a warm start kept exactly
-            experts=new(num_groups, num_tokens, k, dtype=torch.int64),
-            margin=new(num_groups, num_tokens, dtype=dtype),
-            loads=new(num_groups, num_experts, dtype=torch.int64),
-            flags=new(num_groups, 4, dtype=torch.int32),
-        )
+        prices = new(num_groups, num_experts, dtype=torch.float64)  # a warm start kept exactly
+        experts = new(num_groups, num_tokens, k, dtype=torch.int64)
+        loads = new(num_groups, num_experts, dtype=torch.int64)
+        stats = new(num_groups, 5, dtype=torch.float64)
+        flags = new(num_groups, 5, dtype=torch.int32)
         theta = new(num_groups * num_tokens * block_e if steps else 1, dtype=dtype)  # the steps' scratch
-        valid, has_valid = _valid_arg(problems, out.flags)
-        with _launch("dense_kernel"):
-            kernels.dense_kernel[(num_groups,)](
-                scores, valid, problems.capacity_G, problems.num_valid_G, warm, out.prices, out.experts,
-                out.margin, out.loads, out.flags, theta,
-                num_tokens, num_experts, steps if k < num_experts else 0, DAMPING, int(early_stop),
+        edges = new(num_groups, num_experts, num_experts, dtype=torch.float64)  # the repair's scratch
+        edge_tokens = new(num_groups, num_experts, num_experts, dtype=torch.int32)
+        valid, has_valid = _valid_arg(problems, flags)
+        with _launch("route_kernel"):
+            kernels.route_kernel[(num_groups,)](
+                scores, valid, problems.capacity_G, problems.num_valid_G, warm, prices, experts, loads, stats,
+                flags, theta, edges, edge_tokens, num_tokens, num_experts, steps if k < num_experts else 0,
+                DAMPING, stop, max_augment, GAP_TOLERANCE,
                 K=k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, MAX_BISECT=kernels.MAX_BISECT,
-                COMPUTE=kernels.COMPUTE[compute], num_warps=WARPS,
-            )  # fmt: skip
-        return out
-
-    def pack(self, problems: Problems, dense: Dense, smallest, num_candidates: int) -> torch.Tensor:
-        scores = problems.scores_GNE.contiguous()
-        num_groups, num_tokens, num_experts = scores.shape
-        width = packed_width(num_candidates, num_experts)
-        out = torch.empty(num_groups, width, dtype=dense.prices.dtype, device=scores.device)
-        valid, has_valid = _valid_arg(problems, dense.flags)
-        block_e = _blocks(1, num_experts)[1]
-        block_m = max(16, min(_next_power_of_2(num_candidates), TILE // block_e))
-        order = smallest.indices
-        with _launch("pack_kernel"):
-            _kernels().pack_kernel[(num_groups,)](
-                scores, valid, order, smallest.values, dense.experts, dense.loads, problems.capacity_G,
-                problems.num_valid_G, dense.prices, dense.flags, out,
-                num_tokens, num_experts, num_candidates, order.shape[1], width,
-                K=problems.k, BLOCK_M=block_m, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=WARPS,
-            )  # fmt: skip
-        return out
-
-    def finish(
-        self, problems: Problems, experts: torch.Tensor, back: torch.Tensor, order, num_candidates: int
-    ):
-        scores = problems.scores_GNE.contiguous()
-        num_groups, num_tokens, num_experts = scores.shape
-        block_n, block_e = _blocks(num_tokens, num_experts)
-        new = functools.partial(torch.empty, device=scores.device)
-        prices, fallback = (
-            new(num_groups, num_experts, dtype=torch.float64),
-            new(num_groups, dtype=torch.int8),
-        )
-        loads, stats = (
-            new(num_groups, num_experts, dtype=torch.int64),
-            new(num_groups, 3, dtype=torch.float64),
-        )
-        valid, has_valid = _valid_arg(problems, loads)
-        with _launch("certify_kernel"):
-            _kernels().certify_kernel[(num_groups,)](
-                scores, valid, experts, back, order, prices, fallback, problems.capacity_G, loads, stats,
-                num_tokens, num_experts, num_candidates, order.shape[1], GAP_TOLERANCE,
-                K=problems.k, BLOCK_N=block_n, BLOCK_E=block_e, HAS_VALID=has_valid, num_warps=WARPS,
+                COMPUTE=kernels.COMPUTE[compute], STEPS_ONLY=steps_only, num_warps=WARPS,
             )  # fmt: skip
         certificate = Certificate(loads, stats[:, 0], stats[:, 1], stats[:, 2] > 0)
-        return experts, prices, fallback.view(torch.bool), certificate
+        return Routed(experts, prices, certificate, flags, stats[:, 3:])
+
+
+def on_host(problems: Problems) -> Problems:
+    """The same problems with every tensor on the host (the compiled core's input)."""
+    return dataclasses.replace(
+        problems,
+        scores_GNE=host_scores(problems.scores_GNE),
+        capacity_G=problems.capacity_G.cpu(),
+        valid_GN=None if problems.valid_GN is None else problems.valid_GN.cpu().contiguous(),
+        num_valid_G=problems.num_valid_G.cpu(),
+    )
+
+
+def select_groups(problems: Problems, groups: torch.Tensor) -> Problems:
+    """The problems of ``groups`` (an index on the scores' device)."""
+    valid = None if problems.valid_GN is None else problems.valid_GN.index_select(0, groups)
+    return Problems(
+        problems.scores_GNE.index_select(0, groups),
+        problems.k,
+        problems.capacity_G.index_select(0, groups),
+        valid,
+        problems.num_valid_G.index_select(0, groups),
+        problems.device,
+    )
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _blocks(num_tokens: int, num_experts: int) -> tuple[int, int]:
-    """Tile sizes: all experts of a token in one row, about ``TILE`` scores per tile."""
+def _blocks(num_tokens: int, num_experts: int, tile: int = TILE) -> tuple[int, int]:
+    """Tile sizes: all experts of a token in one row, about ``tile`` scores per tile."""
     block_e = _next_power_of_2(max(num_experts, 2))
-    return max(16, min(_next_power_of_2(max(num_tokens, 1)), TILE // block_e)), block_e
+    return max(16, min(_next_power_of_2(max(num_tokens, 1)), tile // block_e)), block_e
 
 
 def _valid_arg(problems: Problems, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
