@@ -9,7 +9,9 @@ router's averaged prices), the host engine (on CUDA scores: with its transfers),
 that fell back to the host, the relative difference to the host engine's optimum, and the
 launches and device-to-host copies of one warm call (``maxscore.bench.count_launches``: on a
 CPU the profiler's leaf operations plus one per Triton launch, a proxy of the launch count;
-the copies are counted on CUDA only).  Which implementation ran (Triton kernels or plain
+the copies are counted on CUDA only), and the device's work per group, cold and warm: price
+steps and augmentations (mean and largest; with plain torch the augmentations are the
+compiled core's).  Which implementation ran (Triton kernels or plain
 torch) is in the "dense" column; on a CPU set ``TRITON_INTERPRET=1`` to run the kernels (slowly:
 the timings are then the interpreter's, only the launch column means anything).
 """
@@ -23,10 +25,24 @@ import torch
 
 from maxscore import solve
 from maxscore.bench import count_launches, make_scores, median_ms, write_report
-from maxscore.solvers.exact.device import kernels_available
+from maxscore.solvers._validate import make_problems
+from maxscore.solvers.exact.dense import FusedOps, TorchOps
+from maxscore.solvers.exact.device import kernels_available, repair_budget
+from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 SIZES = ((64, 512, 16, 2), (16, 4096, 64, 8))  # (G, N, E, k): a layer's routing groups
 DISTRIBUTIONS = ("std1", "std1+bias")
+
+
+def device_work(scores: torch.Tensor, k: int, prices: torch.Tensor | None) -> torch.Tensor:
+    """float64 [G, 2]: each group's price steps and augmentations in one device-engine call."""
+    problems = make_problems(scores, k, None, 1.0, None, on_device=True)
+    num_groups, num_experts = problems.num_groups, problems.num_experts
+    warm = torch.zeros(num_groups, num_experts, dtype=torch.float64, device=scores.device)
+    if prices is not None:
+        warm = prices.to(warm).expand(num_groups, num_experts).contiguous()
+    ops = FusedOps() if kernels_available(scores.device) else TorchOps()
+    return ops.solve(problems, warm, DEVICE_PRICE_STEPS, repair_budget(num_experts), None).work.cpu()
 
 
 def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_s, timed=True) -> dict:
@@ -40,6 +56,7 @@ def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_
     optimum = host.score.double()
     gap = max(float(((optimum - a.score.double()).abs() / optimum.abs()).max()) for a in (cold, warm))
     launches, copies = count_launches(lambda: solve(scores, k, engine="device", prices=host.prices))
+    work = {name: device_work(scores, k, p) for name, p in (("cold", None), ("warm", host.prices))}
     row = dict(
         groups=groups,
         num_tokens=num_tokens,
@@ -57,6 +74,9 @@ def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_
         certified=bool(cold.converged.all() and warm.converged.all()),
         launches=launches,
         device_to_host=copies,
+        **{f"{name}_steps": float(w[:, 0].mean()) for name, w in work.items()},
+        **{f"{name}_augmentations": float(w[:, 1].mean()) for name, w in work.items()},
+        **{f"{name}_augmentations_max": int(w[:, 1].max()) for name, w in work.items()},
     )
     for name in ("cold", "warm", "host"):
         row[f"{name}_x_topk"] = row[f"{name}_ms"] / topk_ms
@@ -66,8 +86,9 @@ def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| G | N | E | k | scores | dense | topk ms | cold ms | cold x topk | warm ms | warm x topk "
-        "| host ms | host x topk | fallbacks cold/warm | gap vs host | launches (warm) | D2H (warm) |",
-        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| host ms | host x topk | fallbacks cold/warm | gap vs host | launches (warm) | D2H (warm) "
+        "| steps cold/warm | augmentations cold/warm (max) |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         copies = "-" if r["device_to_host"] < 0 else str(r["device_to_host"])
@@ -76,7 +97,9 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['dense']} | {r['topk_ms']:.3f} | {r['cold_ms']:.2f} | {r['cold_x_topk']:.1f} "
             f"| {r['warm_ms']:.2f} | {r['warm_x_topk']:.1f} | {r['host_ms']:.2f} | {r['host_x_topk']:.1f} "
             f"| {r['cold_fallbacks']}/{r['warm_fallbacks']} | {r['gap_vs_host']:.1e} | {r['launches']} "
-            f"| {copies} |"
+            f"| {copies} | {r['cold_steps']:.1f}/{r['warm_steps']:.1f} "
+            f"| {r['cold_augmentations']:.1f}/{r['warm_augmentations']:.1f} "
+            f"({r['cold_augmentations_max']}/{r['warm_augmentations_max']}) |"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the routing engine in one go (about 4 minutes on one H100/H200):
-# the `gpu` tests (the device engine's Triton kernels compiled for the GPU), the
+# the `gpu` tests (the device engine's Triton kernel compiled for the GPU), the
 # engine benchmark (cold/warm x topk, launches and device-to-host copies per warm call,
-# fallbacks, exactness), the layer benchmark (routing x GShard) and training tokens/s per
+# fallbacks, price steps and augmentations, exactness), a profile of the engine's calls and of
+# the routers' forwards, the layer benchmark (routing x GShard) and training tokens/s per
 # router at the small preset.
 #   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
 # Needs a CUDA build of torch (it brings Triton), transformers, scipy and pytest in $PY (default
@@ -21,6 +22,7 @@ out=benchmarks/results
 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests_${tag}_${stamp}.log" || echo "gpu tests FAILED"
 "$PY" benchmarks/bench_engine.py --device cuda --budget 0.5 \
     --out "$out/engine_fused_${tag}_${stamp}.json" --md "$out/engine_fused_${tag}_${stamp}.md"
+"$PY" benchmarks/profile_engine.py --device cuda --calls 20 > "$out/profile_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \

@@ -5,7 +5,7 @@
 
 Per case: the wall time per call (``maxscore.bench.median_ms``: median, device work waited for), then the
 profiler's operations by total host time (kernel launches, copies, synchronizations and the
-engine's ranges: ``maxscore::<kernel>``, ``host::repair``) with their device time.  With
+engine's ranges: ``maxscore::route_kernel``, ``host::fallback``) with their device time.  With
 ``--out`` the tables and the Chrome traces of the small shape's calls and of the routers are written there.
 """
 

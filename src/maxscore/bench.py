@@ -251,7 +251,7 @@ METADATA_OPS = frozenset(
     ).split()
 )
 KERNEL_RANGE = "maxscore::"  # the device engine's kernel launches (record_function ranges)
-HOST_RANGE = "host::"  # the device engine's host work between its two transfers
+HOST_RANGE = "host::"  # the device engine's host work (its repair without Triton, fallbacks)
 
 
 def count_launches(fn: Callable[[], object]) -> tuple[int, int]:

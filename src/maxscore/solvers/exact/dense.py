@@ -149,14 +149,15 @@ class TorchOps:
         flags[:, 4] = (~todo & (host[:, 4] > 0)).int()
         groups = todo.nonzero().flatten()
         if groups.numel():
-            result = run_core_batch(
-                on_host(select_groups(problems, groups.to(s.device))),
-                prices_GE=p.index_select(0, groups.to(s.device)).cpu().numpy(),
-                max_moves=0,
-                price_iterations=0,
-                threads=threads,
-                raise_errors=False,
-            )
+            with torch.profiler.record_function("host::repair"):  # host work: no device launches
+                result = run_core_batch(
+                    on_host(select_groups(problems, groups.to(s.device))),
+                    prices_GE=p.index_select(0, groups.to(s.device)).cpu().numpy(),
+                    max_moves=0,
+                    price_iterations=0,
+                    threads=threads,
+                    raise_errors=False,
+                )
             index = groups.to(s.device)
             experts.index_copy_(0, index, torch.from_numpy(result.experts_GNK).to(s.device))
             p.index_copy_(0, index, torch.from_numpy(result.prices_GE).to(s.device))

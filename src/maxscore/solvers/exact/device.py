@@ -77,18 +77,18 @@ def solve_exact_device(
     if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
         return solve_exact_groups(on_host(problems), prices=prices, threads=threads)
     ops = FusedOps() if kernels_available(problems.scores_GNE.device) else TorchOps()
-    budget = REPAIR_PER_EXPERT * problems.num_experts + 16
-    routed = ops.solve(problems, warm, price_iterations, budget, threads)
+    routed = ops.solve(problems, warm, price_iterations, repair_budget(problems.num_experts), threads)
     flags = routed.flags.cpu().numpy()  # the one transfer
     _raise_bad_input(problems, flags)
     experts, prices_GE, certificate = routed.experts, routed.prices, routed.certificate
     fallback = routed.flags[:, 4] > 0
     if flags[:, 4].any():
         groups = torch.from_numpy(np.flatnonzero(flags[:, 4])).to(experts.device)
-        result = run_core_batch(
-            on_host(select_groups(problems, groups)), max_moves=max_moves, threads=threads,
-            group_ids=groups.tolist(),
-        )  # fmt: skip
+        with torch.profiler.record_function("host::fallback"):
+            result = run_core_batch(
+                on_host(select_groups(problems, groups)), max_moves=max_moves, threads=threads,
+                group_ids=groups.tolist(),
+            )  # fmt: skip
         experts = experts.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(experts.device))
         prices_GE = prices_GE.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(experts.device))
         certificate = certify(problems.scores_GNE, experts, prices_GE, problems.capacity_G, problems.valid_GN)
@@ -104,6 +104,11 @@ def solve_exact_device(
         converged=certificate.converged,
         fallback=fallback,
     )
+
+
+def repair_budget(num_experts: int) -> int:
+    """The most augmentations the device repairs a group with before the host core takes it."""
+    return REPAIR_PER_EXPERT * num_experts + 16
 
 
 def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tensor:
