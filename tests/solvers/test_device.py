@@ -286,6 +286,21 @@ def test_a_warm_start_at_the_optimum_certifies_float32_groups_without_the_host()
     assert torch.allclose(warm.score, host.score, rtol=1e-9, atol=1e-12)
 
 
+@needs_kernels
+@pytest.mark.parametrize("kind", ["padding", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_warm_start_at_the_host_optimum_stays_on_the_device(kind, dtype):
+    """At the host's optimal prices the kernel's routing breaks ties its own way, which can leave
+    an expert with a price above 0 just below capacity: the repair mends that before any price
+    is lowered (lowering first rerouted a whole group: 56 augmentations, a fallback)."""
+    scores, valid = _groups(kind, 5, 128, 8, 2)
+    scores = scores.to(dtype)
+    host = maxscore.solve(scores, 2, valid=valid, engine="host")
+    warm = maxscore.solve(scores, 2, valid=valid, engine="device", prices=host.prices)
+    assert not warm.fallback.any() and warm.converged.all()
+    assert torch.allclose(warm.score, host.score, rtol=1e-9, atol=1e-12)
+
+
 def test_groups_whose_fixed_tokens_are_all_padding_certify_on_the_device(backend):
     """Two valid tokens among 16, both preferring expert 0: the repair moves one (its prices
     change) and the fixed tokens, all padding, have infinite margins: certified, no fallback."""

@@ -8,11 +8,14 @@
    (the compiled core's start).
 2. **Routing**: every valid token takes its top-k of ``s - p`` (float64, ties to the lower
    index); the input flags (NaN/+inf rows, rows with fewer than k allowed experts, an
-   infeasible capacity, non-finite warm prices).  With slack capacity (``C E > k x valid
-   tokens``), experts below capacity with a price above 0 are lowered to 0 and the tokens
-   routed again, until none is (at most E rounds: each lowers one more expert).
+   infeasible capacity, non-finite warm prices).
 3. **Repair** (``kernel_repair.py``): shortest augmenting paths, one unit each, until no expert
-   is over capacity, at most ``max_augment``.
+   is over capacity, at most ``max_augment`` in all.  With slack capacity (``C E > k x valid
+   tokens``) an expert left below capacity must have price 0 (complementary slackness): those
+   with a price above 0 are lowered to 0, the tokens routed again and the repair run again (at
+   most E rounds).  The compiled core lowers them before its repair; here the repair comes
+   first, because at exact warm prices an expert is often below capacity only through a tie
+   its routing broke the other way, which the first path mends.
 4. **Certificate**: loads, score, dual and gap in float64, and the feasibility checks of
    ``prices.certify``.
 
@@ -158,25 +161,33 @@ def route_kernel(
         loads, bad, short = _route(s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID)
         infeasible = (C * E < units).to(tl.int32)
         solvable = (bad == 0) & (short == 0) & (infeasible == 0) & (bad_prices == 0)
-        lower = slack & solvable & col_ok & (loads < C) & (p > 0)
-        rounds = 0
-        while (rounds < E) & (tl.sum(lower.to(tl.int32), axis=0) > 0):
-            p = tl.where(lower, 0.0, p)
-            loads, bad, short = _route(s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID)
-            lower = slack & col_ok & (loads < C) & (p > 0)
-            rounds += 1
-        # 3. the repair: one unit per shortest path until no expert is over capacity
+        # 3. the repair: one unit per shortest path until no expert is over capacity; then, with
+        # slack capacity, experts left below capacity at a price above 0 go to 0, the tokens are
+        # routed again and the repair runs again (at most E rounds)
         excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
         found = solvable.to(tl.int32)
         augmentations = 0
+        rounds = 0
         stale = col_ok  # every expert's edges to compute
-        while (excess > 0) & (found != 0) & (augmentations < max_augment):
-            p, loads, stale, found = augment(
-                s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, loads, stale, C, N, E, K,
-                half, BLOCK_E, HAS_VALID,
-            )
-            excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
-            augmentations += 1
+        pending = solvable
+        while pending:
+            while (excess > 0) & (found != 0) & (augmentations < max_augment):
+                p, loads, stale, found = augment(
+                    s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, loads, stale, C, N, E,
+                    K, half, BLOCK_E, HAS_VALID,
+                )
+                excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
+                augmentations += 1
+            lower = slack & col_ok & (loads < C) & (p > 0) & (excess == 0)
+            pending = (tl.sum(lower.to(tl.int32), axis=0) > 0) & (rounds < E)
+            if pending:
+                p = tl.where(lower, 0.0, p)
+                loads, bad, short = _route(
+                    s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID
+                )
+                excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
+                stale = col_ok  # any token may have moved
+                rounds += 1
         if tl.sum((col_ok & (loads < C)).to(tl.int32), axis=0) == 0:
             p = _shift_to_zero(p, col_ok)  # every expert full: the core's normal form
         # 4. the certificate
