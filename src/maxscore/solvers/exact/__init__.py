@@ -10,8 +10,9 @@ module         what it holds
 ``prices``     the damped best-response price step (constants, a reference in plain torch)
                and the certificate: one definition for every engine
 ``host``       the host engine: the compiled core (``_core.c`` through ``_native``)
-``device``     the device engine: fused kernels (``kernels``, Triton) or the same steps in
-               plain torch, and one host round trip for the repair
+``device``     the device engine: one fused Triton kernel (``kernels``, with
+               ``kernel_steps`` and ``kernel_repair``) that solves every group on the device,
+               or the same steps in plain torch with the core's repair; one transfer of flags
 ``global_*``   the collective engine: one routing over the tokens of every rank
 =============  ==============================================================================
 

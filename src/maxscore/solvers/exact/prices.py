@@ -15,7 +15,7 @@ of the way to the target (Jacobi: all experts at once).  Engines:
 
 - the host core (``_core.c``) runs this step threaded, on a sample of every 4th token while
   the excess is large (``_core.price_step`` runs it once on every token, for tests);
-- the device kernels (``kernels.py``) locate each quantile by bisection over the values, with
+- the device kernel (``kernel_steps.py``) locates each quantile by bisection over the values, with
   the exact midpoint once a value with exactly C thresholds above it is found;
 - the collective engine (``global_prices.py``) takes each rank's share of the quantile and
   averages over ranks.
@@ -40,7 +40,7 @@ import torch
 
 DAMPING = 0.8  # fraction of the way to the best response a price moves per step
 HOST_PRICE_ITERATIONS = 10  # cap of the host core's steps (they stop once the excess is small)
-DEVICE_PRICE_STEPS = 8  # cap of the device kernels' steps (they stop once the excess is small)
+DEVICE_PRICE_STEPS = 8  # cap of the device kernel's steps (they stop once the excess is small)
 GLOBAL_PRICE_ITERATIONS = 30  # cap of the collective engine's steps
 GAP_TOLERANCE = 1e-6  # relative; the gap is 0 up to float64 rounding when the routing is optimal
 
