@@ -140,31 +140,30 @@ class TorchOps:
         experts = torch.topk(s - p[:, None, :], k, dim=-1).indices.masked_fill(padding, -1)
         excess = (expert_loads(experts, num_experts) - problems.capacity_G[:, None]).clamp(min=0).sum(1)
         host = torch.cat([flags, excess[:, None].int()], dim=1).cpu()  # the one transfer
+        flags, excess = host[:, :4], host[:, 4]
         work = torch.zeros(problems.num_groups, 2, dtype=torch.float64)
         work[:, 0] = steps if k < num_experts else 0
-        todo = torch.zeros(problems.num_groups, dtype=torch.bool)
-        if not host[:, :4].any():  # bad input is raised by the engine from the flags
-            todo = host[:, 4] <= max_augment
-        flags = host.clone()
-        flags[:, 4] = (~todo & (host[:, 4] > 0)).int()
-        groups = todo.nonzero().flatten()
-        if groups.numel():
+        # bad input is raised by the engine from the flags; over the budget: the host core in full
+        todo = (excess <= max_augment) & ~flags.any(1)
+        failed = ~todo & (excess > 0)
+        if todo.any():
+            index = todo.nonzero().flatten().to(s.device)
             with torch.profiler.record_function("host::repair"):  # host work: no device launches
                 result = run_core_batch(
-                    on_host(select_groups(problems, groups.to(s.device))),
-                    prices_GE=p.index_select(0, groups.to(s.device)).cpu().numpy(),
+                    on_host(select_groups(problems, index)),
+                    prices_GE=p.index_select(0, index).cpu().numpy(),
                     max_moves=0,
                     price_iterations=0,
                     threads=threads,
                     raise_errors=False,
                 )
-            index = groups.to(s.device)
             experts.index_copy_(0, index, torch.from_numpy(result.experts_GNK).to(s.device))
             p.index_copy_(0, index, torch.from_numpy(result.prices_GE).to(s.device))
-            flags[groups, 4] = torch.from_numpy(result.status_G != 0).int()
-            work[groups, 1] = torch.from_numpy(result.stats_GS[:, 3]).double()
+            failed[todo] = torch.from_numpy(result.status_G != 0)
+            work[todo, 1] = torch.from_numpy(result.stats_GS[:, 3]).double()
         certificate = certify(problems.scores_GNE, experts, p, problems.capacity_G, problems.valid_GN)
-        flags[:, 4] |= (~certificate.converged.cpu() & todo).int()
+        failed |= todo & ~certificate.converged.cpu()
+        flags = torch.cat([flags, failed[:, None].int()], dim=1)
         return Routed(experts, p, certificate, flags.to(s.device), work.to(s.device))
 
 
