@@ -33,12 +33,15 @@ from maxscore.solvers.exact.kernel_steps import score_tile
 
 @triton.jit
 def held_tile(experts_ptr, g, rows, N, cols, K: tl.constexpr):
-    """bool [rows, BLOCK_E]: the experts each token of ``rows`` holds (its K slots, -1 for none)."""
+    """The experts each token of ``rows`` holds (its K slots, -1 for none): bool [rows, BLOCK_E],
+    and int32 [rows] the slots that hold one."""
     held = cols[None, :] < 0
+    slots = tl.zeros(rows.shape, tl.int32)
     for j in tl.static_range(K):
         e = tl.load(experts_ptr + (g * N + rows) * K + j, mask=rows < N, other=-1)
         held = held | (e[:, None] == cols[None, :])
-    return held
+        slots += (e >= 0).to(tl.int32)
+    return held, slots
 
 
 # fmt: off
@@ -57,7 +60,7 @@ def edge_row(
     arg = tl.full([BLOCK_E], -1, tl.int32)
     for start in range(0, N, BLOCK_H):
         s, row_ok, rows = score_tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, tl.float64)
-        held = held_tile(experts_ptr, g, rows, N, cols, K)
+        held, _ = held_tile(experts_ptr, g, rows, N, cols, K)
         holds_x = (tl.sum((held & (cols == x)[None, :]).to(tl.int32), axis=1) > 0) & row_ok
         sx = tl.sum(tl.where(cols[None, :] == x, s, 0.0), axis=1)
         ok = holds_x[:, None] & ~held & (s > -float("inf"))

@@ -41,6 +41,12 @@ def row_top(v, cols, K: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_E: tl.conste
 
 
 @triton.jit
+def excess_of(loads, C):
+    """The units over capacity C in all (loads of columns past E are 0)."""
+    return tl.sum(tl.maximum(loads - C, 0), axis=0)
+
+
+@triton.jit
 def score_tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
     """A tile of a group's scores (-inf outside the group, padding rows included) and its rows' validity."""
     rows = start + rows0
@@ -84,8 +90,7 @@ def _thresholds(
         above += tl.sum((theta > -float("inf")).to(tl.int32), axis=0)
         infinite += tl.sum((theta == float("inf")).to(tl.int32), axis=0)
     tl.debug_barrier()
-    excess = tl.sum(tl.maximum(loads - C, 0), axis=0)
-    return loads, low, high, above, infinite, excess
+    return loads, low, high, above, infinite, excess_of(loads, C)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from maxscore.solvers.exact.kernel_repair import augment, held_tile
-from maxscore.solvers.exact.kernel_steps import MAX_BISECT, price_steps, row_top, score_tile
+from maxscore.solvers.exact.kernel_steps import MAX_BISECT, excess_of, price_steps, row_top, score_tile
 
 COMPUTE = {"fp32": tl.float32, "fp64": tl.float64}  # the steps' precision, by the scores
 __all__ = ["COMPUTE", "MAX_BISECT", "route_kernel"]
@@ -97,11 +97,8 @@ def _certify(
     wrong = tl.zeros([BLOCK_H], tl.int32)
     for start in range(0, N, BLOCK_H):
         s, row_ok, rows = score_tile(s_ptr, valid_ptr, g, start, N, E, rows0, cols, HAS_VALID, tl.float64)
-        held = held_tile(experts_ptr, g, rows, N, cols, K) & col_ok[None, :]
-        slots = tl.zeros([BLOCK_H], tl.int32)
-        for j in tl.static_range(K):
-            e = tl.load(experts_ptr + (g * N + rows) * K + j, mask=rows < N, other=-1)
-            slots += (e >= 0).to(tl.int32)
+        held, slots = held_tile(experts_ptr, g, rows, N, cols, K)
+        held = held & col_ok[None, :]
         count = tl.sum(held.to(tl.int32), axis=1)
         finite = tl.sum((held & (s == -float("inf"))).to(tl.int32), axis=1) == 0
         ok = tl.where(row_ok, (slots == K) & (count == K) & finite, slots == 0)
@@ -164,7 +161,7 @@ def route_kernel(
         # 3. the repair: one unit per shortest path until no expert is over capacity; then, with
         # slack capacity, experts left below capacity at a price above 0 go to 0, the tokens are
         # routed again and the repair runs again (at most E rounds)
-        excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
+        excess = excess_of(loads, C)
         found = solvable.to(tl.int32)
         augmentations = 0
         rounds = 0
@@ -176,7 +173,7 @@ def route_kernel(
                     s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, loads, stale, C, N, E,
                     K, half, BLOCK_E, HAS_VALID,
                 )
-                excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
+                excess = excess_of(loads, C)
                 augmentations += 1
             lower = slack & col_ok & (loads < C) & (p > 0) & (excess == 0)
             pending = (tl.sum(lower.to(tl.int32), axis=0) > 0) & (rounds < E)
@@ -185,7 +182,7 @@ def route_kernel(
                 loads, bad, short = _route(
                     s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID
                 )
-                excess = tl.sum(tl.where(col_ok, tl.maximum(loads - C, 0), 0), axis=0)
+                excess = excess_of(loads, C)
                 stale = col_ok  # any token may have moved
                 rounds += 1
         if tl.sum((col_ok & (loads < C)).to(tl.int32), axis=0) == 0:
