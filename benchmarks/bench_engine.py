@@ -26,8 +26,7 @@ import torch
 from maxscore import solve
 from maxscore.bench import count_launches, make_scores, median_ms, write_report
 from maxscore.solvers._validate import make_problems
-from maxscore.solvers.exact.dense import FusedOps, TorchOps
-from maxscore.solvers.exact.device import kernels_available, repair_budget
+from maxscore.solvers.exact.device import kernels_available, route_on_device
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
 SIZES = ((64, 512, 16, 2), (16, 4096, 64, 8))  # (G, N, E, k): a layer's routing groups
@@ -37,12 +36,7 @@ DISTRIBUTIONS = ("std1", "std1+bias")
 def device_work(scores: torch.Tensor, k: int, prices: torch.Tensor | None) -> torch.Tensor:
     """float64 [G, 2]: each group's price steps and augmentations in one device-engine call."""
     problems = make_problems(scores, k, None, 1.0, None, on_device=True)
-    num_groups, num_experts = problems.num_groups, problems.num_experts
-    warm = torch.zeros(num_groups, num_experts, dtype=torch.float64, device=scores.device)
-    if prices is not None:
-        warm = prices.to(warm).expand(num_groups, num_experts).contiguous()
-    ops = FusedOps() if kernels_available(scores.device) else TorchOps()
-    return ops.solve(problems, warm, DEVICE_PRICE_STEPS, repair_budget(num_experts), None).work.cpu()
+    return route_on_device(problems, prices, DEVICE_PRICE_STEPS, None).work.cpu()
 
 
 def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_s, timed=True) -> dict:

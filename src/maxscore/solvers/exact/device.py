@@ -44,6 +44,7 @@ from maxscore.solvers.assignment import Assignment
 from maxscore.solvers.exact._native import run_core_batch
 from maxscore.solvers.exact.dense import (
     FusedOps,
+    Routed,
     TorchOps,
     kernels_available,
     on_host,
@@ -73,11 +74,9 @@ def solve_exact_device(
     ``max_moves`` and ``threads`` go to the host core (its repair without Triton, fallback).
     """
     check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
-    warm = _warm_prices(prices, problems)
     if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
         return solve_exact_groups(on_host(problems), prices=prices, threads=threads)
-    ops = FusedOps() if kernels_available(problems.scores_GNE.device) else TorchOps()
-    routed = ops.solve(problems, warm, price_iterations, repair_budget(problems.num_experts), threads)
+    routed = route_on_device(problems, prices, price_iterations, threads)
     flags = routed.flags.cpu().numpy()  # the one transfer
     _raise_bad_input(problems, flags)
     experts, prices_GE, certificate = routed.experts, routed.prices, routed.certificate
@@ -106,9 +105,16 @@ def solve_exact_device(
     )
 
 
-def repair_budget(num_experts: int) -> int:
-    """The most augmentations the device repairs a group with before the host core takes it."""
-    return REPAIR_PER_EXPERT * num_experts + 16
+def route_on_device(
+    problems: Problems, prices: torch.Tensor | None, price_iterations: int, threads: int | None
+) -> Routed:
+    """Step 1 of a call (no transfer, no fallback): the routing, certificate, flags and work of
+    the fused kernel where Triton runs, else of the torch steps and the core's repair.  At most
+    ``REPAIR_PER_EXPERT`` x E + 16 augmentations per group."""
+    warm = _warm_prices(prices, problems)
+    ops = FusedOps() if kernels_available(problems.scores_GNE.device) else TorchOps()
+    budget = REPAIR_PER_EXPERT * problems.num_experts + 16
+    return ops.solve(problems, warm, price_iterations, budget, threads)
 
 
 def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tensor:
