@@ -12,23 +12,33 @@
  *      few damped best-response (Jacobi) steps move every price toward the value that would
  *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
  *      s - p.  On large problems the first steps see only every 4th token (assigned alone,
- *      loads scaled) while the estimated excess is large; the other tokens are assigned once,
- *      before the first step over all tokens or at the end.  With slack capacity (sum cap >
- *      k x tokens) non-full experts are lowered to price 0 until every non-full expert has
- *      it (at most E rounds);
+ *      loads scaled) while the estimated excess is far above the sample's own noise; the
+ *      other tokens are assigned once, before the first step over all tokens or at the end.
+ *      The steps stop early once one saves the auction less work than it costs, and, with
+ *      slack capacity, go on while many free slots sit at experts priced above 0 (each left
+ *      costs the repair a shortest path);
  *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
- *      of s - p, so the auction is exact when it ends; it runs under a budget of moves and
- *      stops when a round raises no price (only tied tokens left to shuffle).  On problems
- *      of at least 2^15 scores an auction that proves slow (see run_auction) hands back once
- *      to the price steps of phase 1, from its own prices, down to 1/64 of the units, and
- *      then goes on;
+ *      of s - p, so the auction is exact when it ends; it runs under a budget of moves, stops
+ *      when its excess falls by less than a unit per E moves (a price war: the repair is then
+ *      cheaper per unit) and when a round raises no price (only tied tokens left to shuffle).
+ *      On problems of at least 2^15 scores an auction that proves slow early (see
+ *      run_auction) hands back once to the price steps of phase 1, from its own prices, down
+ *      to 1/64 of the units, and then goes on;
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
  *      holds a and not b; reduced cost (s[t,a]-p[a]) - (s[t,b]-p[b]) >= 0), Dijkstra from
  *      all overloaded experts to the nearest non-full one, prices as potentials.  Holders
  *      live in per-expert lazy heaps keyed by leaving price (lower bounds that only grow),
- *      so a search expands only tokens whose slack could still beat the best path;
+ *      so a search expands only tokens whose slack could still beat the best path.  Slack
+ *      capacity (sum cap > k x valid tokens) is a node Z with that many units of score 0
+ *      (an uncapacitated dummy token): its units sit only at experts of its own price, the
+ *      least, so every expert left below capacity ends at the least price, and prices
+ *      relative to Z's are the optimal duals (p >= 0, p = 0 where not full).  Z's units start
+ *      at the experts below capacity at the least price; the rest are routed like excess.
+ *      (Before Z, non-full experts were lowered to price 0 and every token re-assigned, up
+ *      to E rounds: at counts E that do not divide N k, such as 48, 96, 160 and 384, that
+ *      undid the price steps and warm starts and left thousands of units to this phase);
  *   4. the certificate gap = D(p) - score, D computed from scratch.
  * mode 1 (feasible repair): the given assignment (slots may be -1) is made feasible by
  *   shortest paths on the clamped score losses, prices fixed at 0; no optimality claim.
@@ -94,7 +104,16 @@ typedef struct {
     int threads;      /* for the row passes */
     int64_t moves;
     int64_t scale;    /* price phase: loads count every scale-th token only (a sample), 1 = all */
+    /* the slack node Z (repair, exact mode): sum cap - k x valid tokens dummy units of score 0
+     * that fill the capacity no token takes; a unit may sit only at an expert of the least
+     * price, so at the end every expert below capacity has that price (complementary slackness) */
+    int64_t *dummy;   /* [E]: Z's units placed at each expert */
+    int64_t unplaced; /* Z's units not placed yet (Z's excess) */
+    double pz;        /* Z's price: at most every expert's, equal to those holding its units */
 } Ctx;
+
+/* an expert's load with Z's units */
+static inline int64_t held_units(const Ctx *c, int64_t e) { return c->loads[e] + (c->dummy ? c->dummy[e] : 0); }
 
 static inline double S(const Ctx *c, int64_t t, int64_t e) {
     return c->s32 ? (double)c->s32[t * c->E + e] : c->s64[t * c->E + e];
@@ -763,6 +782,7 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 }
 
 #define COARSE 4 /* the sample's stride while the excess is large */
+#define STEP_PAYBACK 8 /* auction moves a unit of excess costs, over the passes a price step makes */
 
 /* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
@@ -770,6 +790,33 @@ static int64_t total_excess(const Ctx *c) {
     for (int64_t e = 0; e < c->E; e++)
         if (c->loads[e] * c->scale > c->cap[e]) x += c->loads[e] * c->scale - c->cap[e];
     return x;
+}
+
+/* with slack capacity: the free slots of experts priced above 0 (once loads count every
+ * token).  At optimal prices there are none; those the auction leaves cost the repair a
+ * shortest path each from the slack node, O(E^2) and more, so the price steps also run while
+ * they would cost more than a step, O(N E) */
+static int64_t priced_deficit(const Ctx *c) {
+    int64_t x = 0;
+    for (int64_t e = 0; e < c->E; e++)
+        if (c->p[e] > 0 && c->loads[e] < c->cap[e]) x += c->cap[e] - c->loads[e];
+    return c->scale > 1 ? 0 : x;
+}
+
+/* the price steps still pay: much excess, or (slack capacity) free slots at a positive price */
+static int far_off(const Ctx *c, int64_t enough, int slack) {
+    return total_excess(c) > enough || (slack && priced_deficit(c) * c->E > c->N);
+}
+
+/* the excess below which coarse price steps (a sample of every COARSE-th token, or a stride
+ * in the thresholds) stop helping: `fraction` of the units, or twice the excess the sample's
+ * noise alone makes, about E sqrt(C COARSE) / 2 (seen: the steps stall there when experts
+ * hold few tokens) */
+static int64_t coarse_until(const Ctx *c, int64_t units, int64_t fraction) {
+    double cap = 0;
+    for (int64_t e = 0; e < c->E; e++) cap += (double)c->cap[e];
+    int64_t noise = (int64_t)((double)c->E * sqrt(cap / (double)c->E * COARSE));
+    return units / fraction > noise ? units / fraction : noise;
 }
 
 /* valid units (k per valid token) and the total capacity */
@@ -799,6 +846,11 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
+    /* the auction's rate, window by window: it stops once the excess falls by less than one unit
+     * per E moves (a price war among near-equal experts), where an augmentation of the repair,
+     * O(E^2) plus its expansions, removes a unit for less */
+    const int64_t window = c->E * 16 > 4096 ? c->E * 16 : 4096;
+    int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
         int progress = 0;
         overloaded = 0;
@@ -810,6 +862,12 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
             progress |= c->p[x] > before;
         }
         idle = progress ? 0 : idle + 1;
+        if (c->moves - window_moves >= window) {
+            int64_t left = total_excess(c);
+            if ((window_excess - left) * c->E < c->moves - window_moves) break;
+            window_moves = c->moves;
+            window_excess = left;
+        }
         if (probe && c->moves - start >= 2 * excess0) {
             probe = 0;
             int64_t left = total_excess(c), target = units / 64 > 0 ? units / 64 : 1;
@@ -876,39 +934,45 @@ static void expand(Ctx *c, Dijk *w, int64_t x, double *U) {
             w->d[y] = cand;
             w->predx[y] = (int32_t)x;
             w->predt[y] = (int32_t)t;
-            if (c->loads[y] < c->cap[y] && cand < *U) *U = cand;
+            if (held_units(c, y) < c->cap[y] && cand < *U) *U = cand;
         }
     }
 }
 
 /*
- * One augmentation: shortest path from the overloaded experts to the nearest non-full one.
- * Holders of a settled expert are expanded lazily, cheapest first, and only while their
- * expansion could still beat the best path found.  Returns 1 on success, 0 if no non-full
- * expert is reachable (infeasible).  use_prices = 0: prices stay fixed (repair mode) and
- * negative reduced costs are clamped at 0.
+ * One augmentation: shortest path from the sources (overloaded experts, and the slack node Z
+ * while it has unplaced units) to the nearest expert below capacity.  Node E is Z: an arc
+ * Z -> y places one of Z's units at y (reduced cost p[y] - pz), an arc x -> Z takes one back
+ * from an expert that holds some (pz - p[x], 0 at optimal prices).  Holders of a settled
+ * expert are expanded lazily, cheapest first, and only while their expansion could still
+ * beat the best path found.  Returns 1 on success, 0 if no expert below capacity is reachable
+ * (infeasible).  use_prices = 0: prices stay fixed (repair mode) and negative reduced costs
+ * are clamped at 0.
  */
 static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
-    const int64_t E = c->E;
+    const int64_t E = c->E, Z = E;
     double U = INFINITY;
     int64_t target = -1, ns = 0;
     w->npopped = 0;
     for (int64_t e = 0; e < E; e++) {
-        w->d[e] = (c->loads[e] > c->cap[e]) ? 0.0 : INFINITY;
+        w->d[e] = held_units(c, e) > c->cap[e] ? 0.0 : INFINITY;
         w->ev[e] = INFINITY;
         w->predx[e] = -1;
         w->settled[e] = 0;
     }
+    w->d[Z] = c->unplaced > 0 ? 0.0 : INFINITY;
+    w->predx[Z] = -1;
+    w->settled[Z] = 0;
     while (!c->oom) {
         int64_t x = -1, ex = -1;
         double dx = INFINITY, dev = INFINITY;
-        for (int64_t e = 0; e < E; e++) {
+        for (int64_t e = 0; e <= E; e++) {
             if (!w->settled[e]) {
                 if (w->d[e] < dx) {
                     dx = w->d[e];
                     x = e;
                 }
-            } else if (w->ev[e] < dev) {
+            } else if (e < E && w->ev[e] < dev) {
                 dev = w->ev[e];
                 ex = e;
             }
@@ -919,13 +983,30 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
             continue;
         }
         if (x < 0) break;
-        if (c->loads[x] < c->cap[x]) {
+        if (x < E && held_units(c, x) < c->cap[x]) {
             target = x;
             break;
         }
         w->settled[x] = 1;
         w->order[ns++] = (int32_t)x;
+        if (x == Z) { /* Z can place a unit at any expert */
+            for (int64_t y = 0; y < E; y++) {
+                double rc = c->p[y] - c->pz, cand = dx + (rc > 0 ? rc : 0);
+                if (!w->settled[y] && cand < w->d[y]) {
+                    w->d[y] = cand;
+                    w->predx[y] = (int32_t)Z;
+                }
+            }
+            continue;
+        }
         next_event(c, w, x, use_prices);
+        if (c->dummy && c->dummy[x] > 0 && !w->settled[Z]) {
+            double rc = c->pz - c->p[x], cand = dx + (rc > 0 ? rc : 0);
+            if (cand < w->d[Z]) {
+                w->d[Z] = cand;
+                w->predx[Z] = (int32_t)x;
+            }
+        }
     }
     *nsettled = ns;
     if (target >= 0) {
@@ -933,13 +1014,19 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
         if (use_prices)
             for (int64_t i = 0; i < ns; i++) {
                 int32_t x = w->order[i];
-                c->p[x] += Dstar - w->d[x];
+                *(x == Z ? &c->pz : &c->p[x]) += Dstar - w->d[x];
             }
-        for (int64_t y = target; w->predx[y] >= 0;) {
+        int64_t y = target;
+        for (; w->predx[y] >= 0; y = w->predx[y]) {
             int64_t x = w->predx[y];
-            move_token(c, w->predt[y], x, y);
-            y = x;
+            if (x == Z)
+                c->dummy[y]++;
+            else if (y == Z)
+                c->dummy[x]--;
+            else
+                move_token(c, w->predt[y], x, y);
         }
+        if (y == Z) c->unplaced--;
     }
     for (int64_t i = 0; i < w->npopped; i++) /* expanded holders that did not move stay holders */
         if (w->popped[i].ver == c->ver[(int64_t)w->popped[i].tok * c->k + w->popped[i].slot])
@@ -948,46 +1035,65 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
 }
 
 /*
+ * Z's units before the repair (exact mode, slack capacity): pz is the least price, and the
+ * units go at no cost to the experts below capacity at that price; the rest stay at Z.
+ */
+static int place_slack(Ctx *c) {
+    int64_t units, capacity;
+    totals(c, &units, &capacity);
+    c->unplaced = capacity - units;
+    if (c->unplaced <= 0) return 1;
+    c->dummy = calloc((size_t)c->E, sizeof(int64_t));
+    if (!c->dummy) return c->oom = 1, 0;
+    c->pz = INFINITY;
+    for (int64_t e = 0; e < c->E; e++) c->pz = fmin(c->pz, c->p[e]);
+    for (int64_t e = 0; e < c->E && c->unplaced > 0; e++)
+        if (c->p[e] == c->pz && c->loads[e] < c->cap[e]) {
+            int64_t n = c->cap[e] - c->loads[e] < c->unplaced ? c->cap[e] - c->loads[e] : c->unplaced;
+            c->dummy[e] = n;
+            c->unplaced -= n;
+        }
+    return 1;
+}
+
+/*
  * Price steps from a top-k assignment (with every token's k-th value in c->kth): at most
  * price_iters damped best-response steps while the excess is above `enough` (coarse, sampled
  * steps while it is far above; a sampled assignment is completed before the first step over
- * all tokens, or at the end).  Then, when the capacity has slack (sum cap > k x valid tokens),
- * only full experts may carry a price above the minimum 0: non-full experts are lowered to 0
- * and tokens re-assigned until that holds (each round zeroes one more expert: at most E
- * rounds).  Returns 0 if some token has fewer than k allowed experts.
+ * all tokens, or at the end), stopping early when a step no longer pays (see the loop) and
+ * going on, with slack capacity, while many free slots sit at experts priced above 0.  Free
+ * slots left are the repair's (the slack node Z).  Returns 0 if some token has fewer than k
+ * allowed experts.
  */
 static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough, int64_t units, int64_t capacity,
                        int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     int slack = capacity > units, complete = 1; /* every token with k allowed experts, as far as assigned */
-    if (price_iters > 0 && total_excess(c) > enough) {
+    if (price_iters > 0 && far_off(c, enough, slack)) {
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + 9 * c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
-        for (int64_t it = 0; !c->oom && it < price_iters && total_excess(c) > enough; it++) {
-            /* coarse steps while far off; a sample overstates the excess (noise only adds to it) */
-            int64_t stride = total_excess(c) > units / (c->scale > 1 ? 12 : 16) ? COARSE : 1;
-            if (stride == 1 && c->scale > 1) {
+        for (int64_t it = 0; !c->oom && it < price_iters; it++) {
+            if (c->scale > 1 && total_excess(c) <= coarse_until(c, units, 12)) { /* every token from now on */
                 complete = assign_topk(c, 0, -COARSE, bad, nbad_max, nbad);
-                if (!complete || total_excess(c) <= enough) break;
+                if (!complete) break;
             }
+            if (!far_off(c, enough, slack)) break;
+            /* coarse steps while far off; a sample overstates the excess (noise only adds to it) */
+            int64_t stride = total_excess(c) > coarse_until(c, units, c->scale > 1 ? 12 : 16) ? COARSE : 1;
+            int64_t before = total_excess(c);
             if (!price_step(c, alpha, slack, stride, buf, off, want, cnt)) break;
             assign_topk(c, 0, c->scale > 1 ? COARSE : 0, bad, nbad_max, nbad);
+            /* a step costs about two passes over the scores it reads; the auction removes a unit
+             * of excess in about 16 moves of O(E) each (seen on router scores): stop once a step
+             * saves the auction less than it costs, unless free slots keep it going (far_off) */
+            int64_t fell = before - total_excess(c);
+            if (fell * STEP_PAYBACK * stride < c->N && !(slack && priced_deficit(c) * c->E > c->N)) break;
         }
         free(buf);
         free(off);
     }
     if (c->scale > 1) complete = assign_topk(c, 0, -COARSE, bad, nbad_max, nbad);
     if (!complete) return 0;
-    for (int64_t round = 0; slack && round < c->E; round++) {
-        int changed = 0;
-        for (int64_t e = 0; e < c->E; e++)
-            if (c->loads[e] < c->cap[e] && c->p[e] > 0) {
-                c->p[e] = 0;
-                changed = 1;
-            }
-        if (!changed) break;
-        assign_topk(c, 0, 0, bad, nbad_max, nbad);
-    }
     return 1;
 }
 
@@ -1004,7 +1110,11 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
-    int64_t big = c->N * c->E >= ((int64_t)1 << 16), sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
+    /* a sample's loads must be accurate enough to steer by: about 64 sampled holders per expert
+     * (with fewer its noise alone stays above the excess at which the steps switch to every
+     * token, and the steps stall) */
+    int64_t big = c->N * c->E >= ((int64_t)1 << 16);
+    int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
     /* the steps pay off on big problems with much excess; on small ones the auction is
      * usually cheaper, and when it is not it hands back to the steps (see run_auction) */
@@ -1099,12 +1209,12 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     c->threads = threads;
     c->scale = 1;
     c->heaps = calloc((size_t)E, sizeof(Heap));
-    w.d = malloc(sizeof(double) * (size_t)E);
+    w.d = malloc(sizeof(double) * (size_t)(E + 1)); /* node E: the slack node */
     w.ev = malloc(sizeof(double) * (size_t)E);
-    w.predx = malloc(sizeof(int32_t) * (size_t)E);
+    w.predx = malloc(sizeof(int32_t) * (size_t)(E + 1));
     w.predt = malloc(sizeof(int32_t) * (size_t)E);
-    w.order = malloc(sizeof(int32_t) * (size_t)E);
-    w.settled = malloc((size_t)E);
+    w.order = malloc(sizeof(int32_t) * (size_t)(E + 1));
+    w.settled = malloc((size_t)(E + 1));
     if (!c->held || !c->best || !c->barg || !c->ver || !c->heaps || !w.d || !w.ev || !w.predx || !w.predt ||
         !w.order || !w.settled) {
         status = ST_NO_MEMORY;
@@ -1132,9 +1242,13 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
         }
     }
     double t2 = now_ms();
+    if (mode == 0 && !place_slack(c)) {
+        status = ST_NO_MEMORY;
+        goto done;
+    }
     for (;;) {
-        int over = 0;
-        for (int64_t e = 0; e < E; e++) over |= c->loads[e] > c->cap[e];
+        int over = c->unplaced > 0;
+        for (int64_t e = 0; e < E; e++) over |= held_units(c, e) > c->cap[e];
         if (!over || c->oom) break;
         if (!augment(c, &w, mode == 0, &ns)) {
             if (c->oom) break;
@@ -1162,14 +1276,13 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     stats[0] = score;
     stats[1] = NAN;
     if (mode == 0) {
-        double pmin = INFINITY;
-        int any_free = 0;
-        for (int64_t e = 0; e < E; e++) {
-            pmin = fmin(pmin, c->p[e]);
-            any_free |= c->loads[e] < c->cap[e];
-        }
-        if (!any_free && pmin != 0) /* every expert full: a common shift changes nothing; min 0 */
-            for (int64_t e = 0; e < E; e++) c->p[e] -= pmin;
+        /* prices relative to Z's (slack capacity), where every expert below capacity holds Z's
+         * units; else to the least (every expert full: a common shift changes nothing) */
+        double base = INFINITY;
+        for (int64_t e = 0; e < E; e++) base = fmin(base, c->p[e]);
+        if (c->dummy) base = c->pz;
+        for (int64_t e = 0; e < E; e++)
+            c->p[e] = (c->dummy && c->dummy[e] > 0) || c->p[e] < base ? 0.0 : c->p[e] - base;
         double dual = dual_token_part(c);
         for (int64_t e = 0; e < E; e++) dual += (double)c->cap[e] * c->p[e];
         stats[1] = dual - score;
@@ -1183,6 +1296,7 @@ done:
     if (c->heaps)
         for (int64_t e = 0; e < E; e++) free(c->heaps[e].a);
     free(c->heaps);
+    free(c->dummy);
     free(c->held);
     free(c->best);
     free(c->barg);

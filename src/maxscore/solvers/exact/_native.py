@@ -15,7 +15,7 @@ _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
 _MAX_REPORTED = 64
 EXACT, REPAIR = 0, 1
 STATS = 10  # columns of the core's statistics per group (STATS in _core.c)
-MOVES_PER_UNIT = 2  # auction budget: token moves per unit (token x k) before the repair takes over
+MOVES_PER_UNIT = 32  # auction cap: token moves per unit (token x k); it stops sooner when slow
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@
 launch per call: price steps, routing, repair and certificate (CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1``).  ``TorchOps``: the price steps as plain torch operations in float64 (the
 reference step of ``prices.py``; a fixed number of steps, so no host synchronization), then the
-compiled core's repair from those prices on the host (the same path: routing at the prices,
-slack experts lowered to 0, shortest augmenting paths), for machines without Triton.
+compiled core's repair from those prices on the host (routing at the prices, then shortest
+augmenting paths, free slots through the core's slack node), for machines without Triton.
 
 Both take the problems of ``make_problems(..., on_device=True)`` and return a ``Routed``: the
 routing, its prices and certificate, and the flags the engine reads in its one transfer.

@@ -13,9 +13,10 @@
    is over capacity, at most ``max_augment`` in all.  With slack capacity (``C E > k x valid
    tokens``) an expert left below capacity must have price 0 (complementary slackness): those
    with a price above 0 are lowered to 0, the tokens routed again and the repair run again (at
-   most E rounds).  The compiled core lowers them before its repair; here the repair comes
-   first, because at exact warm prices an expert is often below capacity only through a tie
-   its routing broke the other way, which the first path mends.
+   most E rounds).  The repair comes first, because at exact warm prices an expert is often
+   below capacity only through a tie its routing broke the other way, which the first path
+   mends.  (The compiled core lowers nothing: its repair routes the free slots through a
+   slack node, see ``_core.c``.)
 4. **Certificate**: loads, score, dual and gap in float64, and the feasibility checks of
    ``prices.certify``.
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 DAMPING = 0.8  # fraction of the way to the best response a price moves per step
-HOST_PRICE_ITERATIONS = 10  # cap of the host core's steps (they stop once the excess is small)
+HOST_PRICE_ITERATIONS = 20  # cap of the host core's steps (they stop once they no longer pay)
 DEVICE_PRICE_STEPS = 8  # cap of the device kernel's steps (they stop once the excess is small)
 GLOBAL_PRICE_ITERATIONS = 30  # cap of the collective engine's steps
 GAP_TOLERANCE = 1e-6  # relative; the gap is 0 up to float64 rounding when the routing is optimal
