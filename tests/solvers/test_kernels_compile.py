@@ -54,7 +54,15 @@ def _stack_bytes(compiled) -> int:
 
 @pytest.mark.parametrize(
     ("scores", "k", "num_tokens", "num_experts"),
-    [("fp32", 2, 512, 16), ("bf16", 8, 4096, 64), ("fp64", 2, 512, 16)],
+    # E = 160 and 384 (DeepSeek-V2, Kimi K2): the [E, E] repair scratch lives in global memory,
+    # the kernel's vectors over the experts in registers
+    [
+        ("fp32", 2, 512, 16),
+        ("bf16", 8, 4096, 64),
+        ("fp64", 2, 512, 16),
+        ("bf16", 8, 4096, 160),
+        ("bf16", 8, 4096, 384),
+    ],
 )
 def test_kernels_compile_for_sm90_and_fit_in_registers(scores, k, num_tokens, num_experts):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}

@@ -110,6 +110,7 @@ typedef struct {
     int64_t *dummy;   /* [E]: Z's units placed at each expert */
     int64_t unplaced; /* Z's units not placed yet (Z's excess) */
     double pz;        /* Z's price: at most every expert's, equal to those holding its units */
+    double eps;       /* auction: raise prices this much past the kept holders' least (0: exact) */
 } Ctx;
 
 /* an expert's load with Z's units */
@@ -760,7 +761,9 @@ static double dual_token_part(Ctx *c) {
 /*
  * Phase 2 step: overloaded expert x evicts its loads[x] - cap[x] holders with the lowest
  * leaving price and raises its price to the lowest leaving price among those it keeps (any
- * price between the two keeps every token on a top-k; the higher one deflects later inflow).
+ * price between the two keeps every token on a top-k; the higher one deflects later inflow),
+ * plus c->eps: with eps > 0 the kept holders are only within eps of a top-k (see
+ * scaled_auction).
  * Returns the number of evictions (0 if the cheapest holders cannot go anywhere else).
  */
 static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
@@ -775,7 +778,7 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
     }
     if (m == 0) return 0;
     Entry *keep = heap_top(c, x);
-    double q = (keep && keep->key != INFINITY && m == need) ? keep->key : last;
+    double q = (keep && keep->key != INFINITY && m == need) ? keep->key + c->eps : last;
     if (q > c->p[x]) c->p[x] = q;
     for (int64_t i = 0; i < m; i++) move_token(c, out[i], x, c->barg[out[i]]);
     return m;
@@ -795,7 +798,10 @@ static int64_t total_excess(const Ctx *c) {
 /* with slack capacity: the free slots of experts priced above 0 (once loads count every
  * token).  At optimal prices there are none; those the auction leaves cost the repair a
  * shortest path each from the slack node, O(E^2) and more, so the price steps also run while
- * they would cost more than a step, O(N E) */
+ * there are more than DEFICIT_PAYBACK N / E of them (a step costs O(N E); without this rule
+ * cold starts at E = 384 left hundreds of paths; 4 instead of 1 moved the sweep's figures by
+ * no more than its noise, and left warm starts more moves) */
+#define DEFICIT_PAYBACK 1
 static int64_t priced_deficit(const Ctx *c) {
     int64_t x = 0;
     for (int64_t e = 0; e < c->E; e++)
@@ -805,7 +811,7 @@ static int64_t priced_deficit(const Ctx *c) {
 
 /* the price steps still pay: much excess, or (slack capacity) free slots at a positive price */
 static int far_off(const Ctx *c, int64_t enough, int slack) {
-    return total_excess(c) > enough || (slack && priced_deficit(c) * c->E > c->N);
+    return total_excess(c) > enough || (slack && priced_deficit(c) * c->E > DEFICIT_PAYBACK * c->N);
 }
 
 /* the excess below which coarse price steps (a sample of every COARSE-th token, or a stride
@@ -840,15 +846,16 @@ static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
  * strong per-expert bias (a router early in training) make such auctions: prices creep up
  * in small raises while tokens shuttle between experts, and the move budget ends them.
  */
-static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
+static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war) {
     int64_t raises = 0, units = 0, capacity = 0, start = c->moves, excess0 = total_excess(c);
     if (slow) totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
-    /* the auction's rate, window by window: it stops once the excess falls by less than one unit
-     * per E moves (a price war among near-equal experts), where an augmentation of the repair,
-     * O(E^2) plus its expansions, removes a unit for less */
+    /* with `war`: the auction's rate, window by window.  It stops and sets *war once the excess
+     * falls by less than one unit per E moves: a price war among near-equal experts, where each
+     * raise is one leaving price past the last and the evicted tokens shuttle back (seen with
+     * sigmoid scores, whose popular experts score near 1 for every token) */
     const int64_t window = c->E * 16 > 4096 ? c->E * 16 : 4096;
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
@@ -862,9 +869,12 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
             progress |= c->p[x] > before;
         }
         idle = progress ? 0 : idle + 1;
-        if (c->moves - window_moves >= window) {
+        if (war && c->moves - window_moves >= window) {
             int64_t left = total_excess(c);
-            if ((window_excess - left) * c->E < c->moves - window_moves) break;
+            if ((window_excess - left) * c->E < c->moves - window_moves) {
+                *war = 1;
+                break;
+            }
             window_moves = c->moves;
             window_excess = left;
         }
@@ -880,6 +890,53 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow) {
         }
     }
     free(out);
+    return raises;
+}
+
+/* the spread of the scores: the standard deviation of the finite scores of up to 256 valid
+ * rows spread over the tokens (the scale of the eps-auction's price steps) */
+static double score_spread(const Ctx *c) {
+    double sum = 0, sq = 0, n = 0;
+    int64_t step = c->N > 256 ? c->N / 256 : 1;
+    for (int64_t t = 0; t < c->N; t += step) {
+        if (!is_valid(c, t)) continue;
+        for (int64_t e = 0; e < c->E; e++) {
+            double v = S(c, t, e);
+            if (v == -INFINITY) continue;
+            sum += v;
+            sq += v * v;
+            n += 1;
+        }
+    }
+    double var = n > 1 ? (sq - sum * sum / n) / (n - 1) : 0;
+    return var > 0 ? sqrt(var) : 0;
+}
+
+#define EPS_SPREAD 0.1 /* the first eps-auction's eps, in score spreads; then EPS_SHRINK times less */
+#define EPS_SHRINK 10
+#define EPS_ROUNDS 3
+
+/*
+ * After a price war (run_auction's *war): eps-scaling (Bertsekas & Castanon, 1991).  An
+ * auction that raises every price eps past its kept holders' least leaving price cannot creep:
+ * each raise is at least eps, so a war of near-equal experts ends after (price range / eps)
+ * raises.  It leaves every token within eps of a top-k of s - p; every token then takes its
+ * exact top-k at those prices (near-optimal: few units over capacity) and the exact auction
+ * and the repair finish from there.  EPS_ROUNDS rounds, from eps = EPS_SPREAD score spreads,
+ * each EPS_SHRINK times less.  Started only once the exact auction has shown a war: from the
+ * start it cost more than it saved on softmax scores over many experts (more units left to
+ * the repair).  Returns the raises.
+ */
+static int64_t scaled_auction(Ctx *c, int64_t max_moves, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
+    int64_t raises = 0;
+    double eps = EPS_SPREAD * score_spread(c);
+    for (int round = 0; round < EPS_ROUNDS && eps > 0 && !c->oom; round++, eps /= EPS_SHRINK) {
+        c->eps = eps;
+        raises += run_auction(c, c->moves + max_moves, NULL, NULL);
+        c->eps = 0;
+        assign_topk(c, 0, 0, bad, nbad_max, nbad); /* every token on its exact top-k again */
+        build_heaps(c);
+    }
     return raises;
 }
 
@@ -1087,7 +1144,7 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
              * of excess in about 16 moves of O(E) each (seen on router scores): stop once a step
              * saves the auction less than it costs, unless free slots keep it going (far_off) */
             int64_t fell = before - total_excess(c);
-            if (fell * STEP_PAYBACK * stride < c->N && !(slack && priced_deficit(c) * c->E > c->N)) break;
+            if (fell * STEP_PAYBACK * stride < c->N && !(slack && priced_deficit(c) * c->E > DEFICIT_PAYBACK * c->N)) break;
         }
         free(buf);
         free(off);
@@ -1118,7 +1175,8 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
     /* the steps pay off on big problems with much excess; on small ones the auction is
      * usually cheaper, and when it is not it hands back to the steps (see run_auction) */
-    if (ok) ok = price_phase(c, price_iters, alpha, big ? units / 64 : units / 4, units, capacity, bad, nbad_max, nbad);
+    int64_t enough = big ? units / 64 : units / 4; /* a unit or two is the auction's alone */
+    if (ok) ok = price_phase(c, price_iters, alpha, enough > 1 ? enough : 1, units, capacity, bad, nbad_max, nbad);
     free(c->kth);
     c->kth = NULL;
     return ok;
@@ -1232,13 +1290,19 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
         /* the hand-back pays where an auction's moves cost milliseconds; small problems (whose
          * routings stay as they were) finish their auction in microseconds either way */
         int may_reprice = price_iters > 0 && N * E >= ((int64_t)1 << 15);
-        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL);
+        int war = 0;
+        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL, &war);
         if (repriced) { /* back to the price steps, then the auction again */
             if (!reprice(c, price_iters, alpha, bad, nbad_max, nbad)) {
                 status = ST_TOO_FEW_ALLOWED;
                 goto done;
             }
-            raises += run_auction(c, max_moves, NULL);
+            raises += run_auction(c, max_moves, NULL, &war);
+        }
+        if (war) { /* a price war: eps-scaling from here, then the exact auction once more */
+            raises += scaled_auction(c, max_moves, bad, nbad_max, nbad);
+            int again = 0; /* a war left: the repair's */
+            raises += run_auction(c, c->moves + max_moves, NULL, &again);
         }
     }
     double t2 = now_ms();

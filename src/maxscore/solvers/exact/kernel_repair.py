@@ -6,9 +6,11 @@ from an expert it holds to one it does not has a reduced cost ``v[t, x] - v[t, y
 (Dijkstra, lengths the reduced costs) from the overloaded experts to the nearest expert below
 capacity, then every settled expert's price rises by ``D - d[x]`` (``D`` the path's length, so
 every token still holds a top-k at the new prices: reduced-cost optimality is kept), and each
-token on the path moves one expert along it.  Experts below capacity are never settled, so
-their prices stay (at 0 when the capacity has slack: complementary slackness holds at the end).
-Each augmentation lowers the excess by one; the routing is optimal when none is left
+token on the path moves one expert along it.  Slack capacity (``C E > k x valid tokens``) is
+the compiled core's slack node Z: units of score 0 that may sit only at the experts of the
+least price, so every expert left below capacity ends at that price, 0 after the shift.
+Each augmentation lowers the excess (Z's unplaced units included) by one; the routing is optimal
+when none is left
 (Ahuja, Magnanti & Orlin, *Network Flows* (1993), ch. 9).
 
 This is the compiled core's repair (``_core.c``: ``augment``) on a dense graph: the core
@@ -76,31 +78,45 @@ def edge_row(
 # fmt: off
 @triton.jit
 def augment(
-    s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, loads, stale, C, N, E,
-    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr
+    s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, pz, loads, dummy, unplaced, stale, C,
+    N, E, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr
 ):
 # fmt: on
-    """One unit from the overloaded experts to the nearest one below capacity (see the module
-    docstring): (prices, loads, stale, 1) with the routing in ``experts_ptr`` updated, or
-    (p, loads, stale, 0) when no expert below capacity is reachable (the group is infeasible).
+    """One unit from the sources (overloaded experts, and the slack node Z while it has
+    ``unplaced`` units) to the nearest expert below capacity (see the module docstring):
+    (p, pz, loads, dummy, unplaced, stale, 1) with the routing in ``experts_ptr`` updated, or
+    the same with 0 when no expert below capacity is reachable (the group is infeasible).
 
-    The edges out of each expert (``edge_row``) are kept in ``edges_ptr``/``edge_tokens_ptr``
-    ([G, E, E] scratch) and recomputed only for the ``stale`` experts: those a moved token held
-    before or after its move."""
+    Z (the compiled core's slack node) holds the free slots of slack capacity as units of score
+    0: ``dummy`` [E] of them placed at each expert, ``pz`` its price.  An arc Z -> y places a unit
+    at y (reduced length ``p[y] - pz``), an arc x -> Z takes one back from an expert holding
+    some (``pz - p[x]``).  The edges out of each expert (``edge_row``) are kept in
+    ``edges_ptr``/``edge_tokens_ptr`` ([G, E, E] scratch) and recomputed only for the ``stale``
+    experts: those a moved token held before or after its move."""
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    d = tl.where(col_ok & (loads > C), 0.0, float("inf")).to(tl.float64)
+    held = loads + dummy
+    d = tl.where(col_ok & (held > C), 0.0, float("inf")).to(tl.float64)
     settled = cols < 0
-    pred_x = tl.full([BLOCK_E], -1, tl.int32)
+    pred_x = tl.full([BLOCK_E], -1, tl.int32)  # E: reached from Z
     pred_t = tl.full([BLOCK_E], -1, tl.int32)
     target = tl.min(pred_x, axis=0)  # -1: none yet
+    dz = tl.where(unplaced > 0, 0.0, float("inf")).to(tl.float64)
+    z_settled = (unplaced < 0).to(tl.int32)
+    z_pred = target  # the expert Z was reached from, -1: Z is the source
     searching = 1
     while searching != 0:
         waiting = tl.where(settled | ~col_ok, float("inf"), d)
         dx = tl.min(waiting, axis=0)
         x = tl.min(tl.where(waiting == dx, cols, BLOCK_E), axis=0)
-        room = tl.sum(tl.where(cols == x, C - loads, 0), axis=0) > 0
-        if dx == float("inf"):
+        room = tl.sum(tl.where(cols == x, C - held, 0), axis=0) > 0
+        if (z_settled == 0) & (dz < float("inf")) & (dz <= dx):  # Z next: it can place a unit anywhere
+            z_settled = z_settled * 0 + 1
+            way = dz + tl.maximum(p - pz, 0.0)
+            better = (way < d) & ~settled & col_ok
+            d = tl.where(better, way, d)
+            pred_x = tl.where(better, E, pred_x)
+        elif dx == float("inf"):
             searching = 0
         elif room:
             target = x
@@ -123,22 +139,36 @@ def augment(
             d = tl.where(better, way, d)
             pred_x = tl.where(better, x, pred_x)
             pred_t = tl.where(better, t, pred_t)
+            to_z = dx + tl.maximum(pz - px, 0.0)
+            if (z_settled == 0) & (tl.sum(tl.where(cols == x, dummy, 0), axis=0) > 0) & (to_z < dz):
+                dz = to_z
+                z_pred = x
     found = (target >= 0).to(tl.int32)
     if target >= 0:
         length = tl.sum(tl.where(cols == target, d, 0.0), axis=0)
         p = tl.where(settled, p + (length - d), p)
+        if z_settled != 0:
+            pz = pz + (length - dz)
         y = target
         x = tl.sum(tl.where(cols == y, pred_x, 0), axis=0)
-        while x >= 0:  # back along the path: the token that reached y moves from x to y
-            t = tl.sum(tl.where(cols == y, pred_t, 0), axis=0)
-            stale = stale | (cols == y)
-            for j in tl.static_range(K):
-                slot = experts_ptr + (g * N + t) * K + j
-                e = tl.load(slot)
-                stale = stale | (cols == e)
-                tl.store(slot, tl.where(e == x, y.to(tl.int64), e))
-            loads = loads + (cols == y).to(loads.dtype) - (cols == x).to(loads.dtype)
-            y = x
-            x = tl.sum(tl.where(cols == y, pred_x, 0), axis=0)
+        while x >= 0:  # back along the path: the token (or Z's unit) that reached y moves from x
+            if x == E:  # Z placed a unit at y; Z took it from z_pred, or it was one of Z's own
+                dummy = dummy + (cols == y).to(dummy.dtype)
+                if z_pred < 0:
+                    unplaced = unplaced - 1
+                else:
+                    dummy = dummy - (cols == z_pred).to(dummy.dtype)
+                y = z_pred
+            else:
+                t = tl.sum(tl.where(cols == y, pred_t, 0), axis=0)
+                stale = stale | (cols == y)
+                for j in tl.static_range(K):
+                    slot = experts_ptr + (g * N + t) * K + j
+                    e = tl.load(slot)
+                    stale = stale | (cols == e)
+                    tl.store(slot, tl.where(e == x, y.to(tl.int64), e))
+                loads = loads + (cols == y).to(loads.dtype) - (cols == x).to(loads.dtype)
+                y = x
+            x = tl.where(y >= 0, tl.sum(tl.where(cols == y, pred_x, 0), axis=0), -1)
     tl.debug_barrier()  # the moves and edges just stored are read by every thread from now on
-    return p, loads, stale, found
+    return p, pz, loads, dummy, unplaced, stale, found

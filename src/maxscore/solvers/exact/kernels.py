@@ -10,13 +10,12 @@
    index); the input flags (NaN/+inf rows, rows with fewer than k allowed experts, an
    infeasible capacity, non-finite warm prices).
 3. **Repair** (``kernel_repair.py``): shortest augmenting paths, one unit each, until no expert
-   is over capacity, at most ``max_augment`` in all.  With slack capacity (``C E > k x valid
-   tokens``) an expert left below capacity must have price 0 (complementary slackness): those
-   with a price above 0 are lowered to 0, the tokens routed again and the repair run again (at
-   most E rounds).  The repair comes first, because at exact warm prices an expert is often
-   below capacity only through a tie its routing broke the other way, which the first path
-   mends.  (The compiled core lowers nothing: its repair routes the free slots through a
-   slack node, see ``_core.c``.)
+   is over capacity, at most ``max_augment`` in all.  Slack capacity (``C E > k x valid
+   tokens``) is the compiled core's slack node Z: its units (the free slots) start at the
+   experts below capacity at the least price and the rest are routed like excess, so every
+   expert left below capacity ends at the least price, 0 after the shift (complementary
+   slackness).  Lowering such experts to 0 and routing every token again instead, as before,
+   undid the price steps and warm starts where E does not divide N k.
 4. **Certificate**: loads, score, dual and gap in float64, and the feasibility checks of
    ``prices.certify``.
 
@@ -159,34 +158,29 @@ def route_kernel(
         loads, bad, short = _route(s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID)
         infeasible = (C * E < units).to(tl.int32)
         solvable = (bad == 0) & (short == 0) & (infeasible == 0) & (bad_prices == 0)
-        # 3. the repair: one unit per shortest path until no expert is over capacity; then, with
-        # slack capacity, experts left below capacity at a price above 0 go to 0, the tokens are
-        # routed again and the repair runs again (at most E rounds)
-        excess = excess_of(loads, C)
+        # 3. the repair: one unit per shortest path until no expert is over capacity and the
+        # slack node Z has placed its units: at first those go to the experts below capacity at
+        # the least price, the rest by paths
+        pz = tl.min(tl.where(col_ok, p, float("inf")), axis=0)
+        free = tl.where(col_ok & (p == pz) & (loads < C), C - loads, 0)
+        before = tl.cumsum(free, axis=0) - free  # Z's units go to these experts in index order
+        unplaced = tl.where(slack, C * E - units, 0)
+        dummy = tl.minimum(free, tl.maximum(unplaced - before, 0))
+        unplaced = unplaced - tl.sum(dummy, axis=0)
+        excess = excess_of(loads + dummy, C) + unplaced
         found = solvable.to(tl.int32)
         augmentations = 0
-        rounds = 0
         stale = col_ok  # every expert's edges to compute
-        pending = solvable
-        while pending:
-            while (excess > 0) & (found != 0) & (augmentations < max_augment):
-                p, loads, stale, found = augment(
-                    s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, loads, stale, C, N, E,
-                    K, half, BLOCK_E, HAS_VALID,
-                )
-                excess = excess_of(loads, C)
-                augmentations += 1
-            lower = slack & col_ok & (loads < C) & (p > 0) & (excess == 0)
-            pending = (tl.sum(lower.to(tl.int32), axis=0) > 0) & (rounds < E)
-            if pending:
-                p = tl.where(lower, 0.0, p)
-                loads, bad, short = _route(
-                    s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID
-                )
-                excess = excess_of(loads, C)
-                stale = col_ok  # any token may have moved
-                rounds += 1
-        if tl.sum((col_ok & (loads < C)).to(tl.int32), axis=0) == 0:
+        while (excess > 0) & (found != 0) & (augmentations < max_augment) & solvable:
+            p, pz, loads, dummy, unplaced, stale, found = augment(
+                s_ptr, valid_ptr, experts_ptr, edges_ptr, edge_tokens_ptr, g, p, pz, loads, dummy, unplaced,
+                stale, C, N, E, K, half, BLOCK_E, HAS_VALID,
+            )
+            excess = excess_of(loads + dummy, C) + unplaced
+            augmentations += 1
+        if slack:  # prices relative to Z's: 0 where Z's units sit (every expert below capacity)
+            p = tl.where(col_ok & (dummy == 0) & (p > pz), p - pz, 0.0)
+        else:
             p = _shift_to_zero(p, col_ok)  # every expert full: the core's normal form
         # 4. the certificate
         loads, total, gap, converged = _certify(
