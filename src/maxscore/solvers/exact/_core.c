@@ -1162,11 +1162,22 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
 static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     int64_t units, capacity;
     totals(c, &units, &capacity);
-    double pmin = INFINITY;
-    for (int64_t e = 0; e < c->E; e++) pmin = fmin(pmin, c->p[e]);
-    for (int64_t e = 0; e < c->E; e++) c->p[e] -= pmin;
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
+    /* warm prices less their m-th least, floored at 0, m = ceil(free slots / largest capacity)
+     * (1 without slack: shifted to minimum 0): at least m experts are below capacity at the
+     * optimum, all at price 0, so at least m start there.  Prices averaged over other groups
+     * (a router's) put almost every expert above 0, and the slack node would otherwise raise
+     * the others past them one path at a time */
+    int64_t cap_max = 1, m = 1;
+    for (int64_t e = 0; e < c->E; e++) cap_max = c->cap[e] > cap_max ? c->cap[e] : cap_max;
+    if (capacity > units) m = (capacity - units + cap_max - 1) / cap_max;
+    double *sorted = malloc(sizeof(double) * (size_t)c->E);
+    if (!sorted) return c->oom = 1, 1;
+    memcpy(sorted, c->p, sizeof(double) * (size_t)c->E);
+    double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
+    free(sorted);
+    for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
     /* a sample's loads must be accurate enough to steer by: about 64 sampled holders per expert
      * (with fewer its noise alone stays above the excess at which the steps switch to every
      * token, and the steps stall) */
