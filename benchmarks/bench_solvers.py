@@ -1,6 +1,7 @@
 """Solver benchmark: every method vs torch.topk on the same scores, in the same run.
 
-    python benchmarks/bench_solvers.py [--quick] [--device cuda] [--out results.json] [--md results.md]
+    python benchmarks/bench_solvers.py [--quick] [--device cuda] [--methods exact,greedy] [--threads N]
+        [--out results.json] [--md results.md]
 
 Prints a markdown table (time, ratio to torch.topk, the exact method's device engine in topk
 units, optimality gap vs exact, dropped fraction, max load/capacity, exact's duality gap), with
@@ -13,8 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from maxscore.bench import (
     DISTRIBUTIONS,
+    METHODS,
     QUICK_SIZES,
     SIZES,
     bench_batched,
@@ -35,12 +39,17 @@ def main() -> int:
     parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per measurement")
     parser.add_argument("--device", default="cpu", help="where the scores live (cpu or cuda)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, default all")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = lambda m: print(f"  {m}", file=sys.stderr, flush=True)  # noqa: E731
     rows = bench_batched(budget_s=args.budget, device=args.device, progress=progress)
     rows += bench_solvers(
         QUICK_SIZES if args.quick else SIZES,
         ("std1", "std1+bias") if args.quick else tuple(DISTRIBUTIONS),
+        args.methods.split(","),
         budget_s=args.budget,
         device=args.device,
         progress=progress,

@@ -2,7 +2,7 @@
 ``torch.topk`` on the same scores, in the same run.
 
     python benchmarks/bench_sweep.py [--shapes 240] [--batches 80] [--threads 1]
-        [--out sweep.json] [--md sweep.md] [--device-kernel]
+        [--out sweep.json] [--md sweep.md] [--device-kernel CASES]
 
 Shapes are drawn with a fixed seed: E from 8 to 512 (half from the counts real models use,
 half uniform), k from 1 to 10 (at most E / 2), N from 1024 to 8192 for single groups and
@@ -25,9 +25,11 @@ of ``s - p`` that the optimal routing does not keep: no exact method moves fewer
 gives the median, p90 and max ratio overall and by bucket (E, bias, k / E, N, distribution,
 and whether the capacity has slack, i.e. E does not divide N k).
 
-``--device-kernel`` runs the fused device kernel on a few small batches of the same sweep (on
-a CPU under ``TRITON_INTERPRET=1``; on CUDA as is): its price steps, augmentations and
-fallbacks per group against the host engine's optimum.
+``--device-kernel CASES`` runs the fused device kernel on CASES batches drawn the same way (their
+own seed): on a CPU 2 groups of at most 256 tokens under ``TRITON_INTERPRET=1``, on CUDA 32
+groups, timed against ``torch.topk``.  It reports the kernel's price steps, augmentations and
+fallbacks to the host per group, cold, warm from the optimum and warm from the previous batch's
+mean prices, and the relative difference to the host engine's optimum.
 """
 
 from __future__ import annotations
@@ -171,18 +173,29 @@ def batched_case(case: dict, index: int, budget_s: float) -> dict:
     return row
 
 
-def device_case(case: dict, index: int) -> dict:
-    """The fused device kernel on 2 groups of the case against the host engine's optimum."""
+def device_case(case: dict, index: int, budget_s: float) -> dict:
+    """The fused device kernel on the case's groups (2 under the interpreter, 32 on CUDA) against
+    the host engine's optimum: cold, warm from the optimum, and warm from the mean prices of the
+    previous batch (as the routers); on CUDA also the time in ``torch.topk``'s."""
     from maxscore.solvers.exact.device import kernels_available, route_on_device
     from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    groups = GROUPS if cuda else 2
     offsets = expert_offsets(case, SEED + index)
-    scores = make_case_scores(case, offsets, SEED + 10_000 + index, groups=2).to(device)
+    scores = make_case_scores(case, offsets, SEED + 10_000 + index, groups=groups).to(
+        "cuda" if cuda else "cpu"
+    )
+    previous = make_case_scores(case, offsets, SEED + 20_000 + index, groups=groups).to(scores.device)
     k = case["k"]
     host = solve(scores, k, engine="host")
-    row = dict(case, index=index, groups=2, dense="triton" if kernels_available(scores.device) else "torch")
-    for name, prices in (("cold", None), ("warm", host.prices)):
+    mean_prices = solve(previous, k, engine="host").prices.double().mean(0)
+    row = dict(
+        case, index=index, groups=groups, dense="triton" if kernels_available(scores.device) else "torch"
+    )
+    if cuda:
+        row["topk_ms"] = topk_ms(scores, k, budget_s)
+    for name, prices in (("cold", None), ("warm", host.prices), ("warm_mean", mean_prices)):
         problems = make_problems(scores, k, None, 1.0, None, on_device=True)
         work = route_on_device(problems, prices, DEVICE_PRICE_STEPS, None).work.cpu()
         result = solve(scores, k, engine="device", prices=prices)
@@ -195,6 +208,13 @@ def device_case(case: dict, index: int) -> dict:
             f"{name}_fallbacks": int(result.fallback.sum()),
             f"{name}_gap_vs_host": gap,
         }
+        if cuda:
+
+            def call(p=prices):
+                solve(scores, k, engine="device", prices=p)
+                torch.cuda.synchronize()
+
+            row[f"{name}_x_topk"] = timed_ms(call, budget_s) / row["topk_ms"]
     return row
 
 
@@ -278,20 +298,27 @@ def format_summary(title: str, summary: list[dict], figures: tuple[str, ...]) ->
 
 
 def format_device(rows: list[dict]) -> str:
+    names = ("cold", "warm", "warm_mean")
+    timed = all("cold_x_topk" in r for r in rows)
     lines = [
-        "### Fused device kernel (2 groups per case)",
+        f"### Fused device kernel ({rows[0]['groups']} groups per case; warm: from the host optimum, "
+        "warm_mean: from the previous batch's mean prices)",
         "",
-        "| N | E | k | scores | bias | dense | steps cold/warm | augmentations cold/warm (max) "
-        "| fallbacks cold/warm | gap vs host |",
-        "|---:|---:|---:|---|---:|---|---|---|---|---:|",
+        "| N | E | k | scores | bias | dense | steps cold/warm/warm_mean | augmentations (max) "
+        "| fallbacks | gap vs host |" + (" x topk |" if timed else ""),
+        "|---:|---:|---:|---|---:|---|---|---|---|---:|" + ("---|" if timed else ""),
     ]
     for r in rows:
+        steps = "/".join(f"{r[f'{n}_steps']:.1f}" for n in names)
+        augmentations = "/".join(
+            f"{r[f'{n}_augmentations']:.1f} ({r[f'{n}_augmentations_max']})" for n in names
+        )
+        fallbacks = "/".join(str(r[f"{n}_fallbacks"]) for n in names)
+        gap = max(r[f"{n}_gap_vs_host"] for n in names)
+        time_cells = (" " + "/".join(f"{r[f'{n}_x_topk']:.1f}" for n in names) + " |") if timed else ""
         lines.append(
             f"| {r['num_tokens']} | {r['num_experts']} | {r['k']} | {r['distribution']} | {r['bias']:.2f} | "
-            f"{r['dense']} | {r['cold_steps']:.1f}/{r['warm_steps']:.1f} | {r['cold_augmentations']:.1f}/"
-            f"{r['warm_augmentations']:.1f} ({r['cold_augmentations_max']}/{r['warm_augmentations_max']}) | "
-            f"{r['cold_fallbacks']}/{r['warm_fallbacks']} | "
-            f"{max(r['cold_gap_vs_host'], r['warm_gap_vs_host']):.1e} |"
+            f"{r['dense']} | {steps} | {augmentations} | {fallbacks} | {gap:.1e} |" + time_cells
         )
     return "\n".join(lines)
 
@@ -340,7 +367,7 @@ def main() -> int:
         if torch.cuda.is_available() or case["num_tokens"] <= 256:
             small.append(case)
     for i, case in enumerate(small):
-        device_rows.append(device_case(case, 50_000 + i))
+        device_rows.append(device_case(case, 50_000 + i, args.budget))
         print(f"  device {i + 1}/{len(small)} {case}", file=sys.stderr)
     single_figures, batch_figures = ("cold", "warm_optimum", "warm_next"), ("cold", "warm_mean")
     parts = []

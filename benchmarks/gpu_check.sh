@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of the routing engine in one go (about 4 minutes on one H100/H200):
+# The GPU checks of the routing engine in one go (about 8 minutes on one H100/H200):
 # the `gpu` tests (the device engine's Triton kernel compiled for the GPU), the
 # engine benchmark (cold/warm x topk, launches and device-to-host copies per warm call,
 # fallbacks, price steps and augmentations, exactness), a profile of the engine's calls and of
-# the routers' forwards, the layer benchmark (routing x GShard) and training tokens/s per
-# router at the small preset.
+# the routers' forwards, the layer benchmark (routing x GShard), the random sweep of shapes
+# (bench_sweep.py, the kernel on CUDA) and training tokens/s per router at the small preset.
 #   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
 # Needs a CUDA build of torch (it brings Triton), transformers, scipy and pytest in $PY (default
 # python3) and a C compiler for the solver core; nothing is downloaded (GPU machines are often
@@ -25,6 +25,9 @@ out=benchmarks/results
 "$PY" benchmarks/profile_engine.py --device cuda --calls 20 > "$out/profile_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
+# the random sweep: the host core on single groups and batches, the kernel on 24 batches of 32 groups
+"$PY" benchmarks/bench_sweep.py --shapes 40 --batches 16 --device-kernel 24 \
+    --out "$out/sweep_${tag}_${stamp}.json" --md "$out/sweep_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \
     --routers gshard,maxscore,flow_only,quantile --steps 10 \
     --out "$out/throughput_${tag}_${stamp}.json" --md "$out/throughput_${tag}_${stamp}.md"
