@@ -20,12 +20,14 @@
  *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
- *      of s - p, so the auction is exact when it ends; it runs under a budget of moves, stops
- *      when its excess falls by less than a unit per E moves (a price war: the repair is then
- *      cheaper per unit) and when a round raises no price (only tied tokens left to shuffle).
- *      On problems of at least 2^15 scores an auction that proves slow early (see
- *      run_auction) hands back once to the price steps of phase 1, from its own prices, down
- *      to 1/64 of the units, and then goes on;
+ *      of s - p, so the auction is exact when it ends; it runs under a budget of moves and
+ *      stops when a round raises no price (only tied tokens left to shuffle).  On problems of
+ *      at least 2^15 scores an auction that proves slow early (see run_auction) hands back
+ *      once to the price steps of phase 1, from its own prices, down to 1/64 of the units, and
+ *      then goes on.  A price war (the excess falling by less than a unit per WAR_MOVES moves)
+ *      switches to eps-scaling (scaled_auction): auctions that raise prices eps past the kept
+ *      holders' least, every token back on its exact top-k, then the exact auction again,
+ *      which hands what is left to the repair if it wars again;
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
  *      holds a and not b; reduced cost (s[t,a]-p[a]) - (s[t,b]-p[b]) >= 0), Dijkstra from
  *      all overloaded experts to the nearest non-full one, prices as potentials.  Holders
@@ -786,6 +788,8 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 
 #define COARSE 4 /* the sample's stride while the excess is large */
 #define STEP_PAYBACK 8 /* auction moves a unit of excess costs, over the passes a price step makes */
+#define WAR_WINDOW 1024 /* the auction checks its rate every so many moves */
+#define WAR_MOVES 128   /* a price war: more moves than this per unit of excess removed */
 
 /* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
@@ -846,17 +850,20 @@ static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
  * strong per-expert bias (a router early in training) make such auctions: prices creep up
  * in small raises while tokens shuttle between experts, and the move budget ends them.
  */
-static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war) {
+static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64_t war_moves) {
     int64_t raises = 0, units = 0, capacity = 0, start = c->moves, excess0 = total_excess(c);
     if (slow) totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
     /* with `war`: the auction's rate, window by window.  It stops and sets *war once the excess
-     * falls by less than one unit per E moves: a price war among near-equal experts, where each
-     * raise is one leaving price past the last and the evicted tokens shuttle back (seen with
-     * sigmoid scores, whose popular experts score near 1 for every token) */
-    const int64_t window = c->E * 16 > 4096 ? c->E * 16 : 4096;
+     * falls by less than one unit per `war_moves` moves: a price war among near-equal experts,
+     * where each raise is one leaving price past the last and the evicted tokens shuttle back
+     * (seen with sigmoid scores, whose popular experts score near 1 for every token; a sound
+     * auction moves a unit 1-16 times).  WAR_MOVES before eps-scaling (32 caught wars sooner
+     * but also sent sound auctions to it, whose free slots then cost the repair one path each);
+     * E before the repair, whose augmentations cost O(E^2) and more */
+    const int64_t window = WAR_WINDOW;
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
         int progress = 0;
@@ -871,7 +878,7 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war) {
         idle = progress ? 0 : idle + 1;
         if (war && c->moves - window_moves >= window) {
             int64_t left = total_excess(c);
-            if ((window_excess - left) * c->E < c->moves - window_moves) {
+            if ((window_excess - left) * war_moves < c->moves - window_moves) {
                 *war = 1;
                 break;
             }
@@ -932,7 +939,7 @@ static int64_t scaled_auction(Ctx *c, int64_t max_moves, int64_t *bad, int64_t n
     double eps = EPS_SPREAD * score_spread(c);
     for (int round = 0; round < EPS_ROUNDS && eps > 0 && !c->oom; round++, eps /= EPS_SHRINK) {
         c->eps = eps;
-        raises += run_auction(c, c->moves + max_moves, NULL, NULL);
+        raises += run_auction(c, c->moves + max_moves, NULL, NULL, 0);
         c->eps = 0;
         assign_topk(c, 0, 0, bad, nbad_max, nbad); /* every token on its exact top-k again */
         build_heaps(c);
@@ -1302,18 +1309,18 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
          * routings stay as they were) finish their auction in microseconds either way */
         int may_reprice = price_iters > 0 && N * E >= ((int64_t)1 << 15);
         int war = 0;
-        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL, &war);
+        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL, &war, WAR_MOVES);
         if (repriced) { /* back to the price steps, then the auction again */
             if (!reprice(c, price_iters, alpha, bad, nbad_max, nbad)) {
                 status = ST_TOO_FEW_ALLOWED;
                 goto done;
             }
-            raises += run_auction(c, max_moves, NULL, &war);
+            raises += run_auction(c, max_moves, NULL, &war, WAR_MOVES);
         }
         if (war) { /* a price war: eps-scaling from here, then the exact auction once more */
             raises += scaled_auction(c, max_moves, bad, nbad_max, nbad);
             int again = 0; /* a war left: the repair's */
-            raises += run_auction(c, c->moves + max_moves, NULL, &again);
+            raises += run_auction(c, c->moves + max_moves, NULL, &again, c->E);
         }
     }
     double t2 = now_ms();
