@@ -862,7 +862,8 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
      * (seen with sigmoid scores, whose popular experts score near 1 for every token; a sound
      * auction moves a unit 1-16 times).  WAR_MOVES before eps-scaling (32 caught wars sooner
      * but also sent sound auctions to it, whose free slots then cost the repair one path each);
-     * E before the repair, whose augmentations cost O(E^2) and more */
+     * E before the repair, whose augmentations cost O(E^2) and more.  Not with E units or
+     * fewer left: an auction's last units always take more moves each, and cost little */
     const int64_t window = WAR_WINDOW;
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
@@ -878,7 +879,7 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
         idle = progress ? 0 : idle + 1;
         if (war && c->moves - window_moves >= window) {
             int64_t left = total_excess(c);
-            if ((window_excess - left) * war_moves < c->moves - window_moves) {
+            if (left > c->E && (window_excess - left) * war_moves < c->moves - window_moves) {
                 *war = 1;
                 break;
             }
