@@ -790,6 +790,7 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 #define STEP_PAYBACK 8 /* auction moves a unit of excess costs, over the passes a price step makes */
 #define WAR_WINDOW 1024 /* the auction checks its rate every so many moves */
 #define WAR_MOVES 128   /* a price war: more moves than this per unit of excess removed */
+#define WAR_LEFT 4      /* ... with more units than this left */
 
 /* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
@@ -862,8 +863,11 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
      * (seen with sigmoid scores, whose popular experts score near 1 for every token; a sound
      * auction moves a unit 1-16 times).  WAR_MOVES before eps-scaling (32 caught wars sooner
      * but also sent sound auctions to it, whose free slots then cost the repair one path each);
-     * E before the repair, whose augmentations cost O(E^2) and more.  Not with E units or
-     * fewer left: an auction's last units always take more moves each, and cost little */
+     * E before the repair, whose augmentations cost O(E^2) and more.  Not with WAR_LEFT units
+     * or fewer left: an auction's last units always take more moves each, and cost little (at
+     * (16384, 128, 8) the tail alone passed for a war).  Warm starts from prices averaged over
+     * other groups make such wars too: prices too high for some experts, which the others'
+     * prices must climb to, one leaving price at a time */
     const int64_t window = WAR_WINDOW;
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
@@ -879,7 +883,7 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
         idle = progress ? 0 : idle + 1;
         if (war && c->moves - window_moves >= window) {
             int64_t left = total_excess(c);
-            if (left > c->E && (window_excess - left) * war_moves < c->moves - window_moves) {
+            if (left > WAR_LEFT && (window_excess - left) * war_moves < c->moves - window_moves) {
                 *war = 1;
                 break;
             }
