@@ -323,6 +323,17 @@ def format_device(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_cases(name: str, cases: list[dict], run: Callable[[dict, int, float], dict], budget_s: float):
+    """(rows, rows left out) of ``run`` over ``cases``, with progress on stderr."""
+    rows, left_out = [], []
+    for i, case in enumerate(cases):
+        row = run(case, i, budget_s)
+        (left_out if row.get("left_out") else rows).append(row)
+        cold = row.get("cold_x_topk", math.inf)
+        print(f"  {name} {i + 1}/{len(cases)} {case} cold {cold:.1f}x", file=sys.stderr)
+    return rows, left_out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -341,23 +352,9 @@ def main() -> int:
     rng = random.Random(SEED)
     single = [draw_shape(rng, batched=False) for _ in range(args.shapes)]
     batched = [draw_shape(rng, batched=True) for _ in range(args.batches)]
-    rows, batch_rows, device_rows = [], [], []
-    left_out = []
-    for i, case in enumerate(single):
-        row = single_case(case, i, args.budget)
-        (left_out if row.get("left_out") else rows).append(row)
-        print(
-            f"  single {i + 1}/{len(single)} {case} cold {row.get('cold_x_topk', math.inf):.1f}x",
-            file=sys.stderr,
-        )
-    batch_left_out = []
-    for i, case in enumerate(batched):
-        row = batched_case(case, i, args.budget)
-        (batch_left_out if row.get("left_out") else batch_rows).append(row)
-        print(
-            f"  batched {i + 1}/{len(batched)} {case} cold {row.get('cold_x_topk', math.inf):.1f}x",
-            file=sys.stderr,
-        )
+    rows, left_out = run_cases("single", single, single_case, args.budget)
+    batch_rows, batch_left_out = run_cases("batched", batched, batched_case, args.budget)
+    device_rows = []
     # the device cases are drawn apart (their own seed); under the interpreter (a CPU) only
     # groups of at most 256 tokens: it runs each operation of the kernel in numpy
     device_rng = random.Random(SEED + 1)
