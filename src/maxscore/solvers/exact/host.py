@@ -6,8 +6,9 @@ valid token, ``sum_t x[t, e] <= capacity`` and ``x in {0, 1}`` (``-inf`` forbids
 Method (compiled core, ``_core.c``): on large, imbalanced problems a few damped best-response
 price steps first; every token takes its top-k of ``scores - prices``; an ascending auction
 raises the price of each overloaded expert until only ``capacity`` holders still want it
-(evicted holders move to their best free choice), under a budget of ``max_moves``; successive
-shortest paths on the E-node expert graph (prices as potentials) repair what is left.  Every
+(evicted holders move to their best free choice), under a budget of ``max_moves``, with
+eps-scaling after a price war; successive shortest paths on the E-node expert graph (prices as
+potentials, slack capacity as one more node) repair what is left.  Every
 step keeps every token on a top-k of ``scores - prices``, so the result is optimal; the
 duality gap
 ``D(p) - score = sum_t topk_k(scores[t] - p) + capacity * sum_e p_e - score`` is computed from
@@ -50,7 +51,8 @@ def solve_exact(
         problem: the validated problem.
         prices: float [E] warm-start prices (e.g. the previous step's ``Assignment.prices``);
             any values are accepted, they only change the running time.
-        max_moves: auction budget in token moves (default ``2 * k * T``); 0 skips the auction.
+        max_moves: auction budget in token moves per auction run (default ``32 * k * T``; an
+            auction stops sooner when it proves slow); 0 skips the auction.
         price_iterations: cap on best-response price steps (run while the excess is large).
         threads: threads for the row passes (default ``torch.get_num_threads()``).
     """
