@@ -814,9 +814,14 @@ static int64_t priced_deficit(const Ctx *c) {
     return c->scale > 1 ? 0 : x;
 }
 
-/* the price steps still pay: much excess, or (slack capacity) free slots at a positive price */
+/* with slack capacity, more free slots at a positive price than the repair should take */
+static int many_priced_slots(const Ctx *c, int slack) {
+    return slack && priced_deficit(c) * c->E > DEFICIT_PAYBACK * c->N;
+}
+
+/* the price steps still pay: much excess, or many free slots at a positive price */
 static int far_off(const Ctx *c, int64_t enough, int slack) {
-    return total_excess(c) > enough || (slack && priced_deficit(c) * c->E > DEFICIT_PAYBACK * c->N);
+    return total_excess(c) > enough || many_priced_slots(c, slack);
 }
 
 /* the excess below which coarse price steps (a sample of every COARSE-th token, or a stride
@@ -868,7 +873,6 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
      * (16384, 128, 8) the tail alone passed for a war).  Warm starts from prices averaged over
      * other groups make such wars too: prices too high for some experts, which the others'
      * prices must climb to, one leaving price at a time */
-    const int64_t window = WAR_WINDOW;
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
         int progress = 0;
@@ -881,7 +885,7 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
             progress |= c->p[x] > before;
         }
         idle = progress ? 0 : idle + 1;
-        if (war && c->moves - window_moves >= window) {
+        if (war && c->moves - window_moves >= WAR_WINDOW) {
             int64_t left = total_excess(c);
             if (left > WAR_LEFT && (window_excess - left) * war_moves < c->moves - window_moves) {
                 *war = 1;
@@ -1156,7 +1160,7 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
              * of excess in about 16 moves of O(E) each (seen on router scores): stop once a step
              * saves the auction less than it costs, unless free slots keep it going (far_off) */
             int64_t fell = before - total_excess(c);
-            if (fell * STEP_PAYBACK * stride < c->N && !(slack && priced_deficit(c) * c->E > DEFICIT_PAYBACK * c->N)) break;
+            if (fell * STEP_PAYBACK * stride < c->N && !many_priced_slots(c, slack)) break;
         }
         free(buf);
         free(off);
@@ -1190,9 +1194,7 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
     free(sorted);
     for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
-    /* a sample's loads must be accurate enough to steer by: about 64 sampled holders per expert
-     * (with fewer its noise alone stays above the excess at which the steps switch to every
-     * token, and the steps stall) */
+    /* the sample is completed once its excess nears its own noise (coarse_until) */
     int64_t big = c->N * c->E >= ((int64_t)1 << 16);
     int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
