@@ -67,8 +67,9 @@ def _step_by_definition(scores_NE, valid_N, k, capacity, prices_E):
         target = (
             0.5 * (hi + lo) if math.isfinite(lo) and math.isfinite(hi) else (hi if math.isfinite(hi) else lo)
         )
-        if slack:
-            target = max(target, 0.0)
+        if slack and target <= 0:  # the floor: 0 at once, undamped
+            new[e] = 0.0
+            continue
         new[e] = prices_E[e] + DAMPING * (target - prices_E[e])
     return new
 

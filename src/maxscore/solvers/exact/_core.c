@@ -14,9 +14,10 @@
  *      s - p.  On large problems the first steps see only every 4th token (assigned alone,
  *      loads scaled) while the estimated excess is far above the sample's own noise; the
  *      other tokens are assigned once, before the first step over all tokens or at the end.
- *      The steps stop early once one saves the auction less work than it costs, and, with
- *      slack capacity, go on while many free slots sit at experts priced above 0 (each left
- *      costs the repair a shortest path);
+ *      With slack capacity they also run while many free slots sit at experts priced above
+ *      0 (each left costs the repair a shortest path); a price whose target is the floor 0
+ *      goes there at once (damped, it would only near 0 and leave its slots to the repair).
+ *      The steps stop once one saves the auction and the repair less work than it costs;
  *   2. an ascending auction: an overloaded expert raises its price to the lowest leaving
  *      price (s[t,e] - best alternative of t) among the cap[e] holders it keeps and evicts
  *      the others to their best expert not held.  Every step keeps every token on a top-k
@@ -37,7 +38,8 @@
  *      (an uncapacitated dummy token): its units sit only at experts of its own price, the
  *      least, so every expert left below capacity ends at the least price, and prices
  *      relative to Z's are the optimal duals (p >= 0, p = 0 where not full).  Z's units start
- *      at the experts below capacity at the least price; the rest are routed like excess.
+ *      at the experts below capacity at the least price; the rest are routed like excess,
+ *      a path of Z's arcs alone (no token moves) carrying as many units as its ends allow.
  *      (Before Z, non-full experts were lowered to price 0 and every token re-assigned, up
  *      to E rounds: at counts E that do not divide N k, such as 48, 96, 160 and 384, that
  *      undid the price steps and warm starts and left thousands of units to this phase);
@@ -741,8 +743,8 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
         }
         double target = isfinite(lo) && isfinite(hi) ? 0.5 * (hi + lo) : (isfinite(hi) ? hi : lo);
         if (!isfinite(target)) continue;
-        if (floor_zero && target < 0) target = 0;
-        double np = c->p[e] + alpha * (target - c->p[e]);
+        /* at the floor the best response is 0 itself: damped, such prices would only near it */
+        double np = floor_zero && target <= 0 ? 0 : c->p[e] + alpha * (target - c->p[e]);
         if (np != c->p[e]) moved = 1;
         c->p[e] = np;
     }
@@ -804,9 +806,12 @@ static int64_t total_excess(const Ctx *c) {
  * token).  At optimal prices there are none; those the auction leaves cost the repair a
  * shortest path each from the slack node, O(E^2) and more, so the price steps also run while
  * there are more than DEFICIT_PAYBACK N / E of them (a step costs O(N E); without this rule
- * cold starts at E = 384 left hundreds of paths; 4 instead of 1 moved the sweep's figures by
- * no more than its noise, and left warm starts more moves) */
+ * cold starts at E = 384 left hundreds of paths), as long as each step fills enough of them:
+ * a slot filled counts as SLOT_PAYBACK E / STEP_PAYBACK units of excess removed.  (Going on
+ * while many were left, whatever a step filled, cost warm starts from another batch's prices
+ * 20 steps that filled a slot or two each: 20-27x topk at E = 384-472, k = 1) */
 #define DEFICIT_PAYBACK 1
+#define SLOT_PAYBACK 2
 static int64_t priced_deficit(const Ctx *c) {
     int64_t x = 0;
     for (int64_t e = 0; e < c->E; e++)
@@ -1089,17 +1094,27 @@ static int augment(Ctx *c, Dijk *w, int use_prices, int64_t *nsettled) {
                 int32_t x = w->order[i];
                 *(x == Z ? &c->pz : &c->p[x]) += Dstar - w->d[x];
             }
-        int64_t y = target;
-        for (; w->predx[y] >= 0; y = w->predx[y]) {
+        /* units along the path: one if it moves a token (each token arc is one token); a path
+         * of Z's arcs alone carries as many units as its ends and x -> Z arcs allow: at the new
+         * prices its arcs cost 0, so it stays a shortest path for each of them */
+        int64_t units = held_units(c, target) < c->cap[target] ? c->cap[target] - held_units(c, target) : 0, y;
+        for (y = target; w->predx[y] >= 0; y = w->predx[y]) {
+            int64_t x = w->predx[y];
+            if (x != Z && y != Z) units = 1;
+            else if (y == Z && c->dummy[x] < units) units = c->dummy[x];
+        }
+        int64_t over = y == Z ? c->unplaced : held_units(c, y) - c->cap[y];
+        units = over < units ? over : units;
+        for (y = target; w->predx[y] >= 0; y = w->predx[y]) {
             int64_t x = w->predx[y];
             if (x == Z)
-                c->dummy[y]++;
+                c->dummy[y] += units;
             else if (y == Z)
-                c->dummy[x]--;
+                c->dummy[x] -= units;
             else
                 move_token(c, w->predt[y], x, y);
         }
-        if (y == Z) c->unplaced--;
+        if (y == Z) c->unplaced -= units;
     }
     for (int64_t i = 0; i < w->npopped; i++) /* expanded holders that did not move stay holders */
         if (w->popped[i].ver == c->ver[(int64_t)w->popped[i].tok * c->k + w->popped[i].slot])
@@ -1153,14 +1168,14 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
             if (!far_off(c, enough, slack)) break;
             /* coarse steps while far off; a sample overstates the excess (noise only adds to it) */
             int64_t stride = total_excess(c) > coarse_until(c, units, c->scale > 1 ? 12 : 16) ? COARSE : 1;
-            int64_t before = total_excess(c);
+            int64_t before = total_excess(c), slots = priced_deficit(c);
             if (!price_step(c, alpha, slack, stride, buf, off, want, cnt)) break;
             assign_topk(c, 0, c->scale > 1 ? COARSE : 0, bad, nbad_max, nbad);
             /* a step costs about two passes over the scores it reads; the auction removes a unit
-             * of excess in about 16 moves of O(E) each (seen on router scores): stop once a step
-             * saves the auction less than it costs, unless free slots keep it going (far_off) */
-            int64_t fell = before - total_excess(c);
-            if (fell * STEP_PAYBACK * stride < c->N && !many_priced_slots(c, slack)) break;
+             * of excess in about 16 moves of O(E) each (seen on router scores), the repair a
+             * priced free slot in a path of O(E^2): stop once a step saves less than it costs */
+            int64_t fell = before - total_excess(c), filled = slots - priced_deficit(c);
+            if ((fell * STEP_PAYBACK + (filled > 0 ? filled : 0) * c->E * SLOT_PAYBACK) * stride < c->N) break;
         }
         free(buf);
         free(off);

@@ -11,7 +11,9 @@ which t would stop (a holder) or start (another token) wanting it:
 it: the midpoint of the C-th and (C+1)-th largest thresholds (the smallest finite one when
 fewer than C + 1 are finite); an expert already at its capacity keeps its price; with slack
 capacity (``C E > k x valid tokens``) targets are floored at 0.  Prices then move ``DAMPING``
-of the way to the target (Jacobi: all experts at once).  Engines:
+of the way to the target (Jacobi: all experts at once), except a price whose target is that
+floor: it goes to 0 at once (damped, it would only near 0, and every expert left below
+capacity at a positive price costs the exact repair a shortest path).  Engines:
 
 - the host core (``_core.c``) runs this step threaded, on a sample of every 4th token while
   the excess is large (``_core.price_step`` runs it once on every token, for tests);
@@ -132,7 +134,7 @@ def price_step(
     num_valid = s.shape[1] if valid is None else valid.sum(1)
     slack = capacity * s.shape[-1] > k * num_valid
     target = best_response(theta, loads, capacity, p, slack)
-    return p + DAMPING * (target - p)
+    return torch.where(slack[:, None] & (target <= 0), 0.0, p + DAMPING * (target - p))
 
 
 def expert_loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
