@@ -202,7 +202,7 @@ def test_a_token_with_too_few_allowed_experts_in_a_large_biased_problem_is_named
         maxscore.solve(scores, 2)
 
 
-@pytest.mark.parametrize(("capacity_factor", "padded"), [(1.0, False), (1.0, True), (1.25, False)])
+@pytest.mark.parametrize(("capacity_factor", "padded"), [(1.0, False), (1.25, True), (1.25, False)])
 def test_a_slow_auction_hands_back_to_the_price_steps_and_stays_exact(capacity_factor, padded):
     """Near-uniform scores with a per-expert bias (a router early in training) make the auction
     creep up in small raises: it hands back to the price steps once (with padding, and with

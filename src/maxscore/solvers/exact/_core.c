@@ -793,6 +793,7 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 #define WAR_WINDOW 1024 /* the auction checks its rate every so many moves */
 #define WAR_MOVES 128   /* a price war: more moves than this per unit of excess removed */
 #define WAR_LEFT 4      /* ... with more units than this left */
+#define WAR_BUDGET 2    /* ... or more moves left, at the window's rate, than this many per unit */
 
 /* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
@@ -861,9 +862,9 @@ static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
  * strong per-expert bias (a router early in training) make such auctions: prices creep up
  * in small raises while tokens shuttle between experts, and the move budget ends them.
  */
-static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64_t war_moves) {
+static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64_t war_moves, int64_t war_budget) {
     int64_t raises = 0, units = 0, capacity = 0, start = c->moves, excess0 = total_excess(c);
-    if (slow) totals(c, &units, &capacity);
+    totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
@@ -877,7 +878,11 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
      * or fewer left: an auction's last units always take more moves each, and cost little (at
      * (16384, 128, 8) the tail alone passed for a war).  Warm starts from prices averaged over
      * other groups make such wars too: prices too high for some experts, which the others'
-     * prices must climb to, one leaving price at a time */
+     * prices must climb to, one leaving price at a time.  With `war_budget` > 0 also once the
+     * units left, at the window's rate, would cost more than war_budget moves per unit of the
+     * problem (eps-scaling costs about that): sigmoid scores with a strong bias made auctions
+     * of 60-100 moves per unit over thousands of units, under the WAR_MOVES rate (at
+     * (3937, 488, 7) 380k moves before the rule, where eps-scaling finished in 52k) */
     int64_t window_moves = c->moves, window_excess = excess0;
     while (overloaded && idle < 3 && c->moves < max_moves && !c->oom) {
         int progress = 0;
@@ -892,7 +897,9 @@ static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64
         idle = progress ? 0 : idle + 1;
         if (war && c->moves - window_moves >= WAR_WINDOW) {
             int64_t left = total_excess(c);
-            if (left > WAR_LEFT && (window_excess - left) * war_moves < c->moves - window_moves) {
+            int64_t fell = window_excess - left, spent = c->moves - window_moves;
+            int over_budget = war_budget > 0 && (double)left * spent > (double)war_budget * units * fell;
+            if (left > WAR_LEFT && (fell * war_moves < spent || over_budget)) {
                 *war = 1;
                 break;
             }
@@ -953,7 +960,7 @@ static int64_t scaled_auction(Ctx *c, int64_t max_moves, int64_t *bad, int64_t n
     double eps = EPS_SPREAD * score_spread(c);
     for (int round = 0; round < EPS_ROUNDS && eps > 0 && !c->oom; round++, eps /= EPS_SHRINK) {
         c->eps = eps;
-        raises += run_auction(c, c->moves + max_moves, NULL, NULL, 0);
+        raises += run_auction(c, c->moves + max_moves, NULL, NULL, 0, 0);
         c->eps = 0;
         assign_topk(c, 0, 0, bad, nbad_max, nbad); /* every token on its exact top-k again */
         build_heaps(c);
@@ -1331,18 +1338,18 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
          * routings stay as they were) finish their auction in microseconds either way */
         int may_reprice = price_iters > 0 && N * E >= ((int64_t)1 << 15);
         int war = 0;
-        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL, &war, WAR_MOVES);
+        raises = run_auction(c, max_moves, may_reprice ? &repriced : NULL, &war, WAR_MOVES, WAR_BUDGET);
         if (repriced) { /* back to the price steps, then the auction again */
             if (!reprice(c, price_iters, alpha, bad, nbad_max, nbad)) {
                 status = ST_TOO_FEW_ALLOWED;
                 goto done;
             }
-            raises += run_auction(c, max_moves, NULL, &war, WAR_MOVES);
+            raises += run_auction(c, max_moves, NULL, &war, WAR_MOVES, WAR_BUDGET);
         }
         if (war) { /* a price war: eps-scaling from here, then the exact auction once more */
             raises += scaled_auction(c, max_moves, bad, nbad_max, nbad);
             int again = 0; /* a war left: the repair's */
-            raises += run_auction(c, c->moves + max_moves, NULL, &again, c->E);
+            raises += run_auction(c, c->moves + max_moves, NULL, &again, c->E, 0);
         }
     }
     double t2 = now_ms();
