@@ -181,7 +181,8 @@ def price_steps(
         target = _best_response(
             theta_ptr, g, p, C, slack, loads, low, high, above, infinite, N, BLOCK_N, BLOCK_E, MAX_BISECT
         )
-        p = tl.where(col_ok & ((slack == 0) | (target > 0)), p + damping * (target - p), 0.0)  # floor: 0 at once
+        # a price whose target is the floor 0 goes there at once (prices.price_step)
+        p = tl.where(col_ok & ((slack == 0) | (target > 0)), p + damping * (target - p), 0.0)
         loads, low, high, above, infinite, excess = _thresholds(
             s_ptr, valid_ptr, theta_ptr, g, p, C, N, E, K, BLOCK_N, BLOCK_E, HAS_VALID, COMPUTE
         )
