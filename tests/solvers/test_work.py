@@ -37,9 +37,11 @@ def test_work_is_bounded_where_the_capacity_has_slack(num_tokens, num_experts, k
     # a cold start moves fewer units than it routes, and leaves few augmentations
     assert cold.moves <= 1.5 * units, cold.moves
     assert cold.augmentations <= num_experts / 8, cold.augmentations
-    # a warm start at the optimum has almost nothing to do (ties only)
+    # a warm start at the optimum has almost nothing to do: ties only.  Optimal prices sit at
+    # thresholds (each priced expert has a token exactly at its leaving or entering price),
+    # and the tie rule may seat that token on the other side: about a unit per expert at most
     at_optimum = run_core(problem, prices_E=cold.prices_E)
-    assert at_optimum.moves + at_optimum.augmentations <= units / 100
+    assert at_optimum.moves + at_optimum.augmentations <= num_experts
     # a warm start from the next batch's optimum: a small share of the units move
     other = make_problem(biased_scores(num_tokens, num_experts, 1), k, None, 1.0, None)
     next_batch = run_core(problem, prices_E=run_core(other).prices_E)

@@ -671,14 +671,16 @@ static void *gather_thread(void *arg) {
  * at price q counts the tokens whose threshold exceeds q: a holder's threshold is its
  * leaving price s - best, another token's is its entering price s - (its k-th value).  The
  * target price puts exactly cap[e] thresholds above it (midpoint of the cap-th and
- * cap+1-th); prices move a fraction alpha of the way.  An overloaded expert selects among
+ * cap+1-th); prices move a fraction alpha of the way (alpha_up where the target is above
+ * the price; with floor_zero a target at or below 0 sets the price to 0, as prices.py
+ * defines the step).  An overloaded expert selects among
  * its holders; an underloaded one keeps only its C - L + 1 best entering prices in a
  * bounded heap.  With stride > 1 the same quantiles are estimated on every stride-th token
  * (cheap early steps while the excess is large; exactness comes from the later phases).
  * O(N E / stride) plus the selections.  Returns 0 when no price moved.
  */
-static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, double *buf, int64_t *off,
-                      int64_t *want, int64_t *cnt) {
+static int price_step(Ctx *c, double alpha, double alpha_up, int floor_zero, int64_t stride, double *buf,
+                      int64_t *off, int64_t *want, int64_t *cnt) {
     const int64_t E = c->E;
     int64_t total = 0;
     Chunk ch[MAX_THREADS]; /* threads split the experts: each owns its experts' buffers */
@@ -744,7 +746,8 @@ static int price_step(Ctx *c, double alpha, int floor_zero, int64_t stride, doub
         double target = isfinite(lo) && isfinite(hi) ? 0.5 * (hi + lo) : (isfinite(hi) ? hi : lo);
         if (!isfinite(target)) continue;
         /* at the floor the best response is 0 itself: damped, such prices would only near it */
-        double np = floor_zero && target <= 0 ? 0 : c->p[e] + alpha * (target - c->p[e]);
+        double step = target > c->p[e] ? alpha_up : alpha;
+        double np = floor_zero && target <= 0 ? 0 : c->p[e] + step * (target - c->p[e]);
         if (np != c->p[e]) moved = 1;
         c->p[e] = np;
     }
@@ -813,6 +816,14 @@ static int64_t total_excess(const Ctx *c) {
  * 20 steps that filled a slot or two each: 20-27x topk at E = 384-472, k = 1) */
 #define DEFICIT_PAYBACK 1
 #define SLOT_PAYBACK 2
+/* while a step removes less than half the excess, the next raises prices up to RAISE_MAX of
+ * the way to their targets, RAISE_GROWTH times more each step (back to the damping when the
+ * excess grows): Jacobi steps are slow where experts compete for the same tokens, since each
+ * target assumes the others' prices stay (at (6325, 448, 9) about 20% of the excess per step).
+ * Lowerings keep the damping: overshot, they leave free slots at positive prices, one
+ * shortest path each (1.6 did, for both) */
+#define RAISE_MAX 1.2
+#define RAISE_GROWTH 1.25
 static int64_t priced_deficit(const Ctx *c) {
     int64_t x = 0;
     for (int64_t e = 0; e < c->E; e++)
@@ -1167,6 +1178,7 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
         double *buf = malloc(sizeof(double) * (size_t)(capacity + units + 9 * c->E + 1));
         int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *want = off + c->E, *cnt = off + 2 * c->E;
         if (!buf || !off) c->oom = 1;
+        double a = alpha; /* the raises' step (see RAISE_MAX) */
         for (int64_t it = 0; !c->oom && it < price_iters; it++) {
             if (c->scale > 1 && total_excess(c) <= coarse_until(c, units, 12)) { /* every token from now on */
                 complete = assign_topk(c, 0, -COARSE, bad, nbad_max, nbad);
@@ -1176,13 +1188,17 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
             /* coarse steps while far off; a sample overstates the excess (noise only adds to it) */
             int64_t stride = total_excess(c) > coarse_until(c, units, c->scale > 1 ? 12 : 16) ? COARSE : 1;
             int64_t before = total_excess(c), slots = priced_deficit(c);
-            if (!price_step(c, alpha, slack, stride, buf, off, want, cnt)) break;
+            if (!price_step(c, alpha, a, slack, stride, buf, off, want, cnt)) break;
             assign_topk(c, 0, c->scale > 1 ? COARSE : 0, bad, nbad_max, nbad);
             /* a step costs about two passes over the scores it reads; the auction removes a unit
              * of excess in about 16 moves of O(E) each (seen on router scores), the repair a
              * priced free slot in a path of O(E^2): stop once a step saves less than it costs */
             int64_t fell = before - total_excess(c), filled = slots - priced_deficit(c);
             if ((fell * STEP_PAYBACK + (filled > 0 ? filled : 0) * c->E * SLOT_PAYBACK) * stride < c->N) break;
+            if (fell < 0)
+                a = alpha;
+            else if (2 * fell < before)
+                a = fmin(a * RAISE_GROWTH, RAISE_MAX);
         }
         free(buf);
         free(off);
@@ -1675,7 +1691,7 @@ static PyObject *py_price_step(PyObject *self, PyObject *args) {
     int status = ST_NO_MEMORY;
     if (c.experts && c.loads && c.held && c.best && c.barg && c.kth && buf && off) {
         status = assign_topk(&c, 1, 0, bad, 0, &nbad) ? ST_OK : ST_TOO_FEW_ALLOWED;
-        if (status == ST_OK) price_step(&c, alpha, capacity > units, 1, buf, off, off + E, off + 2 * E);
+        if (status == ST_OK) price_step(&c, alpha, alpha, capacity > units, 1, buf, off, off + E, off + 2 * E);
         if (c.oom) status = ST_NO_MEMORY;
     }
     free(c.experts);
