@@ -8,10 +8,9 @@
  *
  * mode 0 (exact), four phases:
  *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
- *      of the units on large problems, 1/4 on small ones, where the auction is cheaper), a
- *      few damped best-response (Jacobi) steps move every price toward the value that would
- *      give its expert exactly cap[e] tokens; then every valid token takes its top-k of
- *      s - p.  On large problems the first steps see only every 4th token (assigned alone,
+ *      of the units), a few damped best-response (Jacobi) steps move every price toward the
+ *      value that would give its expert exactly cap[e] tokens; then every valid token takes
+ *      its top-k of s - p.  On large problems the first steps see only every 4th token (assigned alone,
  *      loads scaled) while the estimated excess is far above the sample's own noise; the
  *      other tokens are assigned once, before the first step over all tokens or at the end.
  *      With slack capacity they also run while many free slots sit at experts priced above
@@ -1193,7 +1192,7 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
             /* a step costs about two passes over the scores it reads; the auction removes a unit
              * of excess in about 16 moves of O(E) each (seen on router scores), the repair a
              * priced free slot in a path of O(E^2): stop once a step saves less than it costs */
-            int64_t fell = before - total_excess(c), filled = slots - priced_deficit(c);
+            int64_t fell = before - total_excess(c), filled = slack ? slots - priced_deficit(c) : 0;
             if ((fell * STEP_PAYBACK + (filled > 0 ? filled : 0) * c->E * SLOT_PAYBACK) * stride < c->N) break;
             if (fell < 0)
                 a = alpha;
@@ -1236,9 +1235,12 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     int64_t big = c->N * c->E >= ((int64_t)1 << 16);
     int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
-    /* the steps pay off on big problems with much excess; on small ones the auction is
-     * usually cheaper, and when it is not it hands back to the steps (see run_auction) */
-    int64_t enough = big ? units / 64 : units / 4; /* a unit or two is the auction's alone */
+    /* the steps run while the excess is above 1/64 of the units, and stop sooner once one
+     * no longer pays (price_phase).  (Small problems, under 2^16 scores, once stopped at 1/4:
+     * groups of 256 tokens warm-started from other groups' mean prices then left the auction
+     * prices too high for some experts, which the others' had to climb to, one leaving price
+     * at a time: 100k moves per batch of 32 where a step or two and 6k moves did) */
+    int64_t enough = units / 64;
     if (ok) ok = price_phase(c, price_iters, alpha, enough > 1 ? enough : 1, units, capacity, bad, nbad_max, nbad);
     free(c->kth);
     c->kth = NULL;
