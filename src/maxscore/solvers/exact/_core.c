@@ -24,8 +24,9 @@
  *      stops when a round raises no price (only tied tokens left to shuffle).  On problems of
  *      at least 2^15 scores an auction that proves slow early (see run_auction) hands back
  *      once to the price steps of phase 1, from its own prices, down to 1/64 of the units, and
- *      then goes on.  A price war (the excess falling by less than a unit per WAR_MOVES moves)
- *      switches to eps-scaling (scaled_auction): auctions that raise prices eps past the kept
+ *      then goes on.  A price war (the excess falling by less than a unit per WAR_MOVES moves,
+ *      or too slowly for what is left) switches to eps-scaling (scaled_auction) unless few
+ *      units are left (those go to the repair): auctions that raise prices eps past the kept
  *      holders' least, every token back on its exact top-k, then the exact auction again,
  *      which hands what is left to the repair if it wars again;
  *   3. successive shortest paths on the E-node expert graph (arc a->b: move one token that
@@ -796,6 +797,10 @@ static int64_t raise_price(Ctx *c, int64_t x, int32_t *out) {
 #define WAR_MOVES 128   /* a price war: more moves than this per unit of excess removed */
 #define WAR_LEFT 4      /* ... with more units than this left */
 #define WAR_BUDGET 2    /* ... or more moves left, at the window's rate, than this many per unit */
+/* a war with at most WAR_REPAIR N / E units left goes to the repair (paths of O(E^2) each)
+ * rather than to eps-scaling, whose rounds put every token back on its exact top-k: at
+ * (5321, 384, 7) with 9 units left that made an excess of 21,596 and 580k moves */
+#define WAR_REPAIR 2
 
 /* the total overload (estimated from the sample while loads count one) */
 static int64_t total_excess(const Ctx *c) {
@@ -1364,7 +1369,9 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
             }
             raises += run_auction(c, max_moves, NULL, &war, WAR_MOVES, WAR_BUDGET);
         }
-        if (war) { /* a price war: eps-scaling from here, then the exact auction once more */
+        /* a price war: eps-scaling from here, then the exact auction once more; a war over a
+         * few units is the repair's (see WAR_REPAIR) */
+        if (war && total_excess(c) * c->E > WAR_REPAIR * c->N) {
             raises += scaled_auction(c, max_moves, bad, nbad_max, nbad);
             int again = 0; /* a war left: the repair's */
             raises += run_auction(c, c->moves + max_moves, NULL, &again, c->E, 0);
