@@ -8,9 +8,9 @@
  *
  * mode 0 (exact), four phases:
  *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
- *      of the units), a few damped best-response (Jacobi) steps move every price toward the
- *      value that would give its expert exactly cap[e] tokens; then every valid token takes
- *      its top-k of s - p.  On large problems the first steps see only every 4th token (assigned alone,
+ *      of the units; 1/4 on small problems started cold), a few damped best-response
+ *      (Jacobi) steps move every price toward the value that would give its expert exactly
+ *      cap[e] tokens; then every valid token takes its top-k of s - p.  On large problems the first steps see only every 4th token (assigned alone,
  *      loads scaled) while the estimated excess is far above the sample's own noise; the
  *      other tokens are assigned once, before the first step over all tokens or at the end.
  *      With slack capacity they also run while many free slots sit at experts priced above
@@ -1241,11 +1241,15 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
     /* the steps run while the excess is above 1/64 of the units, and stop sooner once one
-     * no longer pays (price_phase).  (Small problems, under 2^16 scores, once stopped at 1/4:
-     * groups of 256 tokens warm-started from other groups' mean prices then left the auction
-     * prices too high for some experts, which the others' had to climb to, one leaving price
-     * at a time: 100k moves per batch of 32 where a step or two and 6k moves did) */
-    int64_t enough = units / 64;
+     * no longer pays (price_phase); small problems (under 2^16 scores) started cold stop at
+     * 1/4, where the auction is cheaper: from prices 0 it only raises prices below the
+     * optimum.  A warm start may hold prices above it, which the auction cannot lower: the
+     * others' must climb to them, one leaving price at a time (groups of 256 tokens started
+     * from other groups' mean prices took 100k moves per batch of 32 with the steps stopped
+     * at 1/4, 6k-44k with them going on to 1/64; a cold (512, 16, 2) took 2x longer so) */
+    int warm = 0;
+    for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
+    int64_t enough = big || warm ? units / 64 : units / 4;
     if (ok) ok = price_phase(c, price_iters, alpha, enough > 1 ? enough : 1, units, capacity, bad, nbad_max, nbad);
     free(c->kth);
     c->kth = NULL;
