@@ -10,9 +10,10 @@
  *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
  *      of the units; 1/4 on small problems started cold), a few damped best-response
  *      (Jacobi) steps move every price toward the value that would give its expert exactly
- *      cap[e] tokens; then every valid token takes its top-k of s - p.  On large problems the first steps see only every 4th token (assigned alone,
- *      loads scaled) while the estimated excess is far above the sample's own noise; the
- *      other tokens are assigned once, before the first step over all tokens or at the end.
+ *      cap[e] tokens; then every valid token takes its top-k of s - p.  On large problems the
+ *      first steps see only every 4th token (assigned alone, loads scaled) while the
+ *      estimated excess is far above the sample's own noise; the other tokens are assigned
+ *      once, before the first step over all tokens or at the end.
  *      With slack capacity they also run while many free slots sit at experts priced above
  *      0 (each left costs the repair a shortest path); a price whose target is the floor 0
  *      goes there at once (damped, it would only near 0 and leave its slots to the repair).
@@ -879,7 +880,7 @@ static void totals(const Ctx *c, int64_t *units, int64_t *capacity) {
  */
 static int64_t run_auction(Ctx *c, int64_t max_moves, int *slow, int *war, int64_t war_moves, int64_t war_budget) {
     int64_t raises = 0, units = 0, capacity = 0, start = c->moves, excess0 = total_excess(c);
-    totals(c, &units, &capacity);
+    if (slow || war_budget > 0) totals(c, &units, &capacity);
     int32_t *out = malloc(sizeof(int32_t) * (size_t)(c->N + 1));
     /* rounds that raise no price only shuffle tied tokens (they could cycle): stop after a few */
     int idle = 0, overloaded = 1, probe = slow != NULL;
