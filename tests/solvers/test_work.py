@@ -34,10 +34,9 @@ def test_work_is_bounded_where_the_capacity_has_slack(num_tokens, num_experts, k
     units = num_tokens * k
     problem = make_problem(biased_scores(num_tokens, num_experts, 0), k, None, 1.0, None)
     cold = run_core(problem)
-    # a cold start's work is less than a move and a half per unit it routes, an augmentation
-    # (a shortest path over the experts) counting as E moves
-    work = cold.moves + num_experts * cold.augmentations
-    assert work <= 1.5 * units, (cold.moves, cold.augmentations)
+    # a cold start moves fewer units than it routes, and leaves few augmentations
+    assert cold.moves <= 1.5 * units, cold.moves
+    assert cold.augmentations <= num_experts / 8, cold.augmentations
     # a warm start at the optimum has almost nothing to do: ties only.  Optimal prices sit at
     # thresholds (each priced expert has a token exactly at its leaving or entering price),
     # and the tie rule may seat that token on the other side: about a unit per expert at most

@@ -7,13 +7,9 @@
  * top-k of s[t,:] - p and only full experts have a positive price.
  *
  * mode 0 (exact), four phases:
- *   1. prices: warm-start prices shifted to minimum 0.  A cold start of at least 2^15 scores,
- *      with experts of 8 tokens or more and less than 0.8 of the units over capacity at
- *      prices 0, starts instead from quantile prices (each expert's score ranked about its
- *      capacity, see quantile_prices), near the optimal ones on router scores.  While the
- *      excess is large (above 1/64 of the units; 1/4 on small problems started cold), a few
- *      damped best-response (Jacobi) steps move every price toward the value that would give
- *      its expert exactly
+ *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
+ *      of the units; 1/4 on small problems started cold), a few damped best-response
+ *      (Jacobi) steps move every price toward the value that would give its expert exactly
  *      cap[e] tokens; then every valid token takes its top-k of s - p.  On large problems the
  *      first steps see only every 4th token (assigned alone, loads scaled) while the
  *      estimated excess is far above the sample's own noise; the other tokens are assigned
@@ -1218,129 +1214,6 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
 }
 
 /*
- * The cold start's prices: each expert's r-th largest score over the valid tokens, r = cap +
- * QUANTILE_MARGIN sqrt(cap) + 1 (the margin: a few standard errors of the cap-th largest),
- * shifted to least 0; an expert with fewer than r finite scores starts at the least price.
- * At such prices about cap tokens value each expert above a common level, so the first top-k
- * is near balance.  On router scores they correlate 0.96-1.0 with the optimal prices.
- * Sigmoid scores with a per-expert bias need them: from prices 0 the popular experts hold half
- * the units or more, and their holders score them all near 1, nearly alike, so each Jacobi step
- * removes 10-25% of the excess and the auction that follows fights a price war (the sweep's
- * sigmoid shapes: 20x topk median cold, 3x from these prices).  Not used where
- * - QUANTILE_BELOW of the units or more start over capacity: softmax scores with a strong bias
- *   (k = 1 above all), where these prices sit 20-35% above the optimal ones and leave free
- *   slots at positive prices, a repair path each, while the steps from 0 converge fast;
- * - the experts hold fewer than QUANTILE_MIN_CAP tokens on average (groups of 128 tokens over
- *   hundreds of experts): a quantile of a few tokens is noise;
- * - problems of fewer than QUANTILE_MIN_SCORES scores, whose auctions cost microseconds: the
- *   pass and the second top-k cost more than they save ((512, 16, 2): 8x topk -> 11x).
- * Cost: a pass over every stride-th token (stride at most COARSE, so that an expert's capacity
- * over the sample stays at QUANTILE_SAMPLE tokens or more), a compare per score; scores past an expert's
- * current r-th largest go to a buffer of 2r, cut back to its r largest when full (amortized
- * O(1) each), then the first top-k once more.
- */
-#define QUANTILE_MARGIN 2
-#define QUANTILE_BELOW 0.8
-#define QUANTILE_MIN_CAP 8
-#define QUANTILE_MIN_SCORES ((int64_t)1 << 15)
-#define QUANTILE_SAMPLE 16
-#define QUANTILE_TILE 16
-/* appends a score past the gate to an expert's buffer of 2r; a full buffer keeps its r largest
- * and the gate rises to their least */
-static void quantile_offer(double *buf, int64_t *cnt, int64_t r, double v, double *gate) {
-    buf[(*cnt)++] = v;
-    if (*cnt < 2 * r) return;
-    *gate = select_desc(buf, *cnt, r - 1); /* buf[0..r-1]: the r largest */
-    *cnt = r;
-}
-#define QUANTILE_PASS(T)                                                                             \
-    static void quantile_rows_##T(const Ctx *c, const T *s, int64_t stride, double *buf,              \
-                                  const int64_t *off, const int64_t *r, int64_t *cnt, double *gate,   \
-                                  T *gate_t) {                                                        \
-        int32_t hit[QUANTILE_TILE];                                                                  \
-        for (int64_t t = 0; t < c->N; t += stride) {                                                 \
-            if (!is_valid(c, t)) continue;                                                           \
-            const T *row = s + t * c->E;                                                             \
-            for (int64_t e0 = 0; e0 < c->E; e0 += QUANTILE_TILE) { /* branch-free filter first */   \
-                int64_t e1 = e0 + QUANTILE_TILE < c->E ? e0 + QUANTILE_TILE : c->E, n = 0;           \
-                for (int64_t e = e0; e < e1; e++) {                                                  \
-                    hit[n] = (int32_t)e;                                                             \
-                    n += row[e] > gate_t[e];                                                         \
-                }                                                                                    \
-                for (int64_t i = 0; i < n; i++) {                                                    \
-                    int64_t e = hit[i];                                                              \
-                    quantile_offer(buf + off[e], cnt + e, r[e], (double)row[e], gate + e);           \
-                    gate_t[e] = (T)gate[e];                                                          \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-    }
-QUANTILE_PASS(float)
-QUANTILE_PASS(double)
-
-static void quantile_prices(Ctx *c) {
-    const int64_t E = c->E;
-    int64_t units, capacity;
-    totals(c, &units, &capacity);
-    int64_t stride = capacity / E / QUANTILE_SAMPLE;
-    stride = stride < 1 ? 1 : (stride > COARSE ? COARSE : stride);
-    int64_t nvalid = 0, total = 0;
-    for (int64_t t = 0; t < c->N; t += stride) nvalid += is_valid(c, t);
-    int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * E)), *r = off + E, *cnt = off + 2 * E;
-    double *gate = malloc(sizeof(double) * (size_t)(2 * E)); /* the r-th largest so far, -inf first */
-    double *gate_t = gate + E;                                /* the same in the scores' type */
-    for (int64_t e = 0; off && gate && e < E; e++) {
-        double cap = (double)c->cap[e] / (double)stride; /* a sample of every stride-th token */
-        int64_t want = (int64_t)(cap + QUANTILE_MARGIN * sqrt(cap)) + 1;
-        r[e] = want < nvalid ? want : nvalid;
-        off[e] = total;
-        total += 2 * r[e];
-        cnt[e] = 0;
-        gate[e] = -INFINITY;
-        if (c->s32)
-            ((float *)gate_t)[e] = -INFINITY;
-        else
-            gate_t[e] = -INFINITY;
-    }
-    double *buf = off && gate ? malloc(sizeof(double) * (size_t)(total + 1)) : NULL;
-    if (!buf) {
-        free(off);
-        free(gate);
-        c->oom = 1;
-        return;
-    }
-    if (c->s32)
-        quantile_rows_float(c, c->s32, stride, buf, off, r, cnt, gate, (float *)gate_t);
-    else
-        quantile_rows_double(c, c->s64, stride, buf, off, r, cnt, gate, gate_t);
-    double least = INFINITY;
-    for (int64_t e = 0; e < E; e++) {
-        c->p[e] = r[e] > 0 && cnt[e] >= r[e] ? select_desc(buf + off[e], cnt[e], r[e] - 1) : -INFINITY;
-        least = fmin(least, c->p[e]);
-    }
-    for (int64_t e = 0; e < E; e++) c->p[e] = isfinite(least) && isfinite(c->p[e]) ? c->p[e] - least : 0.0;
-    free(buf);
-    free(off);
-    free(gate);
-}
-
-/* prices less their m-th least, floored at 0 (see prepare) */
-static void shift_to_floor(Ctx *c, int64_t units, int64_t capacity) {
-    int64_t cap_max = 1, m = 1;
-    for (int64_t e = 0; e < c->E; e++) cap_max = c->cap[e] > cap_max ? c->cap[e] : cap_max;
-    if (capacity > units) m = (capacity - units + cap_max - 1) / cap_max;
-    double *sorted = malloc(sizeof(double) * (size_t)c->E);
-    if (!sorted) {
-        c->oom = 1;
-        return;
-    }
-    memcpy(sorted, c->p, sizeof(double) * (size_t)c->E);
-    double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
-    free(sorted);
-    for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
-}
-
-/*
  * Phase 1: prices (warm start shifted to min 0, then the price steps while the excess is
  * large) and the top-k assignment at those prices.  Large problems start on a sample, every
  * COARSE-th token: while the estimated excess is large the steps need only the sample.
@@ -1355,23 +1228,19 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
      * optimum, all at price 0, so at least m start there.  Prices averaged over other groups
      * (a router's) put almost every expert above 0, and the slack node would otherwise raise
      * the others past them one path at a time */
-    shift_to_floor(c, units, capacity);
-    if (c->oom) return 1;
-    int warm = 0;
-    for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
+    int64_t cap_max = 1, m = 1;
+    for (int64_t e = 0; e < c->E; e++) cap_max = c->cap[e] > cap_max ? c->cap[e] : cap_max;
+    if (capacity > units) m = (capacity - units + cap_max - 1) / cap_max;
+    double *sorted = malloc(sizeof(double) * (size_t)c->E);
+    if (!sorted) return c->oom = 1, 1;
+    memcpy(sorted, c->p, sizeof(double) * (size_t)c->E);
+    double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
+    free(sorted);
+    for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
     /* the sample is completed once its excess nears its own noise (coarse_until) */
     int64_t big = c->N * c->E >= ((int64_t)1 << 16);
     int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
     int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
-    /* cold, with less than QUANTILE_BELOW of the units over capacity: from the quantile prices */
-    if (ok && !warm && price_iters > 0 && c->N * c->E >= QUANTILE_MIN_SCORES && capacity >= QUANTILE_MIN_CAP * c->E &&
-        total_excess(c) < QUANTILE_BELOW * units) {
-        quantile_prices(c);
-        shift_to_floor(c, units, capacity);
-        if (c->oom) return 1;
-        ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
-        warm = 1;
-    }
     /* the steps run while the excess is above 1/64 of the units, and stop sooner once one
      * no longer pays (price_phase); small problems (under 2^16 scores) started cold stop at
      * 1/4, where the auction is cheaper: from prices 0 it only raises prices below the
@@ -1379,6 +1248,8 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
      * others' must climb to them, one leaving price at a time (groups of 256 tokens started
      * from other groups' mean prices took 100k moves per batch of 32 with the steps stopped
      * at 1/4, 6k-44k with them going on to 1/64; a cold (512, 16, 2) took 2x longer so) */
+    int warm = 0;
+    for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
     int64_t enough = big || warm ? units / 64 : units / 4;
     if (ok) ok = price_phase(c, price_iters, alpha, enough > 1 ? enough : 1, units, capacity, bad, nbad_max, nbad);
     free(c->kth);

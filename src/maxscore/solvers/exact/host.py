@@ -3,9 +3,8 @@
 Problem: maximize ``sum scores[t, e] * x[t, e]`` subject to ``sum_e x[t, e] = k`` for every
 valid token, ``sum_t x[t, e] <= capacity`` and ``x in {0, 1}`` (``-inf`` forbids a pair).
 
-Method (compiled core, ``_core.c``): cold starts of large problems from quantile prices (each
-expert's score ranked about its capacity); on large, imbalanced problems a few damped
-best-response price steps first; every token takes its top-k of ``scores - prices``; an ascending auction
+Method (compiled core, ``_core.c``): on large, imbalanced problems a few damped best-response
+price steps first; every token takes its top-k of ``scores - prices``; an ascending auction
 raises the price of each overloaded expert until only ``capacity`` holders still want it
 (evicted holders move to their best free choice), under a budget of ``max_moves``, with
 eps-scaling after a price war; successive shortest paths on the E-node expert graph (prices as
