@@ -248,7 +248,6 @@ def test_a_warm_call_on_cuda_launches_few_kernels_and_one_copy_to_the_host():
 
 @needs_kernels
 def test_a_kernel_that_fails_to_compile_sends_auto_to_the_host_engine(monkeypatch):
-    from maxscore.solvers import exact
     from maxscore.solvers.exact import dense, kernels
 
     class Broken:
@@ -265,7 +264,7 @@ def test_a_kernel_that_fails_to_compile_sends_auto_to_the_host_engine(monkeypatc
         maxscore.solvers, "pick_engine", lambda engine, s: "host" if engine == "host" else "device"
     )
     scores, _ = _groups("peaked", 3, 64, 8, 2)
-    with pytest.raises(exact.KernelError, match="route_kernel failed to compile or launch: out of resources"):
+    with pytest.raises(dense.KernelError, match="route_kernel failed to compile or launch: out of resources"):
         maxscore.solve(scores, 2, engine="device")
     with pytest.warns(RuntimeWarning, match="falls back to the host engine"):
         routed = maxscore.solve(scores, 2)

@@ -22,7 +22,6 @@ name                routing                                                     
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
 import torch
 from torch import nn
@@ -36,7 +35,16 @@ from maxscore.routers.balanced import (
     SBaseRouterConfig,
 )
 from maxscore.routers.base import GatedRouter, GatedRouterConfig, Router, RouterOutput
-from maxscore.routers.config import MoEConfig, legacy_moe_config
+from maxscore.routers.config import (
+    ROUTERS,
+    SAVED_DEFAULTS,
+    MoEConfig,
+    legacy_moe_config,
+    registered_router,
+    router_config,
+    router_name,
+    router_options,
+)
 from maxscore.routers.deepseek import DeepSeekV3Router, DeepSeekV3RouterConfig
 from maxscore.routers.expert_choice import ExpertChoiceRouter, ExpertChoiceRouterConfig
 from maxscore.routers.maxscore import (
@@ -59,52 +67,23 @@ from maxscore.routers.topk import (
     SwitchRouter,
 )
 
-ROUTERS: dict[str, type[GatedRouter]] = {
-    "maxscore": MaxScoreRouter,
-    "maxscore_paper": PaperMaxScoreRouter,
-    "flow_only": FlowOnlyRouter,
-    "softtopk_only": SoftTopkOnlyRouter,
-    "gshard": GShardRouter,
-    "switch": SwitchRouter,
-    "iterative": IterativeRouter,
-    "dropless": DroplessRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "base": BaseLayersRouter,
-    "sbase": SBaseRouter,
-    "deepseek_v3": DeepSeekV3Router,
-    "quantile": QuantileRouter,
-}
-
-
-# Defaults as they were before any router default changed.  A config read from a file is
-# completed from these, so a model saved with a partial dict keeps the behaviour it was
-# trained with; configs written now are complete (``router_config(...).to_dict()``).
-_PAPER_SCHEDULE = {"start": 4.0, "end": 1.0, "steps": 30000, "kind": "linear"}
-SAVED_DEFAULTS: dict[str, dict] = {
-    "maxscore": {"normalize": False, "soft_topk": True, "schedule": _PAPER_SCHEDULE},
-    "softtopk_only": {"schedule": _PAPER_SCHEDULE},
-}
-
-
-def router_options(name: str) -> tuple[str, ...]:
-    """Option names of router ``name``: the fields of its config class."""
-    return tuple(f.name for f in fields(_router_class(name).config_class))
-
-
-def router_config(
-    name: str, config: GatedRouterConfig | Mapping | None = None, *, saved: bool = False, **options
-) -> GatedRouterConfig:
-    """The typed config of router ``name``: ``config`` (a config, a dict of options, or None
-    for the defaults) with ``options`` set over it.
-
-    ``saved=True`` marks a dict read from a file (``config.json``, a checkpoint, an HF
-    config): options it lacks take ``SAVED_DEFAULTS`` (nested dicts field by field) before the
-    current defaults.
-    """
-    router_class = _router_class(name)
-    if saved and isinstance(config, Mapping):
-        config = _merged(SAVED_DEFAULTS.get(name, {}), config)
-    return router_class.make_config(config, **options)
+ROUTERS.update(
+    {
+        "maxscore": MaxScoreRouter,
+        "maxscore_paper": PaperMaxScoreRouter,
+        "flow_only": FlowOnlyRouter,
+        "softtopk_only": SoftTopkOnlyRouter,
+        "gshard": GShardRouter,
+        "switch": SwitchRouter,
+        "iterative": IterativeRouter,
+        "dropless": DroplessRouter,
+        "expert_choice": ExpertChoiceRouter,
+        "base": BaseLayersRouter,
+        "sbase": SBaseRouter,
+        "deepseek_v3": DeepSeekV3Router,
+        "quantile": QuantileRouter,
+    }
+)
 
 
 def make_router(
@@ -120,35 +99,7 @@ def make_router(
     """Builds router ``name`` (see ``ROUTERS``) with ``config`` and ``options`` (see
     ``router_config``); unknown names and options are ValueErrors."""
     moe = legacy_moe_config(name, num_experts, k, capacity_factor, config=config, options=options)
-    return _router_class(name)(dim, moe)
-
-
-def router_name(router_class: type[GatedRouter]) -> str:
-    """The registered name of ``router_class`` (or of the registered router with its config class)."""
-    for name, registered in ROUTERS.items():
-        if registered is router_class:
-            return name
-    for name, registered in ROUTERS.items():
-        if registered.config_class is router_class.config_class:
-            return name
-    raise ValueError(
-        f"{router_class.__name__} is not a registered router; add it to maxscore.routers.ROUTERS or "
-        "build it with moe=MoEConfig(router=<a registered name>, ...)"
-    )
-
-
-def _router_class(name: str) -> type[GatedRouter]:
-    if name not in ROUTERS:
-        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
-    return ROUTERS[name]
-
-
-def _merged(defaults: Mapping, given: Mapping) -> dict:
-    merged = dict(defaults)
-    for key, value in given.items():
-        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
-        merged[key] = _merged(merged[key], value) if both else value
-    return merged
+    return registered_router(name)(dim, moe)
 
 
 def step_routers(model: nn.Module) -> None:

@@ -19,23 +19,19 @@ padding uses no capacity.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from maxscore._checks import check_int
-from maxscore.gates import SCORE_FUNCTIONS, TemperatureSchedule, router_scores, soft_topk
-from maxscore.routers.config import MoEConfig, legacy_router_moe
+from maxscore.gates import TemperatureSchedule, router_scores, soft_topk
+from maxscore.routers.config import GROUPS, GatedRouterConfig, MoEConfig, legacy_router_moe
 from maxscore.routers.groups import Groups, Selection, check_tokens, routing_groups, stats_capacity
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 from maxscore.routers.stats import RoutingStats, routing_stats
-
-GROUPS = ("sequence", "batch")
-ALL_GROUPS = GROUPS + ("global",)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -99,68 +95,6 @@ class Router(Protocol):
 
     def after_optimizer_step(self) -> None:
         """Advances step-based state (temperature schedules, bias updates)."""
-
-
-def _check_coefficient(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GatedRouterConfig:
-    """Options every built-in router takes; each router's config (``<Router>Config``) derives
-    from this one with the router's own defaults and options.
-
-    Attributes:
-        group: ``"sequence"`` (one routing group per sequence), ``"batch"``, or for MaxScore
-            ``"global"`` (see the module docstring).
-        balance_coef: weight of the load-balancing loss (0 disables it).
-        z_coef: weight of the router z-loss (0 disables it).
-        score_function: ``"softmax"`` or ``"sigmoid"``.
-        normalize: renormalize each token's combine weights to sum to 1.
-    """
-
-    score_functions: ClassVar[tuple[str, ...]] = SCORE_FUNCTIONS
-
-    group: str = "sequence"
-    balance_coef: float = 0.01
-    z_coef: float = 0.0
-    score_function: str = "softmax"
-    normalize: bool = False
-
-    def __post_init__(self) -> None:
-        if self.group not in ALL_GROUPS:
-            raise ValueError(f"group must be one of {ALL_GROUPS}, got {self.group!r}")
-        if self.score_function not in self.score_functions:
-            raise ValueError(
-                f"score_function must be one of {self.score_functions}, got {self.score_function!r}"
-            )
-        _check_coefficient("balance_coef", self.balance_coef)
-        _check_coefficient("z_coef", self.z_coef)
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, object]) -> GatedRouterConfig:
-        """The config from keyword options (JSON values welcome); unknown names are ValueErrors."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; it accepts {names}")
-        return cls(**options)
-
-    def to_dict(self) -> dict:
-        """Every option by name, nested configs as dicts (JSON-ready; ``from_options`` reads it)."""
-        return asdict(self)
-
-    def label(self, router: str) -> str:
-        """How reports name ``router`` run with this config."""
-        return router
-
-    @property
-    def scheduled(self) -> bool:
-        """True when the combine weights follow the config's SoftTopk ``schedule``."""
-        return False
 
 
 class GatedRouter(nn.Module):

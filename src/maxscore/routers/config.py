@@ -1,18 +1,91 @@
 """One MoE layer's settings in one typed config: experts, k, capacity factor, expert width,
-the router and its typed options.  Routers and layers are built from it."""
+the router and its typed options.  Routers and layers are built from it.
+
+Also here: the options every built-in router takes (``GatedRouterConfig``, which each router's
+config extends) and the registry of routers by name (``ROUTERS``, filled by ``maxscore.routers``)
+with the lookups a config needs: ``router_config``, ``router_name``, ``router_options``."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 from maxscore._checks import check_int
+from maxscore.gates import SCORE_FUNCTIONS
 from maxscore.solvers import expert_capacity
 
-if TYPE_CHECKING:
-    from maxscore.routers.base import GatedRouterConfig
+GROUPS = ("sequence", "batch")
+ALL_GROUPS = GROUPS + ("global",)
+
+
+# name -> router class, in listing order: filled by ``maxscore.routers``, which imports every
+# router module (a router module imports this one, so this one imports none of them)
+ROUTERS: dict[str, type] = {}
+
+
+def _check_coefficient(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 disables it), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GatedRouterConfig:
+    """Options every built-in router takes; each router's config (``<Router>Config``) derives
+    from this one with the router's own defaults and options.
+
+    Attributes:
+        group: ``"sequence"`` (one routing group per sequence), ``"batch"``, or for MaxScore
+            ``"global"`` (see ``maxscore.routers.base``).
+        balance_coef: weight of the load-balancing loss (0 disables it).
+        z_coef: weight of the router z-loss (0 disables it).
+        score_function: ``"softmax"`` or ``"sigmoid"``.
+        normalize: renormalize each token's combine weights to sum to 1.
+    """
+
+    score_functions: ClassVar[tuple[str, ...]] = SCORE_FUNCTIONS
+
+    group: str = "sequence"
+    balance_coef: float = 0.01
+    z_coef: float = 0.0
+    score_function: str = "softmax"
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group not in ALL_GROUPS:
+            raise ValueError(f"group must be one of {ALL_GROUPS}, got {self.group!r}")
+        if self.score_function not in self.score_functions:
+            raise ValueError(
+                f"score_function must be one of {self.score_functions}, got {self.score_function!r}"
+            )
+        _check_coefficient("balance_coef", self.balance_coef)
+        _check_coefficient("z_coef", self.z_coef)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> GatedRouterConfig:
+        """The config from keyword options (JSON values welcome); unknown names are ValueErrors."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; it accepts {names}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        """Every option by name, nested configs as dicts (JSON-ready; ``from_options`` reads it)."""
+        return asdict(self)
+
+    def label(self, router: str) -> str:
+        """How reports name ``router`` run with this config."""
+        return router
+
+    @property
+    def scheduled(self) -> bool:
+        """True when the combine weights follow the config's SoftTopk ``schedule``."""
+        return False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,8 +111,6 @@ class MoEConfig:
     router_config: GatedRouterConfig | Mapping | None = None
 
     def __post_init__(self) -> None:
-        from maxscore.routers import router_config  # the registry imports every router module
-
         for name in ("num_experts", "expert_hidden"):
             check_int(name, getattr(self, name))
         expert_capacity(0, self.num_experts, self.k, self.capacity_factor)  # checks k, capacity_factor
@@ -80,8 +151,6 @@ def legacy_moe_config(
             DeprecationWarning,
             stacklevel=stacklevel,
         )
-    from maxscore.routers import router_config  # the registry imports every router module
-
     typed = router_config(router, config, **dict(options or {}))
     extra = {} if expert_hidden is None else {"expert_hidden": expert_hidden}
     return MoEConfig(
@@ -97,8 +166,6 @@ def legacy_moe_config(
 def legacy_router_moe(router_class: type, num_experts: object, args: tuple, kwargs: dict) -> MoEConfig:
     """A router built the older way, ``Router(dim, num_experts, k, capacity_factor=1.0, *,
     config=None, **options)``: its arguments as a ``MoEConfig`` (``legacy_moe_config``, warns)."""
-    from maxscore.routers import router_name  # the registry imports every router module
-
     if len(args) > 2:
         raise ValueError(f"{router_class.__name__}: too many positional arguments {args}")
     flat = dict(zip(("k", "capacity_factor"), args, strict=False))
@@ -117,3 +184,61 @@ def legacy_router_moe(router_class: type, num_experts: object, args: tuple, kwar
         where=f"{router_class.__name__}(dim, num_experts, k, ...)",
         stacklevel=4,
     )
+
+
+# Defaults as they were before any router default changed.  A config read from a file is
+# completed from these, so a model saved with a partial dict keeps the behaviour it was
+# trained with; configs written now are complete (``router_config(...).to_dict()``).
+_PAPER_SCHEDULE = {"start": 4.0, "end": 1.0, "steps": 30000, "kind": "linear"}
+SAVED_DEFAULTS: dict[str, dict] = {
+    "maxscore": {"normalize": False, "soft_topk": True, "schedule": _PAPER_SCHEDULE},
+    "softtopk_only": {"schedule": _PAPER_SCHEDULE},
+}
+
+
+def router_options(name: str) -> tuple[str, ...]:
+    """Option names of router ``name``: the fields of its config class."""
+    return tuple(f.name for f in fields(registered_router(name).config_class))
+
+
+def router_config(
+    name: str, config: GatedRouterConfig | Mapping | None = None, *, saved: bool = False, **options
+) -> GatedRouterConfig:
+    """The typed config of router ``name``: ``config`` (a config, a dict of options, or None
+    for the defaults) with ``options`` set over it.
+
+    ``saved=True`` marks a dict read from a file (``config.json``, a checkpoint, an HF
+    config): options it lacks take ``SAVED_DEFAULTS`` (nested dicts field by field) before the
+    current defaults.
+    """
+    if saved and isinstance(config, Mapping):
+        config = _merged(SAVED_DEFAULTS.get(name, {}), config)
+    return registered_router(name).make_config(config, **options)
+
+
+def router_name(router_class: type) -> str:
+    """The registered name of ``router_class`` (or of the registered router with its config class)."""
+    for name, registered in ROUTERS.items():
+        if registered is router_class:
+            return name
+    for name, registered in ROUTERS.items():
+        if registered.config_class is router_class.config_class:
+            return name
+    raise ValueError(
+        f"{router_class.__name__} is not a registered router; add it to maxscore.routers.ROUTERS or "
+        "build it with moe=MoEConfig(router=<a registered name>, ...)"
+    )
+
+
+def registered_router(name: str) -> type:
+    if name not in ROUTERS:
+        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
+    return ROUTERS[name]
+
+
+def _merged(defaults: Mapping, given: Mapping) -> dict:
+    merged = dict(defaults)
+    for key, value in given.items():
+        both = isinstance(value, Mapping) and isinstance(merged.get(key), Mapping)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged

@@ -35,16 +35,10 @@ from maxscore.solvers._validate import (
     make_problems,
 )
 from maxscore.solvers.assignment import Assignment, single_assignment, stack_assignments
-from maxscore.solvers.exact import (
-    GlobalAssignment,
-    KernelError,
-    disable_kernels,
-    pick_engine,
-    solve_exact,
-    solve_exact_device,
-    solve_exact_groups,
-    solve_global,
-)
+from maxscore.solvers.exact.dense import KernelError, disable_kernels
+from maxscore.solvers.exact.device import pick_engine, solve_exact_device
+from maxscore.solvers.exact.global_routing import GlobalAssignment, solve_global
+from maxscore.solvers.exact.host import solve_exact, solve_exact_groups
 from maxscore.solvers.greedy import solve_greedy
 from maxscore.solvers.iterative import solve_iterative
 from maxscore.solvers.reference import solve_reference
@@ -99,7 +93,7 @@ def solve(
         valid: bool [N] (or [G, N]); invalid (padding) tokens get no expert and use no capacity.
         **options: method options, see ``method_options(method)``; for ``exact``: ``prices=``
             (warm start, [E] or [G, E]) and ``engine="auto" | "host" | "device"`` (see
-            ``maxscore.solvers.exact.pick_engine``: ``auto`` runs CUDA scores on the device
+            ``maxscore.solvers.exact.device.pick_engine``: ``auto`` runs CUDA scores on the device
             engine's fused kernels where Triton is installed, everything else on the host core).
 
     Returns:

@@ -16,46 +16,7 @@ module         what it holds
 ``global_*``   the collective engine: one routing over the tokens of every rank
 =============  ==============================================================================
 
-``solve(..., engine=...)`` picks the engine with ``pick_engine``.
+``solve(..., engine=...)`` picks the engine with ``device.pick_engine``.  The package itself
+imports nothing: its modules import each other and ``maxscore.solvers`` imports what it
+re-exports from them, so importing the compiled core (``_core``) never runs them.
 """
-
-from __future__ import annotations
-
-import torch
-
-from maxscore.solvers.exact.dense import KernelError, disable_kernels, kernels_available
-from maxscore.solvers.exact.device import solve_exact_device
-from maxscore.solvers.exact.global_routing import GlobalAssignment, solve_global
-from maxscore.solvers.exact.host import solve_exact, solve_exact_groups
-
-ENGINES = ("auto", "host", "device")
-
-
-def pick_engine(engine: str, scores: torch.Tensor) -> str:
-    """The engine that runs ``scores``: ``engine`` itself, or for ``"auto"`` the faster one.
-
-    ``auto``: CPU scores take the host core.  CUDA scores take the device engine when its fused
-    kernels can run (Triton); without them its plain torch steps cost more than the host core
-    with its two transfers (measured on one H200: 12 ms against 2.9 ms at 64 x (512, 16, 2),
-    ``benchmarks/results``), so they take the host core.  If a kernel fails to compile or
-    launch on a device, ``auto`` warns once and takes the host core there from then on.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine != "auto":
-        return engine
-    on_cuda = isinstance(scores, torch.Tensor) and scores.device.type == "cuda"
-    return "device" if on_cuda and kernels_available(scores.device) else "host"
-
-
-__all__ = [
-    "ENGINES",
-    "GlobalAssignment",
-    "KernelError",
-    "disable_kernels",
-    "pick_engine",
-    "solve_exact",
-    "solve_exact_device",
-    "solve_exact_groups",
-    "solve_global",
-]

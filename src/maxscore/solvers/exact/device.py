@@ -20,6 +20,8 @@ Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing g
 Where Triton does not run, the same path runs as plain torch steps (float64) and the compiled
 core's repair from their prices on the host (``dense.TorchOps``).
 
+``pick_engine`` chooses between this engine and the host core for ``solve(..., engine=...)``.
+
 Complexity: per price step O(N E (k + bisection passes)) per group, per augmentation at most E
 passes over the group's scores; one program per group.  Ties: lower expert index first.
 
@@ -53,6 +55,26 @@ from maxscore.solvers.exact.dense import (
 )
 from maxscore.solvers.exact.host import check_counts, check_price_shape, solve_exact_groups
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS, certify
+
+ENGINES = ("auto", "host", "device")
+
+
+def pick_engine(engine: str, scores: torch.Tensor) -> str:
+    """The engine that runs ``scores``: ``engine`` itself, or for ``"auto"`` the faster one.
+
+    ``auto``: CPU scores take the host core.  CUDA scores take the device engine when its fused
+    kernels can run (Triton); without them its plain torch steps cost more than the host core
+    with its two transfers (measured on one H200: 12 ms against 2.9 ms at 64 x (512, 16, 2),
+    ``benchmarks/results``), so they take the host core.  If a kernel fails to compile or
+    launch on a device, ``auto`` warns once and takes the host core there from then on.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "auto":
+        return engine
+    on_cuda = isinstance(scores, torch.Tensor) and scores.device.type == "cuda"
+    return "device" if on_cuda and kernels_available(scores.device) else "host"
+
 
 # the repair's budget: at most REPAIR_PER_EXPERT x E + 16 augmentations per group (each moves
 # one unit); a group that needs more is solved by the host core (a round trip that costs about
