@@ -10,6 +10,7 @@ import torch
 
 from maxscore._checks import check_int
 from maxscore.solvers import Assignment, expert_capacity, group_capacity, solve_finite
+from maxscore.solvers.ops import solve_exact_op
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ class Solved:
 
     experts_TK: torch.Tensor
     assignment: Assignment
-    ms: float
+    ms: float | None
 
 
 def solve_groups(
@@ -141,16 +142,22 @@ def solve_groups(
     method: str,
     **options,
 ) -> Solved:
-    """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device.
+    """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device
+    (``exact`` through its operator, ``maxscore::route_exact``, which ``torch.compile`` traces).
 
     Returns the experts [T, K] on the scores' device, the batched ``Assignment`` and the time
     of the call in milliseconds (for CUDA scores, the time until the device engine's one host
-    round trip, not the device work queued after it).
+    round trip, not the device work queued after it; None inside a compiled graph).
     """
-    begin = time.perf_counter()
+    timed = not torch.compiler.is_compiling()
+    begin = time.perf_counter() if timed else 0.0
     shape = (groups.count, groups.size)
     valid_GN = None if valid_T is None else valid_T.view(shape)
     # the scores come from logits checked finite: solve need not scan them again
-    assignment = solve_finite(scores_TE.detach().view(*shape, -1), k, capacity_G, method, valid_GN, **options)
+    scores_GNE = scores_TE.detach().view(*shape, -1)
+    if method == "exact":  # its one option here: warm-start prices
+        assignment = solve_exact_op(scores_GNE, k, capacity_G, valid_GN, **options)
+    else:
+        assignment = solve_finite(scores_GNE, k, capacity_G, method, valid_GN, **options)
     experts_TK = assignment.experts.reshape(-1, k)
-    return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3)
+    return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3 if timed else None)

@@ -1,0 +1,91 @@
+"""The exact solve of a layer's routing groups as a PyTorch operator, ``maxscore::route_exact``.
+
+``torch.compile`` traces through an operator it knows (a fake implementation gives the shapes
+and dtypes of its outputs), where it stops at a call into the compiled core or at a check that
+branches on tensor values: a router that solves through this operator keeps its routing step
+in one graph.  The operator runs ``solve`` of the ``exact`` method on scores known finite (the
+routers' softmax or sigmoid of logits they checked), every group in one call, on the scores'
+device (the host core for CPU scores, the device engine for CUDA scores; see ``pick_engine``).
+The checks that need the values (tokens with fewer than k allowed experts, a capacity below
+``k x valid / E``) run inside it and raise ``solve``'s messages.
+
+Registered when ``maxscore.routers`` is imported (the routers are its callers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maxscore.solvers import Assignment, solve_finite
+
+
+@torch.library.custom_op("maxscore::route_exact", mutates_args=())
+def route_exact(
+    scores: torch.Tensor,
+    k: int,
+    capacity: torch.Tensor,
+    valid: torch.Tensor | None,
+    prices: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimal routing of G groups: scores float [G, N, E] (finite, ``-inf`` forbids a pair),
+    capacity int64 [G], valid bool [G, N] or None, warm-start prices [G, E] / [E] or None.
+
+    Returns experts int64 [G, N, k] (-1 for invalid tokens), loads int64 [G, E], prices
+    float64 [G, E], score float64 [G], gap float64 [G] (the certificate), converged bool [G]
+    and fallback bool [G] (``Assignment``'s fields of the same names).
+    """
+    a = solve_finite(scores, k, capacity, "exact", valid, prices=prices)
+    return (
+        a.experts.to(torch.int64),
+        a.loads.to(torch.int64),
+        a.prices.to(torch.float64),
+        a.score.to(torch.float64),
+        a.gap.to(torch.float64),
+        _per_group(a.converged, scores),
+        _per_group(a.fallback, scores),
+    )
+
+
+def _per_group(flag: bool | torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """An ``Assignment`` flag as a fresh bool [G] tensor on the scores' device."""
+    return torch.as_tensor(flag, dtype=torch.bool, device=scores.device).expand(scores.shape[0]).clone()
+
+
+@route_exact.register_fake
+def _route_exact_fake(scores, k, capacity, valid, prices):
+    num_groups, num_tokens, num_experts = scores.shape
+    return (
+        scores.new_empty((num_groups, num_tokens, k), dtype=torch.int64),
+        scores.new_empty((num_groups, num_experts), dtype=torch.int64),
+        scores.new_empty((num_groups, num_experts), dtype=torch.float64),
+        scores.new_empty((num_groups,), dtype=torch.float64),
+        scores.new_empty((num_groups,), dtype=torch.float64),
+        scores.new_empty((num_groups,), dtype=torch.bool),
+        scores.new_empty((num_groups,), dtype=torch.bool),
+    )
+
+
+def solve_exact_op(
+    scores_GNE: torch.Tensor,
+    k: int,
+    capacity_G: torch.Tensor,
+    valid_GN: torch.Tensor | None,
+    prices: torch.Tensor | None = None,
+) -> Assignment:
+    """``solve_finite(..., "exact", ...)`` through ``maxscore::route_exact``: the same batched
+    ``Assignment``, traceable by ``torch.compile``."""
+    experts, loads, prices_GE, score, gap, converged, fallback = route_exact(
+        scores_GNE.detach(), k, capacity_G, valid_GN, None if prices is None else prices.detach()
+    )
+    return Assignment(
+        experts=experts,
+        loads=loads,
+        score=score,
+        capacity=capacity_G,
+        method="exact",
+        valid=valid_GN,
+        prices=prices_GE,
+        gap=gap,
+        converged=converged,
+        fallback=fallback,
+    )

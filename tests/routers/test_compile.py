@@ -1,0 +1,110 @@
+"""Routing inside ``torch.compile(fullgraph=True)``: the routers that route to a capacity trace
+in one graph (the exact solve through its operator, ``maxscore::route_exact``) and the
+compiled layer equals the eager one, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+from maxscore import MoELayer
+from maxscore.solvers import solve
+from maxscore.solvers.ops import route_exact
+
+# every router of ROUTERS that routes to a capacity, but ``iterative``, whose rerouting loop
+# still runs in Python on data-dependent shapes
+COMPILED = [
+    "maxscore",
+    "flow_only",
+    "maxscore_paper",
+    "softtopk_only",
+    "base",
+    "sbase",
+    "gshard",
+    "switch",
+    "expert_choice",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test compiles from scratch (a recompile with another capacity factor would trace it
+    as a dynamic float)."""
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+def _layer(router: str, capacity_factor: float) -> MoELayer:
+    torch.manual_seed(0)
+    return MoELayer(32, 64, 8, 1 if router == "switch" else 2, router=router, capacity_factor=capacity_factor)
+
+
+def _batch(step: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(4, 16, 32, generator=generator)
+    valid = torch.rand(4, 16, generator=generator) > 0.25 if padded else None
+    return x, valid
+
+
+@pytest.mark.parametrize("router", COMPILED)
+def test_a_routing_step_has_no_graph_break(router):
+    x, valid = _batch(0, padded=True)
+    explained = dynamo.explain(_layer(router, 1.0))(x, valid)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("capacity_factor", [1.0, 1.25])
+@pytest.mark.parametrize("router", COMPILED)
+def test_the_compiled_layer_equals_the_eager_one(router, capacity_factor, padded):
+    """Three training steps (the routers' state moves between them): the same experts, outputs
+    within 1e-5 and gate gradients within 1e-4, through AOTAutograd (forward and backward)."""
+    eager = _layer(router, capacity_factor)
+    compiled_layer = _layer(router, capacity_factor)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        x, valid = _batch(step, padded)
+        expected, got = eager(x, valid), compiled(x, valid)
+        assert torch.equal(expected.routing.experts, got.routing.experts)
+        torch.testing.assert_close(got.output, expected.output, atol=1e-5, rtol=1e-5)
+        for layer, out in ((eager, expected), (compiled_layer, got)):
+            layer.zero_grad()
+            (out.output.square().mean() + out.aux_loss).backward()
+            layer.router.after_optimizer_step()
+        torch.testing.assert_close(
+            compiled_layer.router.gate.weight.grad, eager.router.gate.weight.grad, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_maxscore_compiles_with_inductor():
+    eager, compiled_layer = _layer("maxscore", 1.0), _layer("maxscore", 1.0)
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    x, valid = _batch(0, padded=True)
+    expected, got = eager(x, valid), compiled(x, valid)
+    assert torch.equal(expected.routing.experts, got.routing.experts)
+    torch.testing.assert_close(got.output, expected.output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_exact_operator_passes_opcheck_and_equals_solve(padded, warm):
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 40, 12, generator=generator).softmax(-1)
+    valid = torch.rand(3, 40, generator=generator) > 0.2 if padded else None
+    capacity = torch.tensor([7, 8, 9])
+    prices = torch.rand(12, generator=generator, dtype=torch.float64) if warm else None
+    torch.library.opcheck(torch.ops.maxscore.route_exact.default, (scores, 2, capacity, valid, prices))
+    experts, loads, _, score, gap, converged, fallback = route_exact(scores, 2, capacity, valid, prices)
+    reference = solve(scores, 2, capacity=capacity, valid=valid, prices=prices)
+    assert torch.equal(experts, reference.experts) and torch.equal(loads, reference.loads)
+    torch.testing.assert_close(score, reference.score)
+    assert (gap.abs() <= 1e-9).all() and converged.all() and not fallback.any()
+
+
+def test_the_exact_operator_raises_solves_messages():
+    scores = torch.full((1, 8, 4), -torch.inf)
+    scores[0, :, 0] = 1.0  # one allowed expert per token, k = 2
+    with pytest.raises(ValueError, match="fewer than k=2 allowed experts"):
+        route_exact(scores, 2, torch.tensor([4]), None, None)
