@@ -143,21 +143,21 @@ def solve_groups(
     **options,
 ) -> Solved:
     """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device
-    (``exact`` through its operator, ``maxscore::route_exact``, which ``torch.compile`` traces).
+    (``exact`` inside a compiled graph through its operator, ``maxscore::route_exact``).
 
     Returns the experts [T, K] on the scores' device, the batched ``Assignment`` and the time
     of the call in milliseconds (for CUDA scores, the time until the device engine's one host
     round trip, not the device work queued after it; None inside a compiled graph).
     """
-    timed = not torch.compiler.is_compiling()
-    begin = time.perf_counter() if timed else 0.0
+    compiling = torch.compiler.is_compiling()
+    begin = 0.0 if compiling else time.perf_counter()
     shape = (groups.count, groups.size)
     valid_GN = None if valid_T is None else valid_T.view(shape)
     # the scores come from logits checked finite: solve need not scan them again
     scores_GNE = scores_TE.detach().view(*shape, -1)
-    if method == "exact":  # its one option here: warm-start prices
+    if method == "exact" and compiling:  # the operator runs the same solve; eager skips its wrapper
         assignment = solve_exact_op(scores_GNE, k, capacity_G, valid_GN, **options)
     else:
         assignment = solve_finite(scores_GNE, k, capacity_G, method, valid_GN, **options)
     experts_TK = assignment.experts.reshape(-1, k)
-    return Solved(experts_TK, assignment, (time.perf_counter() - begin) * 1e3 if timed else None)
+    return Solved(experts_TK, assignment, None if compiling else (time.perf_counter() - begin) * 1e3)
