@@ -46,6 +46,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for name in ("steps", "data", "device", "hf_model"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
+    if getattr(args, "compile", False):
+        overrides["compile"] = True
     return overrides
 
 
@@ -210,6 +212,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="override any setting, e.g. lr=1e-3"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each decoder block with torch.compile(fullgraph=True) (checkpoints as eager runs')",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

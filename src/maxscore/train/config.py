@@ -24,7 +24,9 @@ class TrainConfig:
     experts are sharded over ``expert_parallel`` ranks (0: all ranks).  ``hf_model``: train an
     upcycled HF model instead of the built-in decoder (see ``maxscore.hf.adapter``).
     ``label`` names the configuration in reports (``maxscore compare`` sets it to the variant,
-    e.g. ``flow_only:normalize=true``; default: the router name)."""
+    e.g. ``flow_only:normalize=true``; default: the router name).  ``compile``: compile each
+    decoder block with ``torch.compile(fullgraph=True)`` (the built-in decoder; checkpoints are
+    the same as eager runs')."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 300
@@ -49,6 +51,7 @@ class TrainConfig:
     expert_parallel: int = 0
     hf_model: str | None = None
     label: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -86,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.compile and self.hf_model is not None:
+            raise ValueError("compile is for the built-in decoder; train an hf_model run without it")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
