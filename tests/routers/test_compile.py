@@ -1,6 +1,6 @@
 """Routing inside ``torch.compile(fullgraph=True)``: the routers that route to a capacity trace
-in one graph (the exact solve through its operator, ``maxscore::route_exact``) and the
-compiled layer equals the eager one, forward and backward."""
+in one graph (the solves through their operators, ``maxscore.solvers.ops``) and the compiled
+layer equals the eager one, forward and backward."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import torch._dynamo as dynamo
 
 from maxscore import MoELayer
 from maxscore.solvers import solve
-from maxscore.solvers.ops import route_exact
+from maxscore.solvers.ops import route_exact, route_groups
 
-# every router of ROUTERS that routes to a capacity, but ``iterative``, whose rerouting loop
-# still runs in Python on data-dependent shapes
+# every router of ROUTERS that routes to a capacity
 COMPILED = [
     "maxscore",
     "flow_only",
     "maxscore_paper",
     "softtopk_only",
+    "iterative",
     "base",
     "sbase",
     "gshard",
@@ -108,3 +108,16 @@ def test_the_exact_operator_raises_solves_messages():
     scores[0, :, 0] = 1.0  # one allowed expert per token, k = 2
     with pytest.raises(ValueError, match="fewer than k=2 allowed experts"):
         route_exact(scores, 2, torch.tensor([4]), None, None)
+
+
+@pytest.mark.parametrize("method", ["iterative", "greedy", "two_stage"])
+def test_the_method_operator_passes_opcheck_and_equals_solve(method):
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.randn(2, 40, 12, generator=generator).softmax(-1)
+    valid = torch.rand(2, 40, generator=generator) > 0.2
+    capacity = torch.tensor([7, 8])
+    torch.library.opcheck(torch.ops.maxscore.route_groups.default, (scores, 2, capacity, valid, method))
+    experts, loads, score = route_groups(scores, 2, capacity, valid, method)
+    reference = solve(scores, 2, capacity=capacity, valid=valid, method=method)
+    assert torch.equal(experts, reference.experts) and torch.equal(loads, reference.loads)
+    torch.testing.assert_close(score, torch.as_tensor(reference.score, dtype=torch.float64))

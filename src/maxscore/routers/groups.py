@@ -10,7 +10,7 @@ import torch
 
 from maxscore._checks import check_int
 from maxscore.solvers import Assignment, expert_capacity, group_capacity, solve_finite
-from maxscore.solvers.ops import solve_exact_op
+from maxscore.solvers.ops import solve_exact_op, solve_op
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ def solve_groups(
     **options,
 ) -> Solved:
     """Solves every routing group of a layer in one batched ``solve`` call, on the scores' device
-    (``exact`` inside a compiled graph through its operator, ``maxscore::route_exact``).
+    (inside a compiled graph through its operators, ``maxscore.solvers.ops``).
 
     Returns the experts [T, K] on the scores' device, the batched ``Assignment`` and the time
     of the call in milliseconds (for CUDA scores, the time until the device engine's one host
@@ -155,8 +155,10 @@ def solve_groups(
     valid_GN = None if valid_T is None else valid_T.view(shape)
     # the scores come from logits checked finite: solve need not scan them again
     scores_GNE = scores_TE.detach().view(*shape, -1)
-    if method == "exact" and compiling:  # the operator runs the same solve; eager skips its wrapper
+    if method == "exact" and compiling:  # the operators run the same solve; eager skips their wrapper
         assignment = solve_exact_op(scores_GNE, k, capacity_G, valid_GN, **options)
+    elif compiling and not options:
+        assignment = solve_op(scores_GNE, k, capacity_G, valid_GN, method)
     else:
         assignment = solve_finite(scores_GNE, k, capacity_G, method, valid_GN, **options)
     experts_TK = assignment.experts.reshape(-1, k)

@@ -1,11 +1,14 @@
-"""The exact solve of a layer's routing groups as a PyTorch operator, ``maxscore::route_exact``.
+"""The solves of a layer's routing groups as PyTorch operators: ``maxscore::route_exact`` (the
+exact method, with its prices and certificate) and ``maxscore::route_groups`` (any other method
+of ``solve``: experts, loads and score).
 
 ``torch.compile`` traces through an operator it knows (a fake implementation gives the shapes
 and dtypes of its outputs), where it stops at a call into the compiled core or at a check that
 branches on tensor values: a router that solves through this operator keeps its routing step
 in one graph.  The operator runs ``solve`` of the ``exact`` method on scores known finite (the
 routers' softmax or sigmoid of logits they checked), every group in one call, on the scores'
-device (the host core for CPU scores, the device engine for CUDA scores; see ``pick_engine``).
+device (for ``exact``: the host core for CPU scores, the device engine for CUDA scores; see
+``pick_engine``).
 The checks that need the values (tokens with fewer than k allowed experts, a capacity below
 ``k x valid / E``) run inside it and raise ``solve``'s messages.
 
@@ -88,4 +91,37 @@ def solve_exact_op(
         gap=gap,
         converged=converged,
         fallback=fallback,
+    )
+
+
+@torch.library.custom_op("maxscore::route_groups", mutates_args=())
+def route_groups(
+    scores: torch.Tensor, k: int, capacity: torch.Tensor, valid: torch.Tensor | None, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``solve`` of ``method`` over G groups of finite scores [G, N, E] (as ``route_exact``):
+    experts int64 [G, N, k] (-1 for a dropped slot or an invalid token), loads int64 [G, E] and
+    score float64 [G]."""
+    a = solve_finite(scores, k, capacity, method, valid)
+    score = torch.as_tensor(a.score, dtype=torch.float64, device=scores.device)
+    return a.experts.to(torch.int64), a.loads.to(torch.int64), score.expand(scores.shape[0]).clone()
+
+
+@route_groups.register_fake
+def _route_groups_fake(scores, k, capacity, valid, method):
+    num_groups, num_tokens, num_experts = scores.shape
+    return (
+        scores.new_empty((num_groups, num_tokens, k), dtype=torch.int64),
+        scores.new_empty((num_groups, num_experts), dtype=torch.int64),
+        scores.new_empty((num_groups,), dtype=torch.float64),
+    )
+
+
+def solve_op(
+    scores_GNE: torch.Tensor, k: int, capacity_G: torch.Tensor, valid_GN: torch.Tensor | None, method: str
+) -> Assignment:
+    """``solve_finite`` of a method without options through ``maxscore::route_groups``: the
+    experts, loads and score of the batched ``Assignment``, traceable by ``torch.compile``."""
+    experts, loads, score = route_groups(scores_GNE.detach(), k, capacity_G, valid_GN, method)
+    return Assignment(
+        experts=experts, loads=loads, score=score, capacity=capacity_G, method=method, valid=valid_GN
     )
