@@ -120,3 +120,22 @@ def test_a_whole_model_config_is_swapped_and_routes():
         )
     routers = [module for module in model.modules() if isinstance(module, MaxScoreRouter)]
     assert routers and all((r.last_stats.load_ratio() == 1).all() for r in routers)
+
+
+def test_the_layer_compiles_in_one_graph_and_equals_eager():
+    """torchtitan compiles each block with fullgraph=True: the swapped layer traces with no
+    graph break, and the compiled layer gives the eager outputs and gradients."""
+    import torch._dynamo as dynamo
+
+    x = torch.randn(B, L, D, generator=torch.Generator().manual_seed(2))
+    dynamo.reset()
+    assert dynamo.explain(built())(x).graph_break_count == 0
+    eager, compiled_layer = built(), built()
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    expected, got = eager(x), compiled(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for a, b in zip(compiled_layer.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+    dynamo.reset()
