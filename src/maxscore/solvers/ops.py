@@ -4,13 +4,12 @@ of ``solve``: experts, loads and score).
 
 ``torch.compile`` traces through an operator it knows (a fake implementation gives the shapes
 and dtypes of its outputs), where it stops at a call into the compiled core or at a check that
-branches on tensor values: a router that solves through this operator keeps its routing step
-in one graph.  The operator runs ``solve`` of the ``exact`` method on scores known finite (the
-routers' softmax or sigmoid of logits they checked), every group in one call, on the scores'
-device (for ``exact``: the host core for CPU scores, the device engine for CUDA scores; see
-``pick_engine``).
-The checks that need the values (tokens with fewer than k allowed experts, a capacity below
-``k x valid / E``) run inside it and raise ``solve``'s messages.
+branches on tensor values: a router that solves through these operators keeps its routing step
+in one graph.  Each runs ``solve`` on scores known finite (the routers' softmax or sigmoid of
+logits they checked), every group in one call, on the scores' device (``exact``: the host core
+for CPU scores, the device engine for CUDA scores; see ``pick_engine``).  The checks that need
+the values (tokens with fewer than k allowed experts, a capacity below ``k x valid / E``) run
+inside them and raise ``solve``'s messages.
 
 Registered when ``maxscore.routers`` is imported (the routers are its callers).
 """
