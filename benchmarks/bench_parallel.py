@@ -2,7 +2,7 @@
 
     python benchmarks/bench_parallel.py [--presets tiny,small] [--worlds 1,2] [--steps 5]
                                         [--rounds 1] [--routers maxscore] [--device cpu|cuda]
-                                        [--out results.json] [--md results.md]
+                                        [--compile] [--out results.json] [--md results.md]
 
 For each preset (its model and global batch), routing (``sequence``: each rank solves its own
 sequences, the paper's option A; ``global``: one exact routing over all ranks' tokens, option
@@ -19,6 +19,10 @@ paths.  World size 1 uses every core in one process; world size W
 uses W processes of (cores / W) threads, gloo on the CPU, NCCL on GPUs (one GPU per rank).
 ``--routers gshard,maxscore,flow_only`` measures each router's training throughput (global
 routing only for the MaxScore family); "x gshard" divides by gshard's tokens/s in the same run.
+``--compile`` adds, on one process and per-rank routing, each configuration with every decoder
+block compiled (``torch.compile(fullgraph=True)``, as ``maxscore train --compile``; the warm-up
+steps hold the compilation): "x eager" divides its tokens/s by the eager run's, and "x gshard"
+compares compiled with compiled.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ WARMUP = 3  # steps left out: the routers' averaged prices (the warm start) sett
 GLOBAL_ROUTERS = ("maxscore", "flow_only")
 
 
-def run_steps(preset: str, router: str, group: str, steps: int, device: str) -> dict:
+def run_steps(preset: str, router: str, group: str, steps: int, device: str, compiled: bool = False) -> dict:
     """Times training steps in this process (one rank of the current process group, or alone)."""
     config = make_config(
         preset, router=router, router_options={"group": group}, device=device, precision="float32"
@@ -58,6 +62,9 @@ def run_steps(preset: str, router: str, group: str, steps: int, device: str) -> 
         device = f"cuda:{torch.cuda.current_device()}"
     torch.manual_seed(0)
     model = Decoder(config.model).to(device)
+    if compiled:
+        for block in model.blocks:
+            block.compile(fullgraph=True)
     runner = model
     if topology.distributed:
         parallelize_moe(model, expert_group=topology.expert_group)
@@ -89,6 +96,7 @@ def run_steps(preset: str, router: str, group: str, steps: int, device: str) -> 
         "preset": preset,
         "router": router,
         "routing": group,
+        "mode": "compiled" if compiled else "eager",
         "world_size": topology.world_size,
         "threads_per_rank": torch.get_num_threads(),
         "device": device,
@@ -126,11 +134,18 @@ def _rank(
 
 
 def measure(
-    preset: str, router: str, group: str, world_size: int, steps: int, device: str, cores: int
+    preset: str,
+    router: str,
+    group: str,
+    world_size: int,
+    steps: int,
+    device: str,
+    cores: int,
+    compiled: bool = False,
 ) -> dict:
     if world_size == 1:
         torch.set_num_threads(cores)
-        return run_steps(preset, router, group, steps, device)
+        return run_steps(preset, router, group, steps, device, compiled)
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "row.json")
         backend = "nccl" if device == "cuda" else "gloo"
@@ -159,32 +174,39 @@ def pooled(runs: list[dict]) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| preset | router | routing | world | threads/rank | step ms | tokens/s | x world 1 | x sequence "
-        "| x gshard | collectives/step | KiB sent/step | augmenting paths/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | router | routing | mode | world | threads/rank | step ms | tokens/s | x world 1 "
+        "| x sequence | x gshard | x eager | collectives/step | KiB sent/step | augmenting paths/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = lambda r: (r["preset"], r["router"], r["routing"])  # noqa: E731
+    key = lambda r: (r["preset"], r["router"], r["routing"], r["mode"])  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["world_size"] == 1}
     gshard = {
-        (r["preset"], r["routing"], r["world_size"]): r["tokens_per_s"]
+        (r["preset"], r["routing"], r["mode"], r["world_size"]): r["tokens_per_s"]
         for r in rows
         if r["router"] == "gshard"
     }
     sequence = {
-        (r["preset"], r["router"], r["world_size"]): r["tokens_per_s"]
+        (r["preset"], r["router"], r["mode"], r["world_size"]): r["tokens_per_s"]
         for r in rows
         if r["routing"] == "sequence"
     }
+    eager = {
+        (r["preset"], r["router"], r["routing"], r["world_size"]): r["tokens_per_s"]
+        for r in rows
+        if r["mode"] == "eager"
+    }
     for r in rows:
         ratio = r["tokens_per_s"] / base[key(r)] if key(r) in base else None
-        reference = gshard.get((r["preset"], r["routing"], r["world_size"]))
+        reference = gshard.get((r["preset"], r["routing"], r["mode"], r["world_size"]))
         versus = "" if reference is None else f"{r['tokens_per_s'] / reference:.2f}"
-        local = sequence.get((r["preset"], r["router"], r["world_size"]))
+        local = sequence.get((r["preset"], r["router"], r["mode"], r["world_size"]))
         per_rank = "" if local is None else f"{r['tokens_per_s'] / local:.2f}"
+        plain = eager.get((r["preset"], r["router"], r["routing"], r["world_size"]))
+        compiled = "" if plain is None or r["mode"] == "eager" else f"{r['tokens_per_s'] / plain:.2f}"
         lines.append(
-            f"| {r['preset']} | {r['router']} | {r['routing']} | {r['world_size']} | "
+            f"| {r['preset']} | {r['router']} | {r['routing']} | {r['mode']} | {r['world_size']} | "
             f"{r['threads_per_rank']} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | {per_rank} | {versus} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {per_rank} | {versus} | {compiled} | "
             f"{r['collectives_per_step']:.0f} | {r['bytes_per_step'] / 1024:.1f} | "
             f"{r['augmentations_per_step']:.0f} |"
         )
@@ -208,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cores", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also each one-process, per-rank configuration compiled"
+    )
     parser.add_argument("--out", help="write the rows as JSON")
     parser.add_argument("--md", help="write a markdown report")
     parser.add_argument("--concurrent", default="nothing", help="what else ran meanwhile, for the report")
@@ -215,19 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in args.presets.split(","):
         configs = [
-            (router, group, world_size)
+            (router, group, world_size, compiled)
             for router in args.routers.split(",")
             for group in args.routings.split(",")
             if group != "global" or router in GLOBAL_ROUTERS
             for world_size in (int(w) for w in args.worlds.split(","))
+            for compiled in (False, True)
+            if not compiled or (args.compile and world_size == 1 and group != "global")
         ]
         measured = {config: [] for config in configs}
         for round_ in range(args.rounds):  # interleaved: a slow spell of the machine hits every configuration
-            for router, group, world_size in configs:
-                label = f"{preset} {router} {group} world {world_size} round {round_ + 1}"
+            for router, group, world_size, compiled in configs:
+                mode = "compiled" if compiled else "eager"
+                label = f"{preset} {router} {group} {mode} world {world_size} round {round_ + 1}"
                 print(f"  {label} ...", file=sys.stderr, flush=True)
-                row = measure(preset, router, group, world_size, args.steps, args.device, args.cores)
-                measured[router, group, world_size].append(row)
+                row = measure(
+                    preset, router, group, world_size, args.steps, args.device, args.cores, compiled
+                )
+                measured[router, group, world_size, compiled].append(row)
         rows += [pooled(runs) for runs in measured.values()]
     title = "Expert-parallel training throughput"
     write_report(title, format_table(rows), rows, args.out, args.md, args.concurrent)
