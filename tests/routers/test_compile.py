@@ -121,3 +121,25 @@ def test_the_method_operator_passes_opcheck_and_equals_solve(method):
     reference = solve(scores, 2, capacity=capacity, valid=valid, method=method)
     assert torch.equal(experts, reference.experts) and torch.equal(loads, reference.loads)
     torch.testing.assert_close(score, torch.as_tensor(reference.score, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["two_stage", "sinkhorn"])
+def test_approximate_methods_compile_and_average_the_same_prices(method):
+    """``maxscore`` with an approximate method runs the exact solve for its prices every
+    PRICE_EVERY-th training forward; compiled, the same prices come out (11 forwards: two
+    updates), with no graph break."""
+    torch.manual_seed(0)
+    eager = MoELayer(32, 64, 8, 2, router="maxscore", method=method)
+    compiled_layer = MoELayer(32, 64, 8, 2, router="maxscore", method=method)
+    compiled_layer.load_state_dict(eager.state_dict())
+    x, valid = _batch(0, padded=True)
+    assert dynamo.explain(compiled_layer)(x, valid).graph_break_count == 0
+    compiled_layer.load_state_dict(eager.state_dict())  # explain ran a forward
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for step in range(11):
+        x, valid = _batch(step, padded=True)
+        expected, got = eager(x, valid), compiled(x, valid)
+        assert torch.equal(expected.routing.experts, got.routing.experts)
+    for name in ("prices", "price_updates", "training_forwards"):
+        torch.testing.assert_close(getattr(compiled_layer.router, name), getattr(eager.router, name))
+    assert int(eager.router.price_updates) == 2

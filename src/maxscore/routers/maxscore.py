@@ -157,13 +157,18 @@ class MaxScoreRouter(GatedRouter):
         options = {"prices": self.prices} if self.config.method == "exact" else {}
         solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.config.method, **options)
         if self.training:
-            priced = solved
-            if self.config.method != "exact" and int(self.training_forwards) % PRICE_EVERY == 0:
-                priced = solve_groups(
-                    scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices
-                )
+            priced, apply = solved, None
+            if self.config.method != "exact":
+                due = self.training_forwards % PRICE_EVERY == 0
+                # in a compiled graph nothing branches on the counter: the exact solve runs every
+                # forward and its prices apply every PRICE_EVERY-th, as in eager mode
+                if torch.compiler.is_compiling() or bool(due):
+                    priced = solve_groups(
+                        scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices
+                    )
+                    apply = due
             if priced.assignment.prices is not None:
-                self._update_prices(priced.assignment.prices.float())
+                self._update_prices(priced.assignment.prices.float(), apply)
             self._update_causal(scores_TE, valid_T)
             self.training_forwards += 1
         return Selection.of(solved)
@@ -229,14 +234,20 @@ class MaxScoreRouter(GatedRouter):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _update_prices(self, prices_GE: torch.Tensor) -> None:
+    def _update_prices(self, prices_GE: torch.Tensor, apply: torch.Tensor | None = None) -> None:
+        """The running average takes ``prices_GE`` (where the bool tensor ``apply`` is true)."""
         # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
         centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
         # a plain mean over the first updates, then the EMA; on the device (no host sync)
         updates = self.price_updates.to(self.prices.dtype)
         momentum = (updates / (updates + 1)).clamp(max=self.config.price_momentum)
-        self.prices.mul_(momentum).add_((1 - momentum) * centered_E)
-        self.price_updates += 1
+        averaged_E = self.prices * momentum + (1 - momentum) * centered_E
+        if apply is None:
+            self.prices.copy_(averaged_E)
+            self.price_updates += 1
+        else:
+            self.prices.copy_(torch.where(apply, averaged_E, self.prices))
+            self.price_updates += apply.to(self.price_updates.dtype)
 
 
 class FlowOnlyRouter(MaxScoreRouter):
