@@ -188,8 +188,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from maxscore.train.export import export_run
 
-    out = export_run(args.checkpoint, args.out)
-    print(f"wrote {out}: load it with `import maxscore.hf` then AutoModelForCausalLM.from_pretrained")
+    out, format = export_run(args.checkpoint, args.out, args.format)
+    how = {
+        "maxscore": "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
+        "hf": "`import maxscore.hf` then AutoModelForCausalLM.from_pretrained(folder)",
+    }.get(format, "AutoModelForCausalLM.from_pretrained(folder), or `vllm serve folder`")
+    print(f"wrote {out} ({format}): load it with {how}")
     return 0
 
 
@@ -296,11 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="write a trained run as an HF model directory (config, safetensors, tokenizer)",
-        description="Exports a run (folder or checkpoint file) for HF transformers: MoE runs as "
-        "MaxScoreLlamaForCausalLM (import maxscore.hf before from_pretrained), dense runs as "
+        description="Exports a run (folder or checkpoint file) for transformers and the serving engines, "
+        "routed causally (token by token) as in generation: MoE runs as Ernie4_5_MoeForCausalLM "
+        "(softmax gates, renormalized weights), Glm4MoeForCausalLM (sigmoid gates) or, for any other "
+        "rule, a model with its modeling code in the folder (trust_remote_code=True); dense runs as "
         "LlamaForCausalLM, --hf-model runs as their HF class.  Needs pip install 'maxscore[hf]'.",
     )
     export.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    export.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "ernie4_5_moe", "glm4_moe", "maxscore"),
+        help="auto (default): ernie4_5_moe for softmax gates with renormalized weights, glm4_moe for "
+        "sigmoid gates, else maxscore (remote code)",
+    )
     export.add_argument("--out", required=True, help="a new (or empty) folder")
     export.set_defaults(run=_export)
 

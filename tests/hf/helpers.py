@@ -70,9 +70,10 @@ def moe_model(name: str):
     return getattr(transformers, model_name)(config)
 
 
-def hf_loss(directory, text_file, seq_len: int) -> float:
+def hf_loss(directory, text_file, seq_len: int, trust_remote_code: bool = False) -> float:
     """Mean next-token loss with plain transformers code: windows of seq_len + 1 at stride seq_len."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     ids = tokenizer(text_file.read_text(encoding="utf-8"))["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor(ids)

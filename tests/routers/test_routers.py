@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import maxscore
-from maxscore.routers import ROUTERS, make_router, router_options
+from maxscore.routers import ROUTERS, make_router, router_config, router_options
 from maxscore.routers.groups import routing_groups
+from maxscore.routers.maxscore import causal_targets
 from maxscore.solvers import group_capacity, solve
 from tests.conftest import assert_top_k
 
@@ -229,10 +230,10 @@ def test_causal_prices_balance_the_load():
 
 def test_causal_offset_moves_toward_balance_in_training_only():
     num_experts, k, length = 8, 2, 64
-    router = identity_router("maxscore", num_experts, k)
+    router = identity_router("maxscore", num_experts, k, causal_update="sign")
     logits = biased_logits(4, length, num_experts)
     router(logits, sequence_length=length)
-    # one step: the prices' causal routing, corrected by causal_rate per expert, sign by its load
+    # one step of the sign rule: the prices' causal routing, corrected by causal_rate per expert
     router.eval()
     before = router.causal_offset.clone()
     loads = torch.bincount(
@@ -243,9 +244,48 @@ def test_causal_offset_moves_toward_balance_in_training_only():
     router(logits, sequence_length=length)
     router(logits, sequence_length=length, causal=True)
     assert torch.equal(router.causal_offset, before)  # evaluation never moves it
-    off = identity_router("maxscore", num_experts, k, causal_rate=0.0)
-    off(logits, sequence_length=length)
-    assert not off.causal_offset.any()
+    for update in ("sign", "quantile"):
+        off = identity_router("maxscore", num_experts, k, causal_update=update, causal_rate=0.0)
+        off(logits, sequence_length=length)
+        assert not off.causal_offset.any()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("num_experts", "k"), [(8, 2), (15, 4), (6, 1)])
+def test_causal_targets_give_each_expert_alone_its_mean_load(num_experts, k, padded):
+    """Brute force: set one expert's offset to its target, the others unchanged; the causal
+    routing (top-k of values - offsets) then gives it exactly C = ceil(k N / E) tokens."""
+    generator = torch.Generator().manual_seed(num_experts)
+    tokens = 300
+    values = torch.randn(tokens, num_experts, generator=generator) + torch.linspace(1, -1, num_experts)
+    offsets = 0.3 * torch.randn(num_experts, generator=generator)
+    valid = torch.rand(tokens, generator=generator) > 0.3 if padded else torch.ones(tokens, dtype=torch.bool)
+    targets = causal_targets(values, offsets, k, valid if padded else None)
+    count = int(valid.sum())
+    capacity = -(-count * k // num_experts)
+    for expert in range(num_experts):
+        moved = offsets.clone()
+        moved[expert] = targets[expert]
+        chosen = torch.topk(values - moved, k, dim=1).indices[valid]
+        assert int((chosen == expert).sum()) == capacity, expert
+
+
+def test_quantile_causal_rule_balances_a_batch_within_tens_of_forwards():
+    """Trained on one batch, the causal routing of that batch: the quantile rule (default rate
+    0.1) is within 2% of balance after 20 forwards; the sign rule and the prices alone are not."""
+    num_experts, k, length = 8, 2, 64
+    logits = biased_logits(8, length, num_experts, seed=3)
+    spread = {}
+    for update, rate in (("quantile", None), ("sign", None), ("quantile", 0.0)):
+        router = identity_router("maxscore", num_experts, k, causal_update=update, causal_rate=rate)
+        for _ in range(20):
+            router(logits, sequence_length=length)
+        router.eval()
+        loads = torch.bincount(
+            router(logits, sequence_length=length, causal=True).experts.flatten(), minlength=num_experts
+        )
+        spread[update, rate] = float(loads.max() / loads.float().mean())
+    assert spread["quantile", None] <= 1.02 < spread["sign", None] < spread["quantile", 0.0], spread
 
 
 def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone():
@@ -253,7 +293,7 @@ def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone(
     the correction removes what they leave (held-out batches, the same training inputs)."""
     num_experts, k, length = 8, 2, 64
     spread = {}
-    for rate in (0.0, 1e-4):
+    for rate in (0.0, 0.1):
         router = identity_router("maxscore", num_experts, k, causal_rate=rate)
         for seed in range(60):
             router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
@@ -268,7 +308,7 @@ def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone(
             for s in range(20)
         )
         spread[rate] = float(loads.max() / loads.mean())
-    assert spread[1e-4] < 1 + 0.75 * (spread[0.0] - 1), spread
+    assert spread[0.1] < 1 + 0.75 * (spread[0.0] - 1), spread
 
 
 def test_causal_offset_state_and_old_checkpoints():
@@ -281,8 +321,19 @@ def test_causal_offset_state_and_old_checkpoints():
     del state["causal_offset"]  # saved before the correction existed: the prices alone, as trained
     fresh.load_state_dict(state)
     assert not fresh.causal_offset.any() and torch.equal(fresh.prices, router.prices)
-    with pytest.raises(ValueError, match="causal_rate must be a finite number >= 0"):
-        identity_router("maxscore", 8, 2, causal_rate=-1.0)
+    with pytest.raises(
+        ValueError, match=r"causal_rate must be a number in \[0, 1\] with causal_update='quantile'"
+    ):
+        identity_router("maxscore", 8, 2, causal_rate=1.5)
+    with pytest.raises(
+        ValueError, match=r"causal_rate must be a number in \[0, inf\] with causal_update='sign'"
+    ):
+        identity_router("maxscore", 8, 2, causal_update="sign", causal_rate=-1.0)
+    with pytest.raises(ValueError, match="causal_update must be one of"):
+        identity_router("maxscore", 8, 2, causal_update="newton")
+    # a config saved before the quantile rule existed keeps the sign rule it trained with
+    saved = router_config("maxscore", {"causal_rate": 1e-4}, saved=True)
+    assert (saved.causal_update, saved.causal_rate) == ("sign", 1e-4)
 
 
 def test_group_capacity_matches_expert_capacity():

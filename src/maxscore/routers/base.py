@@ -28,6 +28,7 @@ from torch import nn
 
 from maxscore._checks import check_int
 from maxscore.gates import TemperatureSchedule, router_scores, soft_topk
+from maxscore.routers.causal import CausalRule
 from maxscore.routers.config import GROUPS, GatedRouterConfig, MoEConfig, legacy_router_moe
 from maxscore.routers.groups import Groups, Selection, check_tokens, routing_groups, stats_capacity
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
@@ -263,8 +264,19 @@ class GatedRouter(nn.Module):
         raise NotImplementedError
 
     def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Causal mode: each token routed alone, here to its top-k scores (dropless)."""
-        return torch.topk(scores_TE, self.k, dim=1).indices
+        """Causal mode: each token routed alone by ``causal_rule`` (dropless)."""
+        return self.causal_rule().experts(scores_TE)
+
+    def causal_rule(self) -> CausalRule:
+        """The router's causal routing (``maxscore.routers.causal``): here the top-k scores, the
+        combine weights as in batch routing."""
+        return CausalRule(
+            k=self.k,
+            score_function=self.score_function,
+            bias_E=torch.zeros(self.num_experts, device=self.gate.weight.device),
+            temperature=self.temperature(),
+            normalize=self.config.normalize,
+        )
 
     def temperature(self) -> float:
         """SoftTopk temperature of the combine weights: the schedule's (``has_schedule``), else 1

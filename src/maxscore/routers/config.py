@@ -190,8 +190,11 @@ def legacy_router_moe(router_class: type, num_experts: object, args: tuple, kwar
 # completed from these, so a model saved with a partial dict keeps the behaviour it was
 # trained with; configs written now are complete (``router_config(...).to_dict()``).
 _PAPER_SCHEDULE = {"start": 4.0, "end": 1.0, "steps": 30000, "kind": "linear"}
+_SIGN_CAUSAL = {"causal_update": "sign"}  # the causal correction before its quantile rule
 SAVED_DEFAULTS: dict[str, dict] = {
-    "maxscore": {"normalize": False, "soft_topk": True, "schedule": _PAPER_SCHEDULE},
+    "maxscore": {"normalize": False, "soft_topk": True, "schedule": _PAPER_SCHEDULE, **_SIGN_CAUSAL},
+    "flow_only": _SIGN_CAUSAL,
+    "maxscore_paper": _SIGN_CAUSAL,
     "softtopk_only": {"schedule": _PAPER_SCHEDULE},
 }
 

@@ -12,12 +12,14 @@ default 1e-4) complements it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from maxscore._checks import check_int
 from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.causal import CausalRule
 from maxscore.routers.groups import Groups, Selection
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
 
@@ -83,19 +85,16 @@ class DeepSeekV3Router(GatedRouter):
             self.pending_loads += counts
         return Selection(experts_TK=experts_TK, dropless=True)
 
-    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Top-k of the biased scores: DeepSeek-V3 routes every token alone in every mode."""
-        biased_TE = scores_TE + self.bias
-        if self.config.num_groups > 1:
-            biased_TE = self._limit_groups(biased_TE)
-        return torch.topk(biased_TE, self.k, dim=1).indices
-
-    def _limit_groups(self, biased_TE: torch.Tensor) -> torch.Tensor:
-        grouped_TGE = biased_TE.view(biased_TE.shape[0], self.config.num_groups, -1)
-        group_score_TG = grouped_TGE.topk(min(2, grouped_TGE.shape[2]), dim=2).values.sum(2)
-        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_score_TG.topk(self.config.top_groups, dim=1).indices, True)
-        return grouped_TGE.masked_fill(~keep_TG[..., None], -torch.inf).view_as(biased_TE)
+    def causal_rule(self) -> CausalRule:
+        """Top-k of the biased scores (group-limited): DeepSeek-V3 routes every token alone in
+        every mode."""
+        return dataclasses.replace(
+            GatedRouter.causal_rule(self),
+            bias_E=self.bias,
+            scaling=self.config.scaling,
+            num_groups=self.config.num_groups,
+            top_groups=self.config.top_groups,
+        )
 
     def combine_weights(self, scores_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         return self.config.scaling * super().combine_weights(scores_TE, experts_TK)

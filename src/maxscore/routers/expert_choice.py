@@ -30,7 +30,7 @@ class ExpertChoiceRouter(GatedRouter):
     config_class = ExpertChoiceRouterConfig
     has_causal_mode = False
 
-    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
+    def causal_rule(self):
         raise ValueError(
             "router='expert_choice' has no causal mode: an expert's choice of a token depends on the other "
             "tokens of its group; evaluate with causal=False (whole sequences)"

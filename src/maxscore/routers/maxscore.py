@@ -14,11 +14,17 @@ exact solver's dual prices are the per-expert offsets under which independent to
 balanced, so the router keeps their running average (buffer ``prices``, saved with the model)
 and, in causal mode, routes each token alone to the top-k of ``score - prices`` (dropless: no
 capacity is enforced, loads are balanced only on average).  The averaged prices balance the
-batches' routings, not the causal routing's average load, so a correction (buffer
-``causal_offset``) is added: after each training forward, every expert's offset moves by
-``causal_rate`` up if the batch's causal routing overloads it, down if it underloads it
-(DeepSeek-V3's loss-free update, applied to the causal routing only; the batch routing never
-sees it).  The layer switches to causal mode by itself for single-token steps (generation).
+batches' routings, not the causal routing's average load (at the optimum the marginal tokens
+tie, and top-k breaks every tie the same way), so a correction (buffer ``causal_offset``) is
+added.  After each training forward it moves a fraction ``causal_rate`` (default 0.1) of the way
+to the offsets under which this batch's causal routing would be balanced: per expert, the
+quantile-balancing target of ``maxscore.routers.quantile.bias_quantiles`` on ``score - prices``
+(the offset at which the expert alone would take its mean load).  The step is proportional to
+the imbalance, so the causal routing is balanced within tens of forwards, and the offset then
+averages the batches' targets.  ``causal_update="sign"`` is the earlier rule (DeepSeek-V3's
+loss-free update: ``causal_rate``, default 1e-4 score units, up or down by the load's sign),
+which configs saved before the choice existed keep.  Either way the batch routing never sees
+the offset.  The layer switches to causal mode by itself for single-token steps (generation).
 The averaged prices (without the offset) warm-start every group of the solver.
 With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
 forward also runs the exact solver, for the prices only.
@@ -33,6 +39,7 @@ every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -42,11 +49,14 @@ import torch
 from maxscore._distributed import average_over_ranks, world_size
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
+from maxscore.routers.causal import CausalRule
 from maxscore.routers.groups import Groups, Selection, solve_groups
+from maxscore.routers.quantile import expert_quantiles
 from maxscore.solvers.exact.global_routing import solve_global
 from maxscore.solvers.exact.prices import expert_loads
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
+CAUSAL_UPDATES = {"quantile": 0.1, "sign": 1e-4}  # the correction's rules and their default rates
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
 
 
@@ -58,13 +68,17 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
         method: ``"exact"`` (default), ``"two_stage"`` or ``"sinkhorn"``.
         price_momentum: momentum of the prices' running average; the first
             ``1 / (1 - price_momentum)`` updates are averaged plainly.
-        causal_rate: per training forward, the causal prices' correction moves each expert
-            by this much (score units) toward balance of the causal routing; 0 disables it.
+        causal_update: the causal correction's rule: ``"quantile"`` (default) or ``"sign"``
+            (module docstring).
+        causal_rate: its step per training forward: with ``"quantile"`` the fraction of the way
+            to the batch's balancing offsets (in (0, 1]; default 0.1), with ``"sign"`` the move
+            of each expert in score units (default 1e-4); 0 disables the correction.
     """
 
     method: str = "exact"
     price_momentum: float = 0.99
-    causal_rate: float = 1e-4
+    causal_update: str = "quantile"
+    causal_rate: float | None = None
 
     def __post_init__(self) -> None:
         GatedRouterConfig.__post_init__(self)
@@ -75,9 +89,23 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
         momentum = self.price_momentum
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"price_momentum must be in [0, 1), got {momentum!r}")
-        rate = self.causal_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
-            raise ValueError(f"causal_rate must be a finite number >= 0 (0 disables it), got {rate!r}")
+        if self.causal_update not in CAUSAL_UPDATES:
+            raise ValueError(
+                f"causal_update must be one of {tuple(CAUSAL_UPDATES)}, got {self.causal_update!r}"
+            )
+        rate = CAUSAL_UPDATES[self.causal_update] if self.causal_rate is None else self.causal_rate
+        bound = 1 if self.causal_update == "quantile" else math.inf
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, (int, float))
+            or not 0 <= rate <= bound
+            or rate == math.inf
+        ):
+            raise ValueError(
+                f"causal_rate must be a number in [0, {bound}] with causal_update={self.causal_update!r} "
+                f"(0 disables the correction), got {rate!r}"
+            )
+        object.__setattr__(self, "causal_rate", float(rate))
 
     def label(self, router: str) -> str:
         return router if self.method == "exact" else f"{router}@{self.method}"
@@ -123,6 +151,27 @@ class PaperMaxScoreRouterConfig(MaxScoreRouterConfig):
 
     normalize: bool = False
     soft_topk: bool = True
+
+
+def causal_targets(values_TE: torch.Tensor, offset_E: torch.Tensor, k: int, valid_T=None) -> torch.Tensor:
+    """Per expert, the offset under which it alone would take its mean load in the causal
+    routing (top-k of ``values - offset``) of this batch, every other offset unchanged.
+
+    A token keeps an expert it routes to while ``values - offset`` stays above its best expert
+    outside the top-k, and takes one it does not route to once that exceeds its k-th, so the
+    expert's margins are ``values`` minus the token's (k+1)-th or k-th adjusted value: an offset
+    below the margin routes the token to the expert.  The target lies midway between the margins of the tokens
+    at and just past the mean load (``expert_quantiles``).  On the device, no host sync.
+    """
+    num_experts = values_TE.shape[1]
+    if k >= num_experts:  # every token takes every expert: nothing to balance
+        return offset_E.clone()
+    adjusted_TE = values_TE - offset_E
+    top_TK1 = torch.topk(adjusted_TE, k + 1, dim=1).values
+    kth_T, next_T = top_TK1[:, k - 1], top_TK1[:, k]
+    chosen_TE = adjusted_TE >= kth_T[:, None]
+    margins_TE = values_TE - torch.where(chosen_TE, next_T[:, None], kth_T[:, None])
+    return expert_quantiles(margins_TE, k, valid_T, midpoint=True)
 
 
 class MaxScoreRouter(GatedRouter):
@@ -201,21 +250,26 @@ class MaxScoreRouter(GatedRouter):
             rank_loads=result.rank_loads,
         )
 
-    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Each token alone: the top-k of ``scores - prices - causal_offset`` (best first), no capacity."""
-        adjusted_TE = scores_TE - (self.prices + self.causal_offset).to(scores_TE.device)
-        return torch.topk(adjusted_TE, self.k, dim=1).indices
+    def causal_rule(self) -> CausalRule:
+        """Each token alone: the top-k of ``scores - (prices + causal_offset)``, no capacity."""
+        return dataclasses.replace(GatedRouter.causal_rule(self), bias_E=-(self.prices + self.causal_offset))
 
     @torch.no_grad()
     def _update_causal(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> None:
         """One step of the causal correction from this batch's causal routing (on the device)."""
         if self.config.causal_rate == 0:
             return
-        experts_TK = self.route_causal(scores_TE.detach())
-        if valid_T is not None:  # padding counts nowhere (a mask, not an index: no host sync)
-            experts_TK = experts_TK.masked_fill(~valid_T.to(experts_TK.device)[:, None], -1)
-        loads_E = expert_loads(experts_TK[None], self.num_experts)[0].float()
-        step_E = self.config.causal_rate * torch.sign(loads_E - loads_E.mean())
+        offset_E = self.causal_offset.to(scores_TE.device)
+        if self.config.causal_update == "quantile":
+            values_TE = scores_TE.detach().float() - self.prices.to(scores_TE.device)
+            target_E = causal_targets(values_TE, offset_E, self.k, valid_T)
+            step_E = self.config.causal_rate * (target_E - offset_E)
+        else:
+            experts_TK = self.route_causal(scores_TE.detach())
+            if valid_T is not None:  # padding counts nowhere (a mask, not an index: no host sync)
+                experts_TK = experts_TK.masked_fill(~valid_T.to(experts_TK.device)[:, None], -1)
+            loads_E = expert_loads(experts_TK[None], self.num_experts)[0].float()
+            step_E = self.config.causal_rate * torch.sign(loads_E - loads_E.mean())
         self.causal_offset.add_(step_E.to(self.causal_offset.device))
         self.causal_offset.sub_(self.causal_offset.mean())
 

@@ -34,12 +34,14 @@ release notes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from maxscore._distributed import initialized, world_size
 from maxscore.routers.base import GatedRouter, GatedRouterConfig
+from maxscore.routers.causal import CausalRule, log_scores
 from maxscore.routers.groups import Groups, Selection
 
 
@@ -80,24 +82,50 @@ def bias_quantiles(values_TE: torch.Tensor, bias_E: torch.Tensor, k: int, valid_
         k: experts per token.
         valid_T: bool [T] or None; padding takes no part.
     """
-    num_tokens, num_experts = values_TE.shape
+    num_experts = values_TE.shape[1]
     values_TE = values_TE.detach().float()
-    if k < num_experts:
-        threshold_T = torch.topk(values_TE - bias_E, k + 1, dim=1).values[:, k]
-    else:  # every token takes every expert: nothing to balance
+    if k >= num_experts:  # every token takes every expert: nothing to balance
         return torch.zeros_like(bias_E)
-    margins_TE = values_TE - threshold_T[:, None]
-    if valid_T is None:  # the count is known on the host: a selection
+    threshold_T = torch.topk(values_TE - bias_E, k + 1, dim=1).values[:, k]
+    return expert_quantiles(values_TE - threshold_T[:, None], k, valid_T)
+
+
+def expert_quantiles(
+    margins_TE: torch.Tensor, k: int, valid_T=None, *, midpoint: bool = False
+) -> torch.Tensor:
+    """Per expert, the (C+1)-th largest of its tokens' margins, ``C = ceil(k * N / E)`` over the N
+    valid tokens: a bias above it leaves the expert at most C tokens that prefer it by more.
+
+    Args:
+        margins_TE: float [T, E]; padding rows are ignored (``valid_T`` False).
+        k: experts per token.
+        valid_T: bool [T] or None.
+        midpoint: the midpoint of the C-th and (C+1)-th largest instead, a bias at which
+            exactly C tokens prefer the expert by more, whatever the rounding (the (C+1)-th token
+            sits at the bias itself).
+
+    On the device with no host sync: a selection when the count is known on the host, else a
+    sort and an index.
+    """
+    num_tokens, num_experts = margins_TE.shape
+    if valid_T is None:
         capacity = -(-num_tokens * k // num_experts)  # = expert_capacity(N, E, k, 1.0)
         # the (C+1)-th largest is the (N - C)-th smallest (the smallest when C >= N)
-        return torch.kthvalue(margins_TE, max(1, num_tokens - capacity), dim=0).values
-    # padding: the count is on the device; a sort, and the (C+1)-th largest by index (no sync)
+        below = torch.kthvalue(margins_TE, max(1, num_tokens - capacity), dim=0).values
+        if not midpoint:
+            return below
+        return (
+            below + torch.kthvalue(margins_TE, min(num_tokens, num_tokens - capacity + 1), dim=0).values
+        ) / 2
     margins_TE = margins_TE.masked_fill(~valid_T[:, None], -torch.inf)
     count = valid_T.sum()
     capacity = (count * k + num_experts - 1) // num_experts
     index = torch.minimum(capacity, (count - 1).clamp(min=0))
     ordered_TE = torch.sort(margins_TE, dim=0, descending=True).values
-    return ordered_TE.index_select(0, index.view(1))[0]
+    below = ordered_TE.index_select(0, index.view(1))[0]
+    if not midpoint:
+        return below
+    return (below + ordered_TE.index_select(0, (index - 1).clamp(min=0).view(1))[0]) / 2
 
 
 def drop_lowest(experts_TK: torch.Tensor, probs_TK: torch.Tensor, groups: Groups, capacity_G, num_experts):
@@ -135,21 +163,13 @@ class QuantileRouter(GatedRouter):
         self.register_buffer("pending_quantiles", torch.zeros(self.num_experts), persistent=False)
         self.register_buffer("pending_batches", torch.zeros(()), persistent=False)
 
-    def routing_values(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """The logits up to a per-token shift, from the scores (module docstring); scores that
-        underflowed read as float32's smallest normal, so every value is finite."""
-        tiny = torch.finfo(torch.float32).tiny
-        if self.score_function == "sigmoid":
-            return torch.logit(scores_TE.detach().double().clamp(tiny, 1 - 2**-53)).float()
-        return torch.log(scores_TE.detach().float().clamp(min=tiny))
-
-    def route_causal(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """Each token alone: the top-k of ``routing values - bias`` (best first), no capacity."""
-        return torch.topk(self.routing_values(scores_TE) - self.bias, self.k, dim=1).indices
+    def causal_rule(self) -> CausalRule:
+        """Each token alone: the top-k of ``log scores - bias`` (module docstring), no capacity."""
+        return dataclasses.replace(GatedRouter.causal_rule(self), values="log_scores", bias_E=-self.bias)
 
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
-        values_TE = self.routing_values(scores_TE)
-        experts_TK = torch.topk(values_TE - self.bias, self.k, dim=1).indices
+        values_TE = log_scores(scores_TE, self.score_function)
+        experts_TK = torch.topk(values_TE + (-self.bias), self.k, dim=1).indices
         if self.training:
             self.pending_quantiles += bias_quantiles(values_TE, self.bias, self.k, valid_T)
             self.pending_batches += 1
