@@ -29,6 +29,10 @@ other optimal prices) and route causally otherwise.
 Each digest has two parts, ``<batch>/<causal>``: the batch routings (training forwards and an
 evaluation) and the causal routing after them, so that a change to causal routing alone shows
 as one.  The split digests were taken on commit 5522d37, where the single digests above held.
+Deliberate change since: the causal correction of ``flow_only``, ``maxscore`` and
+``maxscore_paper`` moved from the sign rule to the quantile rule (``causal_update``): their
+batch digests are unchanged, their causal digests moved (with ``causal_update="sign"`` they
+are the earlier ones).
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ EXPECTED = {
     "deepseek_v3": "6371320482b04599/874192eed63814ce",
     "dropless": "6d8ff3b08713ea82/691185954e98e971",
     "expert_choice": "b586353e2a99b61e/-",
-    "flow_only": "6d06729c9933813c/b0179e1017c011de",
+    "flow_only": "6d06729c9933813c/350949adb5607b02",
     "gshard": "91f65b0f8b013251/691185954e98e971",
     "iterative": "3beee47c9d371f74/691185954e98e971",
-    "maxscore": "d8df0f27d27a259e/b0179e1017c011de",
-    "maxscore_paper": "f7706773520e8c8c/b0179e1017c011de",
+    "maxscore": "d8df0f27d27a259e/350949adb5607b02",
+    "maxscore_paper": "f7706773520e8c8c/350949adb5607b02",
     "quantile": "e34b54697560e926/c1e94d7f116fd095",
     "sbase": "6583445214cf471a/691185954e98e971",
     "softtopk_only": "54e8c8b35ac41f71/691185954e98e971",
@@ -88,3 +92,11 @@ def test_every_router_has_a_fingerprint():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_routings_are_unchanged(name):
     assert routing_digest(name) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", ["flow_only", "maxscore", "maxscore_paper"])
+def test_the_sign_rule_still_routes_as_before_the_quantile_rule(name, monkeypatch):
+    """``causal_update="sign"`` (configs saved before the quantile rule) routes as it did."""
+    original = make_router
+    monkeypatch.setitem(globals(), "make_router", lambda *a, **o: original(*a, causal_update="sign", **o))
+    assert routing_digest(name).endswith("/b0179e1017c011de")
