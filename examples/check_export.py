@@ -35,7 +35,8 @@ total, count = 0.0, 0
 with torch.no_grad():
     for chunk in windows.split(batch_size):
         logits = model(input_ids=chunk[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        targets = chunk[:, 1:].flatten()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, reduction="sum")
         total, count = total + float(loss), count + chunk[:, 1:].numel()
 print(json.dumps({"architecture": type(model).__name__, "loss": total / count, "tokens": count}))
 """
