@@ -29,8 +29,8 @@ COMPILED = [
 
 @pytest.fixture(autouse=True)
 def _fresh_compile_caches():
-    """Each test compiles from scratch (a recompile with another capacity factor would trace it
-    as a dynamic float)."""
+    """Each test compiles from scratch (``test_layers_with_other_capacity_factors_compile`` covers
+    recompiles with other values)."""
     dynamo.reset()
     yield
     dynamo.reset()
@@ -85,6 +85,22 @@ def test_maxscore_compiles_with_inductor():
     expected, got = eager(x, valid), compiled(x, valid)
     assert torch.equal(expected.routing.experts, got.routing.experts)
     torch.testing.assert_close(got.output, expected.output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["maxscore", "gshard"])
+def test_layers_with_other_capacity_factors_compile(router):
+    """One model, three layers of capacity factor 1, 1.25 and 1.5, each compiled with
+    fullgraph=True: the recompiles trace the factor as a symbolic float, and the capacity is
+    computed from it, equal to eager."""
+    eager = [_layer(router, factor) for factor in (1.0, 1.25, 1.5)]
+    compiled = [_layer(router, factor) for factor in (1.0, 1.25, 1.5)]
+    x, valid = _batch(0, padded=True)
+    for eager_layer, layer in zip(eager, compiled, strict=True):
+        expected = eager_layer(x, valid)
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, valid)
+        assert got.routing.capacity == expected.routing.capacity
+        assert torch.equal(expected.routing.experts, got.routing.experts)
+        torch.testing.assert_close(got.output, expected.output, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -78,6 +78,8 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
         capacity_factor: > 0; 1.0 leaves no slack (every expert exactly full when
             ``k * num_tokens`` is divisible by E).
     """
+    if torch.compiler.is_compiling():  # checked where the layer was built; a traced value may be symbolic
+        return _capacity(num_tokens, num_experts, k, capacity_factor)
     for name, value in (("num_tokens", num_tokens), ("num_experts", num_experts), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an int, got {type(value).__name__}")
@@ -92,6 +94,10 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
         or capacity_factor <= 0
     ):
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+    return _capacity(num_tokens, num_experts, k, capacity_factor)
+
+
+def _capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     if capacity_factor == 1:  # exact integer arithmetic for the common case
         return -(-k * num_tokens // num_experts)
     value = capacity_factor * k * num_tokens / num_experts
