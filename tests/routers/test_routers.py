@@ -272,7 +272,7 @@ def test_causal_targets_give_each_expert_alone_its_mean_load(num_experts, k, pad
 
 def test_quantile_causal_rule_balances_a_batch_within_tens_of_forwards():
     """Trained on one batch, the causal routing of that batch: the quantile rule (default rate
-    0.1) is within 2% of balance after 20 forwards; the sign rule and the prices alone are not."""
+    0.3) is within 2% of balance after 20 forwards; the sign rule and the prices alone are not."""
     num_experts, k, length = 8, 2, 64
     logits = biased_logits(8, length, num_experts, seed=3)
     spread = {}
@@ -293,7 +293,7 @@ def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone(
     the correction removes what they leave (held-out batches, the same training inputs)."""
     num_experts, k, length = 8, 2, 64
     spread = {}
-    for rate in (0.0, 0.1):
+    for rate in (0.0, 0.3):
         router = identity_router("maxscore", num_experts, k, causal_rate=rate)
         for seed in range(60):
             router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
@@ -308,7 +308,7 @@ def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone(
             for s in range(20)
         )
         spread[rate] = float(loads.max() / loads.mean())
-    assert spread[0.1] < 1 + 0.75 * (spread[0.0] - 1), spread
+    assert spread[0.3] < 1 + 0.75 * (spread[0.0] - 1), spread
 
 
 def test_causal_offset_state_and_old_checkpoints():

@@ -16,10 +16,11 @@ and, in causal mode, routes each token alone to the top-k of ``score - prices`` 
 capacity is enforced, loads are balanced only on average).  The averaged prices balance the
 batches' routings, not the causal routing's average load (at the optimum the marginal tokens
 tie, and top-k breaks every tie the same way), so a correction (buffer ``causal_offset``) is
-added.  After each training forward it moves a fraction ``causal_rate`` (default 0.1) of the way
+added.  After each training forward it moves a fraction ``causal_rate`` (default 0.3) of the way
 to the offsets under which this batch's causal routing would be balanced: per expert, the
-quantile-balancing target of ``maxscore.routers.quantile.bias_quantiles`` on ``score - prices``
-(the offset at which the expert alone would take its mean load).  The step is proportional to
+offset at which it alone would take its mean load (``causal_targets``, a quantile of its
+tokens' margins).  A batch whose experts take fewer than ``CAUSAL_SAMPLE`` (256) tokens each on
+average moves proportionally less, as its quantiles are noisier.  The step is proportional to
 the imbalance, so the causal routing is balanced within tens of forwards, and the offset then
 averages the batches' targets.  ``causal_update="sign"`` is the earlier rule (DeepSeek-V3's
 loss-free update: ``causal_rate``, default 1e-4 score units, up or down by the load's sign),
@@ -56,7 +57,8 @@ from maxscore.solvers.exact.global_routing import solve_global
 from maxscore.solvers.exact.prices import expert_loads
 
 FLOW_METHODS = ("exact", "two_stage", "sinkhorn")
-CAUSAL_UPDATES = {"quantile": 0.1, "sign": 1e-4}  # the correction's rules and their default rates
+CAUSAL_UPDATES = {"quantile": 0.3, "sign": 1e-4}  # the correction's rules and their default rates
+CAUSAL_SAMPLE = 256  # tokens per expert from which a batch moves the quantile rule's full rate
 PRICE_EVERY = 10  # approximate methods: training forwards between exact solves for the causal prices
 
 
@@ -71,7 +73,7 @@ class FlowOnlyRouterConfig(GatedRouterConfig):
         causal_update: the causal correction's rule: ``"quantile"`` (default) or ``"sign"``
             (module docstring).
         causal_rate: its step per training forward: with ``"quantile"`` the fraction of the way
-            to the batch's balancing offsets (in (0, 1]; default 0.1), with ``"sign"`` the move
+            to the batch's balancing offsets (in [0, 1]; default 0.3), with ``"sign"`` the move
             of each expert in score units (default 1e-4); 0 disables the correction.
     """
 
@@ -263,7 +265,11 @@ class MaxScoreRouter(GatedRouter):
         if self.config.causal_update == "quantile":
             values_TE = scores_TE.detach().float() - self.prices.to(scores_TE.device)
             target_E = causal_targets(values_TE, offset_E, self.k, valid_T)
-            step_E = self.config.causal_rate * (target_E - offset_E)
+            count = values_TE.shape[0] if valid_T is None else valid_T.sum()
+            # a batch whose experts take fewer than CAUSAL_SAMPLE tokens each moves less: its
+            # targets (quantiles of fewer margins) are noisier
+            weight = torch.as_tensor(count * self.k / (self.num_experts * CAUSAL_SAMPLE)).clamp(max=1)
+            step_E = self.config.causal_rate * weight.to(offset_E) * (target_E - offset_E)
         else:
             experts_TK = self.route_causal(scores_TE.detach())
             if valid_T is not None:  # padding counts nowhere (a mask, not an index: no host sync)
