@@ -49,6 +49,23 @@ def test_resume_equals_uninterrupted(router, small_corpus_dir, tmp_path):
     assert final_parts["test_batch"] == final_whole["test_batch"]
 
 
+def test_resume_cleans_its_stale_temporary_files_and_says_which_settings_stand(
+    small_corpus_dir, tmp_path, capsys
+):
+    config = tiny_config(small_corpus_dir, steps=12)
+    assert train(config, tmp_path, progress=False, stop_after=6) == {}
+    stale = tmp_path / "checkpoint.pt.tmp99999"  # a process killed while writing its checkpoint
+    stale.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    train(config, tmp_path, progress=False, stop_after=8)  # the same settings: nothing to say
+    assert not stale.exists()
+    assert "saved settings" not in capsys.readouterr().err
+    train(tiny_config(small_corpus_dir, steps=30, lr=1e-3), tmp_path, progress=False)
+    message = capsys.readouterr().err
+    assert "resuming" in message and "steps=12 (given 30)" in message and "lr=0.003 (given 0.001)" in message
+    assert load_checkpoint(tmp_path).step == 12  # the saved steps stood
+
+
 def test_a_compiled_run_equals_the_eager_one_and_shares_its_checkpoints(small_corpus_dir, tmp_path):
     """``compile=True`` (``--compile``) compiles each decoder block with fullgraph=True: the same
     losses over 20 steps (within 1e-4), and a checkpoint the eager model loads (resumed eagerly,

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ def setup(config: TrainConfig, out: Path) -> Run:
     topology = make_topology(config.expert_parallel)
     resume = _load_resume(out, topology)
     if resume is not None:
+        if topology.is_main:
+            _say_saved_settings_stand(config, resume.config, out)
         config = resume.config
     config = with_schedule(config)
     check_same_on_all_ranks("training configuration", config.to_json())
@@ -252,8 +255,28 @@ def log_step(run: Run, done: int, losses: tuple[float, float], stats: list, elap
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", drop=drop)
 
 
+def _say_saved_settings_stand(given: TrainConfig, saved: TrainConfig, out: Path) -> None:
+    """One line on stderr when a resumed run was given other settings than it saved."""
+    given_values, saved_values = json.loads(given.to_json()), json.loads(saved.to_json())
+    differing = [name for name in saved_values if given_values.get(name) != saved_values[name]]
+    if differing:
+        shown = ", ".join(
+            f"{name}={json.dumps(saved_values[name])} (given {json.dumps(given_values.get(name))})"
+            for name in differing
+        )
+        print(
+            f"resuming {out} with its saved settings: {shown}; a run keeps the settings it started "
+            "with (its schedules depend on them); train into a new --out to use others",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _load_resume(out: Path, topology: Topology):
     path = checkpoint_path(out, topology)
+    # a process killed while writing leaves its temporary file; this rank's own are stale now
+    for stale in out.glob(f"{path.name}.tmp*") if out.is_dir() else ():
+        stale.unlink(missing_ok=True)
     if not path.exists():
         if topology.distributed and (out / CHECKPOINT).exists() and not (out / "final.json").exists():
             raise ValueError(
