@@ -4,7 +4,9 @@
 # engine benchmark (cold/warm x topk, launches and device-to-host copies per warm call,
 # fallbacks, price steps and augmentations, exactness), a profile of the engine's calls and of
 # the routers' forwards, the layer benchmark (routing x GShard), the random sweep of shapes
-# (bench_sweep.py, the kernel on CUDA) and training tokens/s per router at the small preset.
+# (bench_sweep.py, the kernel on CUDA), training tokens/s per router at the small preset, eager
+# and compiled.  The `gpu` tests include a routing step under torch.cuda.set_sync_debug_mode("error")
+# and the router's forward captured in a CUDA graph against eager (tests/routers/test_cuda_graph.py).
 #   bash benchmarks/gpu_check.sh [tag]      # tag names the result files, default h100
 # Needs a CUDA build of torch (it brings Triton), transformers, scipy and pytest in $PY (default
 # python3) and a C compiler for the solver core; nothing is downloaded (GPU machines are often
@@ -31,4 +33,8 @@ out=benchmarks/results
 "$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \
     --routers gshard,maxscore,flow_only,quantile --steps 10 \
     --out "$out/throughput_${tag}_${stamp}.json" --md "$out/throughput_${tag}_${stamp}.md"
+# compiled training (each block torch.compile(fullgraph=True)) against eager, maxscore and gshard
+"$PY" benchmarks/bench_parallel.py --device cuda --presets small --worlds 1 --routings sequence \
+    --routers gshard,maxscore --steps 10 --compile \
+    --out "$out/train_compile_${tag}_${stamp}.json" --md "$out/train_compile_${tag}_${stamp}.md"
 if [ -n "${OUT:-}" ]; then cp "$out"/*_"${tag}"_"${stamp}".* "$OUT"/; fi
