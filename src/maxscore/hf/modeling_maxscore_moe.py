@@ -122,6 +122,7 @@ class MaxScoreMoeBlock(nn.Module):
 
 class MaxScoreMoeForCausalLM(LlamaForCausalLM):
     config_class = MaxScoreMoeConfig
+    _keep_in_fp32_modules_strict = ["gate.weight", "gate.route_bias"]  # routing in float32
 
     def __init__(self, config: MaxScoreMoeConfig) -> None:
         super().__init__(config)
