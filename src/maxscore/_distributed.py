@@ -28,3 +28,10 @@ def average_over_ranks(tensor, group: dist.ProcessGroup | None = None) -> None:
     if size > 1:
         dist.all_reduce(tensor, group=group)  # SUM: gloo has no AVG
         tensor.div_(size)
+
+
+def sum_over_ranks(tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Replaces ``tensor`` by its sum over the ranks of ``group`` (default: the world), in place
+    on its device (no host sync); nothing without a process group of more than one rank."""
+    if world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maxscore._distributed import average_over_ranks, world_size
+from maxscore._distributed import average_over_ranks, sum_over_ranks, world_size
 from maxscore.gates import TemperatureScheduleConfig, schedule_config
 from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.causal import CausalRule
@@ -237,7 +237,7 @@ class MaxScoreRouter(GatedRouter):
         assignment, self.last_global = result.assignment, result
         if self.training:
             self._update_prices(assignment.prices.float()[None])
-            self._update_causal(scores_TE, valid_T)
+            self._update_causal(scores_TE, valid_T, self.process_group)
             self.training_forwards += 1
         device = scores_TE.device
         return Selection(
@@ -257,8 +257,11 @@ class MaxScoreRouter(GatedRouter):
         return dataclasses.replace(GatedRouter.causal_rule(self), bias_E=-(self.prices + self.causal_offset))
 
     @torch.no_grad()
-    def _update_causal(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> None:
-        """One step of the causal correction from this batch's causal routing (on the device)."""
+    def _update_causal(self, scores_TE: torch.Tensor, valid_T: torch.Tensor | None, ranks=None) -> None:
+        """One step of the causal correction from this batch's causal routing (on the device).
+
+        ``ranks``: global routing's process group; the quantile rule's targets are then averaged
+        over its ranks (weighted by their tokens), so every rank takes the same step."""
         if self.config.causal_rate == 0:
             return
         offset_E = self.causal_offset.to(scores_TE.device)
@@ -266,9 +269,15 @@ class MaxScoreRouter(GatedRouter):
             values_TE = scores_TE.detach().float() - self.prices.to(scores_TE.device)
             target_E = causal_targets(values_TE, offset_E, self.k, valid_T)
             count = values_TE.shape[0] if valid_T is None else valid_T.sum()
+            count = torch.as_tensor(count, dtype=torch.float32, device=target_E.device)
+            if world_size(ranks) > 1:  # one step on every rank, from all ranks' tokens
+                packed = torch.cat([target_E * count, count.view(1)])
+                sum_over_ranks(packed, ranks)
+                count = packed[-1]
+                target_E = packed[:-1] / count.clamp(min=1)
             # a batch whose experts take fewer than CAUSAL_SAMPLE tokens each moves less: its
             # targets (quantiles of fewer margins) are noisier
-            weight = torch.as_tensor(count * self.k / (self.num_experts * CAUSAL_SAMPLE)).clamp(max=1)
+            weight = (count * self.k / (self.num_experts * CAUSAL_SAMPLE)).clamp(max=1)
             step_E = self.config.causal_rate * weight.to(offset_E) * (target_E - offset_E)
         else:
             experts_TK = self.route_causal(scores_TE.detach())
