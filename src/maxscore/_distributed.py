@@ -26,7 +26,7 @@ def average_over_ranks(tensor, group: dist.ProcessGroup | None = None) -> None:
     on its device (no host sync); nothing without a process group of more than one rank."""
     size = world_size(group)
     if size > 1:
-        dist.all_reduce(tensor, group=group)  # SUM: gloo has no AVG
+        sum_over_ranks(tensor, group)  # then divided: gloo has no AVG
         tensor.div_(size)
 
 

@@ -79,9 +79,11 @@ def auto_format(rule: CausalRule) -> str:
     return "maxscore"
 
 
-def serving_model(model: Decoder, format: str) -> nn.Module:
-    """The decoder as a transformers model of ``format`` (checked with ``serving_problems``)."""
+def serving_model(model: Decoder, format: str = "auto") -> tuple[nn.Module, str]:
+    """The decoder as a transformers model of ``format`` (``auto``: ``auto_format``; checked with
+    ``serving_problems``), and the format written."""
     rules = causal_rules(model)
+    format = auto_format(rules[0]) if format == "auto" else format
     problems = serving_problems(rules[0], format)
     if problems:
         able = [f for f in FORMATS if not serving_problems(rules[0], f)]
@@ -89,15 +91,7 @@ def serving_model(model: Decoder, format: str) -> nn.Module:
             f"--format {format} cannot represent this run: {'; '.join(problems)}; formats that can: {able}"
         )
     build = {"ernie4_5_moe": _ernie, "glm4_moe": _glm, "maxscore": _remote}[format]
-    hf = build(model, rules)
-    state = _state(model, rules, format)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if hf.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"export: unmapped weights (missing {missing}, unexpected {unexpected})")
-    if tied:
-        hf.tie_weights()
-    return hf.eval()
+    return _loaded(build(model, rules), _state(model, rules, format)), format
 
 
 def llama_model(model: Decoder) -> nn.Module:
@@ -105,10 +99,17 @@ def llama_model(model: Decoder) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = LlamaForCausalLM(LlamaConfig(**_shape(model), intermediate_size=model.config.dense_hidden))
-    missing, unexpected = hf.load_state_dict(_attention_state(model, half_split=True), strict=False)
-    if unexpected or set(missing) != {"lm_head.weight"}:
+    return _loaded(hf, _attention_state(model, half_split=True))
+
+
+def _loaded(hf: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``hf`` with every weight of ``state`` (all it has but a tied ``lm_head``), in eval mode."""
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if hf.config.tie_word_embeddings else set()
+    if unexpected or set(missing) != tied:
         raise RuntimeError(f"export: unmapped weights (missing {missing}, unexpected {unexpected})")
-    hf.tie_weights()
+    if tied:
+        hf.tie_weights()
     return hf.eval()
 
 
@@ -206,8 +207,9 @@ def _attention_state(model: Decoder, *, half_split: bool) -> dict[str, torch.Ten
     per head from the decoder's interleaved rotary pairs ``(2i, 2i + 1)`` to halves ``(i, i + d / 2)``."""
     config = model.config
     head_dim = config.dim // config.heads
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    if not half_split:
+    if half_split:
+        order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    else:
         order = torch.arange(head_dim)
     rows = (torch.arange(config.heads)[:, None] * head_dim + order[None]).flatten()
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-VALUES = ("scores", "log_scores")
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CausalRule:

@@ -51,9 +51,7 @@ def export_run(checkpoint: str | Path, out: str | Path, format: str = "auto") ->
             )
         format, hf_model = kind, model.hf if kind == "hf" else serving.llama_model(model)
     else:
-        rules = serving.causal_rules(model)
-        format = serving.auto_format(rules[0]) if format == "auto" else format
-        hf_model = serving.serving_model(model, format)
+        hf_model, format = serving.serving_model(model, format)
     end_id = saved.tokenizer.token_to_id(END_OF_TEXT)
     if format != "hf" and end_id is not None:  # generation stops at the corpus's separator
         for config in (hf_model.config, hf_model.generation_config):
