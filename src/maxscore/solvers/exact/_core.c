@@ -7,8 +7,11 @@
  * top-k of s[t,:] - p and only full experts have a positive price.
  *
  * mode 0 (exact), four phases:
- *   1. prices: warm-start prices shifted to minimum 0; while the excess is large (above 1/64
- *      of the units; 1/4 on small problems started cold), a few damped best-response
+ *   1. prices: warm-start prices shifted to minimum 0, or without a warm start the quantile
+ *      start (quantile_start: each expert's cap-th score less a common threshold; back to
+ *      prices 0 where that would leave the repair many free slots at priced experts); while
+ *      the excess is large (above 1/64 of the units; 1/4 on small problems started from
+ *      prices 0), a few damped best-response
  *      (Jacobi) steps move every price toward the value that would give its expert exactly
  *      cap[e] tokens; then every valid token takes its top-k of s - p.  On large problems the
  *      first steps see only every 4th token (assigned alone, loads scaled) while the
@@ -1214,6 +1217,88 @@ static int price_phase(Ctx *c, int64_t price_iters, double alpha, int64_t enough
 }
 
 /*
+ * Cold start: every expert's price puts cap[e] of its scores above it, as if every token's
+ * threshold (its k-th value of s - p) were the same: one price step (alpha 1) from the empty
+ * assignment, every token's threshold 0, over every stride-th token (sample, or 1).  With
+ * slack capacity the prices then fall by the common threshold theta under which the experts
+ * left below it (at price 0) take fewer tokens than their capacity by the free slots in all:
+ * the optimum has its free slots at price 0.  Then every token (of the sample) takes its top-k.
+ *
+ * Why: from prices 0 the price steps and the auction raise each expert's price one best
+ * response at a time, each assuming the others' stay.  Where experts compete for the same
+ * tokens (sigmoid scores with a per-expert bias: the popular experts score near 1 for every
+ * token) that is a war: at (3937, 488, 7) the auction made 167k moves for 23k units that had
+ * to move, 52x topk; from these prices 0.7k moves, 11x.  On the sweep's shapes the start's
+ * dual gap is 100-1000 times less than at prices 0.
+ *
+ * The common threshold is a model, though: where tokens' thresholds differ much (softmax
+ * scores, k = 1) the experts under theta come out full and the free slots sit at priced
+ * experts, where the price steps cannot move them (a common shift of the prices changes no
+ * routing) and the repair pays a path for each (at (4096, 96, 8), softmax: 63 paths for 64
+ * free slots).  Such paths cost about E token rows each (O(E^2)), so when the free slots this
+ * assignment leaves at priced experts would cost the repair more than FALLBACK_PASSES passes
+ * over the scores, the start goes back to prices 0, where the experts no token outbids stay
+ * at 0 with their free slots.  (The core alone on the sweep's 80 single shapes, one thread,
+ * median / p90 / max x topk: from prices 0 5.8 / 19.4 / 52; this start without the way back
+ * 4.1 / 17.8 / 27; with it 4.3 / 14.2 / 22.)
+ * Returns 0 if some token has fewer than k allowed experts (listed in bad).
+ */
+#define FALLBACK_PASSES 4
+static int quantile_start(Ctx *c, int64_t sample, int64_t units, int64_t capacity, int64_t *bad, int64_t nbad_max,
+                          int64_t *nbad) {
+    const int64_t stride = sample ? sample : 1, free_slots = capacity - units;
+    double *buf = malloc(sizeof(double) * (size_t)(capacity + 10 * c->E + 16));
+    int64_t *off = malloc(sizeof(int64_t) * (size_t)(3 * c->E)), *cnt = off + 2 * c->E;
+    if (!buf || !off) {
+        free(buf);
+        free(off);
+        c->oom = 1;
+        return 1;
+    }
+    for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
+    memset(c->held, 0, (size_t)(c->N * c->E));
+    memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
+    for (int64_t t = 0; t < c->N; t++) c->kth[t] = 0.0;
+    c->scale = 1;
+    /* an expert's heap (buf + off[e], cnt[e] entries) keeps its best scores, the cap[e]-th among them */
+    price_step(c, 1.0, 1.0, 0, stride, buf, off, off + c->E, cnt);
+    double lo = INFINITY, hi = -INFINITY;
+    for (int64_t e = 0; e < c->E; e++) {
+        lo = fmin(lo, c->p[e]);
+        hi = fmax(hi, c->p[e]);
+    }
+    /* theta by bisection: the experts priced under it take the scores above it, fewer than
+     * their capacity by the free slots */
+    for (int it = 0; free_slots > 0 && it < 40 && lo < hi; it++) {
+        double mid = 0.5 * (lo + hi);
+        int64_t short_by = 0;
+        for (int64_t e = 0; e < c->E && short_by <= free_slots; e++) {
+            if (!(c->p[e] < mid)) continue;
+            int64_t n = 0;
+            for (int64_t i = 0; i < cnt[e]; i++) n += buf[off[e] + i] > mid;
+            short_by += n * stride < c->cap[e] ? c->cap[e] - n * stride : 0;
+        }
+        if (short_by > free_slots)
+            hi = mid;
+        else
+            lo = mid;
+    }
+    for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > lo ? c->p[e] - lo : 0.0;
+    free(buf);
+    free(off);
+    if (!assign_topk(c, 1, sample, bad, nbad_max, nbad)) return 0;
+    int64_t at_zero = 0; /* the free slots the assignment leaves at price 0 */
+    for (int64_t e = 0; e < c->E; e++)
+        if (c->p[e] == 0 && c->loads[e] * c->scale < c->cap[e]) at_zero += c->cap[e] - c->loads[e] * c->scale;
+    int64_t misplaced = free_slots - at_zero;
+    if (misplaced * c->E > FALLBACK_PASSES * c->N) {
+        memset(c->p, 0, sizeof(double) * (size_t)c->E);
+        return assign_topk(c, 1, sample, bad, nbad_max, nbad);
+    }
+    return 1;
+}
+
+/*
  * Phase 1: prices (warm start shifted to min 0, then the price steps while the excess is
  * large) and the top-k assignment at those prices.  Large problems start on a sample, every
  * COARSE-th token: while the estimated excess is large the steps need only the sample.
@@ -1223,6 +1308,20 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     totals(c, &units, &capacity);
     c->kth = malloc(sizeof(double) * (size_t)(c->N + 1));
     if (!c->kth) return c->oom = 1, 1;
+    /* large problems start on a sample, every COARSE-th token (see price_phase) */
+    int64_t big = c->N * c->E >= ((int64_t)1 << 16);
+    int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
+    int cold = 1, ok = 1, assigned = 0;
+    for (int64_t e = 0; e < c->E; e++) cold &= c->p[e] == 0;
+    if (cold && price_iters > 0) {
+        ok = quantile_start(c, sample, units, capacity, bad, nbad_max, nbad);
+        assigned = 1;
+    }
+    if (!ok || c->oom) {
+        free(c->kth);
+        c->kth = NULL;
+        return ok;
+    }
     /* warm prices less their m-th least, floored at 0, m = ceil(free slots / largest capacity)
      * (1 without slack: shifted to minimum 0): at least m experts are below capacity at the
      * optimum, all at price 0, so at least m start there.  Prices averaged over other groups
@@ -1236,16 +1335,16 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     memcpy(sorted, c->p, sizeof(double) * (size_t)c->E);
     double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
     free(sorted);
-    for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
-    /* the sample is completed once its excess nears its own noise (coarse_until) */
-    int64_t big = c->N * c->E >= ((int64_t)1 << 16);
-    int64_t sample = (price_iters > 0 && big && c->N >= 1024) ? COARSE : 0;
-    int ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
+    if (floor_price > 0 || !assigned) { /* the quantile start leaves its least price at 0, assigned */
+        for (int64_t e = 0; e < c->E; e++) c->p[e] = c->p[e] > floor_price ? c->p[e] - floor_price : 0.0;
+        /* the sample is completed once its excess nears its own noise (coarse_until) */
+        ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
+    }
     /* the steps run while the excess is above 1/64 of the units, and stop sooner once one
-     * no longer pays (price_phase); small problems (under 2^16 scores) started cold stop at
-     * 1/4, where the auction is cheaper: from prices 0 it only raises prices below the
-     * optimum.  A warm start may hold prices above it, which the auction cannot lower: the
-     * others' must climb to them, one leaving price at a time (groups of 256 tokens started
+     * no longer pays (price_phase); small problems (under 2^16 scores) that start at prices 0
+     * (the quantile start went back to them) stop at 1/4, where the auction is cheaper: from
+     * prices 0 it only raises prices below the optimum.  Other starts may hold prices above
+     * it, which the auction cannot lower: the others' must climb to them, one leaving price at a time (groups of 256 tokens started
      * from other groups' mean prices took 100k moves per batch of 32 with the steps stopped
      * at 1/4, 6k-44k with them going on to 1/64; a cold (512, 16, 2) took 2x longer so) */
     int warm = 0;
