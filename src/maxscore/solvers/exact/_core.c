@@ -518,6 +518,13 @@ static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread
 #endif
 }
 
+/* no token holds an expert: every slot empty, no best other expert */
+static void clear_assignment(Ctx *c) {
+    for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
+    memset(c->held, 0, (size_t)(c->N * c->E));
+    for (int64_t t = 0; t < c->N; t++) c->barg[t] = -1;
+}
+
 /*
  * Phase 1: every valid token takes its top-k of s - p; returns 0 if some token has < k allowed
  * (listing them in bad).  fresh = 0: the assignment in place is a top-k at other prices, and a
@@ -528,11 +535,7 @@ static void run_chunks(Chunk *ch, int64_t n, void (*fn)(Chunk *), void *(*thread
  */
 static int assign_topk(Ctx *c, int fresh, int64_t sample, int64_t *bad, int64_t nbad_max, int64_t *nbad) {
     Chunk ch[MAX_THREADS];
-    if (fresh) {
-        for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
-        memset(c->held, 0, (size_t)(c->N * c->E));
-        for (int64_t t = 0; t < c->N; t++) c->barg[t] = -1;
-    }
+    if (fresh) clear_assignment(c);
     int64_t *scratch, n = split_rows(c, ch, fresh, &scratch);
     int64_t *loads = calloc((size_t)(n * chunk_stride(c->E)) + 1, sizeof(int64_t));
     if (!n || !loads) {
@@ -1255,8 +1258,7 @@ static int quantile_start(Ctx *c, int64_t sample, int64_t units, int64_t capacit
         c->oom = 1;
         return 1;
     }
-    for (int64_t i = 0; i < c->N * c->k; i++) c->experts[i] = -1;
-    memset(c->held, 0, (size_t)(c->N * c->E));
+    clear_assignment(c);
     memset(c->loads, 0, sizeof(int64_t) * (size_t)c->E);
     for (int64_t t = 0; t < c->N; t++) c->kth[t] = 0.0;
     c->scale = 1;
@@ -1344,9 +1346,10 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
      * no longer pays (price_phase); small problems (under 2^16 scores) that start at prices 0
      * (the quantile start went back to them) stop at 1/4, where the auction is cheaper: from
      * prices 0 it only raises prices below the optimum.  Other starts may hold prices above
-     * it, which the auction cannot lower: the others' must climb to them, one leaving price at a time (groups of 256 tokens started
-     * from other groups' mean prices took 100k moves per batch of 32 with the steps stopped
-     * at 1/4, 6k-44k with them going on to 1/64; a cold (512, 16, 2) took 2x longer so) */
+     * it, which the auction cannot lower: the others' must climb to them, one leaving price
+     * at a time (groups of 256 tokens started from other groups' mean prices took 100k moves
+     * per batch of 32 with the steps stopped at 1/4, 6k-44k with them going on to 1/64; a
+     * cold (512, 16, 2) took 2x longer so) */
     int warm = 0;
     for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
     int64_t enough = big || warm ? units / 64 : units / 4;
