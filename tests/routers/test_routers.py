@@ -311,6 +311,35 @@ def test_causal_offset_balances_the_causal_routing_better_than_the_prices_alone(
     assert spread[0.3] < 1 + 0.75 * (spread[0.0] - 1), spread
 
 
+def test_the_solver_starts_from_the_last_batch_mean_prices(monkeypatch):
+    """The warm start is the last batch's prices (centered per group, averaged over groups), not
+    the running average; checkpoints saved before the buffer existed start from the average."""
+    import maxscore.routers.maxscore as module
+
+    num_experts, k, length = 8, 2, 64
+    router = identity_router("maxscore", num_experts, k)
+    starts, solved, solve_groups = [], [], module.solve_groups
+
+    def recorded(*args, **options):
+        starts.append(options["prices"].clone())
+        result = solve_groups(*args, **options)
+        solved.append(result.assignment.prices.float())
+        return result
+
+    monkeypatch.setattr(module, "solve_groups", recorded)
+    for seed in range(3):
+        router(biased_logits(4, length, num_experts, seed=seed), sequence_length=length)
+    assert not starts[0].any()  # the first batch starts cold
+    for before, start in zip(solved, starts[1:]):
+        assert torch.allclose(start, (before - before.mean(1, keepdim=True)).mean(0))
+    assert not torch.allclose(router.warm_prices, router.prices)  # the average lags behind
+    state = router.state_dict()
+    del state["warm_prices"]
+    fresh = identity_router("maxscore", num_experts, k)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.warm_prices, router.prices)
+
+
 def test_causal_offset_state_and_old_checkpoints():
     router = identity_router("maxscore", 8, 2)
     router(biased_logits(4, 64, 8), sequence_length=64)

@@ -204,6 +204,7 @@ def _swap(block: nn.Module, gate: nn.Module, settings: dict) -> None:
     if bias is not None:  # DeepSeek-V3: top-k of score + bias is top-k of score - prices
         with torch.no_grad():
             router.prices.copy_(bias.float().mean() - bias.float())
+            router.warm_prices.copy_(router.prices)
             # the bias counts as a full average: training moves the prices from it by the EMA
             router.price_updates.fill_(round(1 / (1 - router.config.price_momentum)))
     gate.sequence_length = None

@@ -26,7 +26,12 @@ averages the batches' targets.  ``causal_update="sign"`` is the earlier rule (De
 loss-free update: ``causal_rate``, default 1e-4 score units, up or down by the load's sign),
 which configs saved before the choice existed keep.  Either way the batch routing never sees
 the offset.  The layer switches to causal mode by itself for single-token steps (generation).
-The averaged prices (without the offset) warm-start every group of the solver.
+The solver's warm start is the last batch's prices (buffer ``warm_prices``: the mean over its
+groups), not the running average: early in training the router moves faster than the average
+follows, and small groups' problems are nearly degenerate (at the optimum a token's k-th and
+(k+1)-th values of ``s - p`` differ by about 1e-6), so a stale start leaves most units to move
+(captured in training at E = 96, k = 8, groups of 128: the average started with more excess than
+prices 0, the last batch's mean with a fifth of it).
 With ``two_stage`` or ``sinkhorn`` (no joint prices), every ``PRICE_EVERY``-th training
 forward also runs the exact solver, for the prices only.
 
@@ -187,6 +192,7 @@ class MaxScoreRouter(GatedRouter):
         self.register_buffer("price_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.int64))
         self.register_buffer("causal_offset", torch.zeros(self.num_experts))
+        self.register_buffer("warm_prices", torch.zeros(self.num_experts))
         self.process_group = None  # of group="global"; None: the world (or a single process)
         self.last_global = None  # the last GlobalAssignment (its exchange counters) of group="global"
 
@@ -205,7 +211,7 @@ class MaxScoreRouter(GatedRouter):
     ) -> Selection:
         if self.group == "global":
             return self._select_global(scores_TE, valid_T)
-        options = {"prices": self.prices} if self.config.method == "exact" else {}
+        options = {"prices": self.warm_prices} if self.config.method == "exact" else {}
         solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.config.method, **options)
         if self.training:
             priced, apply = solved, None
@@ -215,7 +221,7 @@ class MaxScoreRouter(GatedRouter):
                 # forward and its prices apply every PRICE_EVERY-th, as in eager mode
                 if torch.compiler.is_compiling() or bool(due):
                     priced = solve_groups(
-                        scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.prices
+                        scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.warm_prices
                     )
                     apply = due
             if priced.assignment.prices is not None:
@@ -231,7 +237,7 @@ class MaxScoreRouter(GatedRouter):
             self.k,
             capacity_factor=self.capacity_factor,
             valid=valid_T,
-            prices=self.prices,
+            prices=self.warm_prices,
             group=self.process_group,
         )
         assignment, self.last_global = result.assignment, result
@@ -292,7 +298,7 @@ class MaxScoreRouter(GatedRouter):
     def average_state_over_ranks(self, group=None) -> None:
         """Averages the learned routing state (prices, causal correction) over the ranks of
         ``group`` (default: the world), for frameworks whose ranks route different tokens."""
-        for buffer in (self.prices, self.causal_offset):
+        for buffer in (self.prices, self.causal_offset, self.warm_prices):
             average_over_ranks(buffer, group)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -300,11 +306,16 @@ class MaxScoreRouter(GatedRouter):
         key = f"{prefix}causal_offset"
         if f"{prefix}prices" in state_dict and key not in state_dict:
             state_dict[key] = torch.zeros_like(self.causal_offset)
+        # models saved before the warm start had its own buffer warm-started from the average
+        key = f"{prefix}warm_prices"
+        if f"{prefix}prices" in state_dict and key not in state_dict:
+            state_dict[key] = state_dict[f"{prefix}prices"].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def _update_prices(self, prices_GE: torch.Tensor, apply: torch.Tensor | None = None) -> None:
-        """The running average takes ``prices_GE`` (where the bool tensor ``apply`` is true)."""
+        """The running average takes ``prices_GE`` (where the bool tensor ``apply`` is true), and
+        their mean is the next solve's warm start."""
         # prices are defined up to a common shift (at capacity_factor 1); compare groups at mean 0
         centered_E = (prices_GE - prices_GE.mean(1, keepdim=True)).mean(0).to(self.prices.device)
         # a plain mean over the first updates, then the EMA; on the device (no host sync)
@@ -313,9 +324,11 @@ class MaxScoreRouter(GatedRouter):
         averaged_E = self.prices * momentum + (1 - momentum) * centered_E
         if apply is None:
             self.prices.copy_(averaged_E)
+            self.warm_prices.copy_(centered_E)
             self.price_updates += 1
         else:
             self.prices.copy_(torch.where(apply, averaged_E, self.prices))
+            self.warm_prices.copy_(torch.where(apply, centered_E, self.warm_prices))
             self.price_updates += apply.to(self.price_updates.dtype)
 
 
