@@ -1319,11 +1319,7 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
         ok = quantile_start(c, sample, units, capacity, bad, nbad_max, nbad);
         assigned = 1;
     }
-    if (!ok || c->oom) {
-        free(c->kth);
-        c->kth = NULL;
-        return ok;
-    }
+    if (!ok || c->oom) goto out;
     /* warm prices less their m-th least, floored at 0, m = ceil(free slots / largest capacity)
      * (1 without slack: shifted to minimum 0): at least m experts are below capacity at the
      * optimum, all at price 0, so at least m start there.  Prices averaged over other groups
@@ -1333,7 +1329,10 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     for (int64_t e = 0; e < c->E; e++) cap_max = c->cap[e] > cap_max ? c->cap[e] : cap_max;
     if (capacity > units) m = (capacity - units + cap_max - 1) / cap_max;
     double *sorted = malloc(sizeof(double) * (size_t)c->E);
-    if (!sorted) return c->oom = 1, 1;
+    if (!sorted) {
+        c->oom = 1;
+        goto out;
+    }
     memcpy(sorted, c->p, sizeof(double) * (size_t)c->E);
     double floor_price = select_desc(sorted, c->E, c->E - (m < c->E ? m : c->E));
     free(sorted);
@@ -1354,6 +1353,7 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
     int64_t enough = big || warm ? units / 64 : units / 4;
     if (ok) ok = price_phase(c, price_iters, alpha, enough > 1 ? enough : 1, units, capacity, bad, nbad_max, nbad);
+out:
     free(c->kth);
     c->kth = NULL;
     return ok;
