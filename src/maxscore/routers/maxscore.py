@@ -302,14 +302,11 @@ class MaxScoreRouter(GatedRouter):
             average_over_ranks(buffer, group)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # models saved before the causal correction existed route causally by the prices alone
-        key = f"{prefix}causal_offset"
-        if f"{prefix}prices" in state_dict and key not in state_dict:
-            state_dict[key] = torch.zeros_like(self.causal_offset)
-        # models saved before the warm start had its own buffer warm-started from the average
-        key = f"{prefix}warm_prices"
-        if f"{prefix}prices" in state_dict and key not in state_dict:
-            state_dict[key] = state_dict[f"{prefix}prices"].clone()
+        if f"{prefix}prices" in state_dict:
+            # models saved before the causal correction existed route causally by the prices alone
+            state_dict.setdefault(f"{prefix}causal_offset", torch.zeros_like(self.causal_offset))
+            # models saved before the warm start had its own buffer warm-started from the average
+            state_dict.setdefault(f"{prefix}warm_prices", state_dict[f"{prefix}prices"].clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

@@ -109,20 +109,18 @@ def expert_quantiles(
     less than a sort of the column at the training shapes (T 2048-8192, E 16-128).
     """
     num_tokens, num_experts = margins_TE.shape
+    most = -(-num_tokens * k // num_experts)  # = expert_capacity(T, E, k, 1.0): C at most this
     if valid_T is None:
-        capacity = -(-num_tokens * k // num_experts)  # = expert_capacity(N, E, k, 1.0)
-        # the (C+1)-th largest is the (N - C)-th smallest (the smallest when C >= N)
-        below = torch.kthvalue(margins_TE, max(1, num_tokens - capacity), dim=0).values
+        # the (C+1)-th largest is the (N - C)-th smallest (the smallest when C >= N), C = most
+        below = torch.kthvalue(margins_TE, max(1, num_tokens - most), dim=0).values
         if not midpoint:
             return below
-        return (
-            below + torch.kthvalue(margins_TE, min(num_tokens, num_tokens - capacity + 1), dim=0).values
-        ) / 2
+        return (below + torch.kthvalue(margins_TE, min(num_tokens, num_tokens - most + 1), dim=0).values) / 2
     margins_TE = margins_TE.masked_fill(~valid_T[:, None], -torch.inf)
     count = valid_T.sum()
     capacity = (count * k + num_experts - 1) // num_experts
     index = torch.minimum(capacity, (count - 1).clamp(min=0))
-    largest = min(-(-num_tokens * k // num_experts) + 1, num_tokens)
+    largest = min(most + 1, num_tokens)
     ordered_TE = torch.topk(margins_TE, largest, dim=0).values
     below = ordered_TE.index_select(0, index.view(1))[0]
     if not midpoint:
