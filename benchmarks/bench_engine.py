@@ -11,9 +11,12 @@ launches and device-to-host copies of one warm call (``maxscore.bench.count_laun
 CPU the profiler's leaf operations plus one per Triton launch, a proxy of the launch count;
 the copies are counted on CUDA only), and the device's work per group, cold and warm: price
 steps and augmentations (mean and largest; with plain torch the augmentations are the
-compiled core's).  Which implementation ran (Triton kernels or plain
-torch) is in the "dense" column; on a CPU set ``TRITON_INTERPRET=1`` to run the kernels (slowly:
-the timings are then the interpreter's, only the launch column means anything).
+compiled core's).  The same calls with ``validate="deferred"`` (the routers' mode on CUDA: no
+host round trip, every group finished on the device): their times, the groups they left
+uncertified (their fallback count) and their device-to-host copies.  Which implementation ran
+(Triton kernels or plain torch) is in the "dense" column; on a CPU set ``TRITON_INTERPRET=1``
+to run the kernels (slowly: the timings are then the interpreter's, only the launch column means
+anything).
 """
 
 from __future__ import annotations
@@ -47,9 +50,14 @@ def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_
     host = solve(scores, k, engine="host")
     cold = solve(scores, k, engine="device")
     warm = solve(scores, k, engine="device", prices=host.prices)
-    optimum = host.score.double()
-    gap = max(float(((optimum - a.score.double()).abs() / optimum.abs()).max()) for a in (cold, warm))
     launches, copies = count_launches(lambda: solve(scores, k, engine="device", prices=host.prices))
+    deferred = dict(engine="device", validate="deferred")
+    deferred_cold = solve(scores, k, **deferred)
+    deferred_warm = solve(scores, k, prices=host.prices, **deferred)
+    optimum = host.score.double()
+    solved = (cold, warm, deferred_cold, deferred_warm)
+    gap = max(float(((optimum - a.score.double()).abs() / optimum.abs()).max()) for a in solved)
+    _, deferred_copies = count_launches(lambda: solve(scores, k, prices=host.prices, **deferred))
     work = {name: device_work(scores, k, p) for name, p in (("cold", None), ("warm", host.prices))}
     row = dict(
         groups=groups,
@@ -62,17 +70,21 @@ def bench_case(groups, num_tokens, num_experts, k, distribution, device, budget_
         cold_ms=time(lambda: solve(scores, k, engine="device"), budget_s),
         warm_ms=time(lambda: solve(scores, k, engine="device", prices=host.prices), budget_s),
         host_ms=time(lambda: solve(scores, k, engine="host"), budget_s),
+        deferred_cold_ms=time(lambda: solve(scores, k, **deferred), budget_s),
+        deferred_warm_ms=time(lambda: solve(scores, k, prices=host.prices, **deferred), budget_s),
         cold_fallbacks=int(cold.fallback.sum()),
         warm_fallbacks=int(warm.fallback.sum()),
+        deferred_uncertified=(int(deferred_cold.fallback.sum()), int(deferred_warm.fallback.sum())),
         gap_vs_host=gap,
-        certified=bool(cold.converged.all() and warm.converged.all()),
+        certified=all(bool(a.converged.all()) for a in solved),
         launches=launches,
         device_to_host=copies,
+        deferred_device_to_host=deferred_copies,
         **{f"{name}_steps": float(w[:, 0].mean()) for name, w in work.items()},
         **{f"{name}_augmentations": float(w[:, 1].mean()) for name, w in work.items()},
         **{f"{name}_augmentations_max": int(w[:, 1].max()) for name, w in work.items()},
     )
-    for name in ("cold", "warm", "host"):
+    for name in ("cold", "warm", "host", "deferred_cold", "deferred_warm"):
         row[f"{name}_x_topk"] = row[f"{name}_ms"] / topk_ms
     return row
 
@@ -81,11 +93,14 @@ def format_table(rows: list[dict]) -> str:
     lines = [
         "| G | N | E | k | scores | dense | topk ms | cold ms | cold x topk | warm ms | warm x topk "
         "| host ms | host x topk | fallbacks cold/warm | gap vs host | launches (warm) | D2H (warm) "
-        "| steps cold/warm | augmentations cold/warm (max) |",
-        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| steps cold/warm | augmentations cold/warm (max) | deferred x topk cold/warm "
+        "| deferred uncertified cold/warm | D2H deferred (warm) |",
+        "|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         copies = "-" if r["device_to_host"] < 0 else str(r["device_to_host"])
+        deferred_copies = "-" if r["deferred_device_to_host"] < 0 else str(r["deferred_device_to_host"])
+        uncertified = "/".join(map(str, r["deferred_uncertified"]))
         lines.append(
             f"| {r['groups']} | {r['num_tokens']} | {r['num_experts']} | {r['k']} | {r['distribution']} "
             f"| {r['dense']} | {r['topk_ms']:.3f} | {r['cold_ms']:.2f} | {r['cold_x_topk']:.1f} "
@@ -93,7 +108,9 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['cold_fallbacks']}/{r['warm_fallbacks']} | {r['gap_vs_host']:.1e} | {r['launches']} "
             f"| {copies} | {r['cold_steps']:.1f}/{r['warm_steps']:.1f} "
             f"| {r['cold_augmentations']:.1f}/{r['warm_augmentations']:.1f} "
-            f"({r['cold_augmentations_max']}/{r['warm_augmentations_max']}) |"
+            f"({r['cold_augmentations_max']}/{r['warm_augmentations_max']}) "
+            f"| {r['deferred_cold_x_topk']:.1f}/{r['deferred_warm_x_topk']:.1f} | {uncertified} "
+            f"| {deferred_copies} |"
         )
     return "\n".join(lines)
 

@@ -87,7 +87,8 @@ def test_compare_then_report(tmp_path, capsys, small_corpus_dir):
     assert json.loads((out / "gshard+normalize=false-s1" / "config.json").read_text())["model"]["moe"][
         "router_config"
     ] == {"group": "sequence", "balance_coef": 0.01, "z_coef": 0.0, "score_function": "softmax"} | {
-        "normalize": False
+        "normalize": False,
+        "validate": "deferred",
     }
     scheduled = json.loads(
         (out / "maxscore+soft_topk=true+schedule.steps=50pct-s0" / "config.json").read_text()

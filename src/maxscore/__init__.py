@@ -6,7 +6,7 @@ the baselines it compares against, as solvers, routers and an MoE layer (``MoELa
 
 from maxscore.gates import TemperatureSchedule, TemperatureScheduleConfig, soft_topk
 from maxscore.moe import MoELayer, MoEOutput
-from maxscore.routers import ROUTERS, MoEConfig, install_step_hook, make_router, step_routers
+from maxscore.routers import ROUTERS, MoEConfig, check_routing, install_step_hook, make_router, step_routers
 from maxscore.solvers import METHODS, Assignment, expert_capacity, method_options, solve
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "TemperatureSchedule",
     "TemperatureScheduleConfig",
     "__version__",
+    "check_routing",
     "expert_capacity",
     "install_step_hook",
     "make_router",

@@ -112,11 +112,13 @@ def test_the_exact_operator_passes_opcheck_and_equals_solve(padded, warm):
     capacity = torch.tensor([7, 8, 9])
     prices = torch.rand(12, generator=generator, dtype=torch.float64) if warm else None
     torch.library.opcheck(torch.ops.maxscore.route_exact.default, (scores, 2, capacity, valid, prices))
-    experts, loads, _, score, gap, converged, fallback = route_exact(scores, 2, capacity, valid, prices)
+    outputs = route_exact(scores, 2, capacity, valid, prices)
+    experts, loads, _, score, gap, converged, fallback, issues = outputs
     reference = solve(scores, 2, capacity=capacity, valid=valid, prices=prices)
     assert torch.equal(experts, reference.experts) and torch.equal(loads, reference.loads)
     torch.testing.assert_close(score, reference.score)
     assert (gap.abs() <= 1e-9).all() and converged.all() and not fallback.any()
+    assert issues.shape == (3, 4) and not issues.any()
 
 
 def test_the_exact_operator_raises_solves_messages():

@@ -2,9 +2,9 @@
 captured in a CUDA graph replays equal to eager (Megatron-Core graphs its router scope; newer
 torchtitan graphs whole steps).  Skipped without CUDA; ``benchmarks/gpu_check.sh`` runs them.
 
-The exact engine still copies a small flag tensor to the host once per call, so the routers that
-solve on the device are expected to fail both checks until it finishes groups on the device
-(``xfail``, not strict: a pass is reported as such)."""
+The routers that solve on the device do so with ``validate="deferred"``: the device engine
+finishes every group on the device and the bad input it finds waits for ``check_routing``; with
+``validate="eager"`` a call reads the engine's flags on the host."""
 
 from __future__ import annotations
 
@@ -14,16 +14,7 @@ import torch
 from maxscore import MoELayer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-HOST_FLAGS = pytest.mark.xfail(
-    reason="the device engine reads its flags on the host once per call", strict=False
-)
-ROUTERS = [
-    "gshard",
-    "switch",
-    "expert_choice",
-    pytest.param("maxscore", marks=HOST_FLAGS),
-    pytest.param("flow_only", marks=HOST_FLAGS),
-]
+ROUTERS = ["gshard", "switch", "expert_choice", "maxscore", "flow_only"]
 
 
 def _layer(router: str) -> MoELayer:

@@ -235,7 +235,8 @@ def load_swapped(path: str | Path, **from_pretrained_options) -> nn.Module:
     saved = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         saved.update({_router_key(k): v for k, v in load_file(str(file)).items() if _router_key(k)})
-    names = [name for name, _ in model.named_buffers() if _router_key(name)]
+    persistent = set(model.state_dict())  # the saved buffers (not the routers' check records)
+    names = [name for name, _ in model.named_buffers() if _router_key(name) and name in persistent]
     missing = [name for name in names if _router_key(name) not in saved]
     if missing:
         raise ValueError(f"{path} lacks the router buffers {missing[:3]}...; was it saved after swap_router?")

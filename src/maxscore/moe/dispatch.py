@@ -19,8 +19,9 @@ from maxscore.routers import RouterOutput
 def capacity_slots(experts_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """int64 [T, K]: row ``e * capacity + position`` of each assigned choice, ``E * capacity`` if none.
 
-    Positions count an expert's assigned choices in token order; the router guarantees fewer
-    than ``capacity`` per expert.
+    Positions count an expert's assigned choices in token order; the router guarantees at most
+    ``capacity`` per expert, except in a group whose bad input it records for its check point
+    (``maxscore.routers.checks``): choices past the capacity are dropped (no out-of-range slot).
     """
     assigned_TK = experts_TK >= 0
     mask_TE = torch.zeros(experts_TK.shape[0], num_experts + 1, dtype=torch.int64, device=experts_TK.device)
@@ -29,7 +30,8 @@ def capacity_slots(experts_TK: torch.Tensor, num_experts: int, capacity: int) ->
     )  # a token's experts are distinct
     position_TE = torch.cumsum(mask_TE[:, :num_experts], dim=0) - 1
     position_TK = position_TE.gather(1, experts_TK.clamp(min=0))
-    return torch.where(assigned_TK, experts_TK * capacity + position_TK, num_experts * capacity)
+    kept_TK = assigned_TK & (position_TK < capacity)
+    return torch.where(kept_TK, experts_TK * capacity + position_TK, num_experts * capacity)
 
 
 def slot_table(

@@ -35,6 +35,7 @@ from maxscore.routers.balanced import (
     SBaseRouterConfig,
 )
 from maxscore.routers.base import GatedRouter, GatedRouterConfig, Router, RouterOutput
+from maxscore.routers.checks import check_routing
 from maxscore.routers.config import (
     ROUTERS,
     SAVED_DEFAULTS,
@@ -103,7 +104,9 @@ def make_router(
 
 
 def step_routers(model: nn.Module) -> None:
-    """Advances every router in ``model`` by one optimizer step (schedules, bias updates)."""
+    """Advances every router in ``model`` by one optimizer step (schedules, bias updates), after
+    raising any bad input a router recorded on the device since the last step (``check_routing``)."""
+    check_routing(model)
     for module in model.modules():
         if isinstance(module, Router) and isinstance(module, nn.Module):
             module.after_optimizer_step()
@@ -115,6 +118,7 @@ def install_step_hook(optimizer: torch.optim.Optimizer, model: nn.Module):
 
 
 __all__ = [
+    "check_routing",
     "ROUTERS",
     "SAVED_DEFAULTS",
     "BaseLayersRouter",

@@ -64,7 +64,9 @@ class BaseLayersRouter(GatedRouter):
     def select(self, scores_TE, logits_TE, valid_T, groups, capacity_G) -> Selection:
         if not self.training:
             return Selection(experts_TK=torch.topk(logits_TE.detach(), self.k, dim=1).indices, dropless=True)
-        return Selection.of(solve_groups(logits_TE, valid_T, groups, self.k, capacity_G, "exact"))
+        validate = self.solver_validate(logits_TE.device)
+        solved = solve_groups(logits_TE, valid_T, groups, self.k, capacity_G, "exact", validate=validate)
+        return Selection.of(solved)
 
 
 class SBaseRouter(GatedRouter):

@@ -29,6 +29,7 @@ from torch import nn
 from maxscore._checks import check_int
 from maxscore.gates import TemperatureSchedule, router_scores, soft_topk
 from maxscore.routers.causal import CausalRule
+from maxscore.routers.checks import logits_message, new_record, record_logits, record_solver
 from maxscore.routers.config import GROUPS, GatedRouterConfig, MoEConfig, legacy_router_moe
 from maxscore.routers.groups import Groups, Selection, check_tokens, routing_groups, stats_capacity
 from maxscore.routers.losses import load_balancing_loss, router_z_loss
@@ -138,6 +139,8 @@ class GatedRouter(nn.Module):
         self.num_experts, self.k, self.capacity_factor = moe.num_experts, moe.k, moe.capacity_factor
         self.group, self.score_function = self.config.group, self.config.score_function
         self.gate = nn.Linear(dim, moe.num_experts, bias=False)
+        # bad input found on an accelerator, raised at the next check point (``checks.py``)
+        self.register_buffer("routing_issue", new_record(), persistent=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
         if self.has_schedule:
             self.schedule = TemperatureSchedule(self.config.schedule)
@@ -207,13 +210,15 @@ class GatedRouter(nn.Module):
             capacity: slots per expert in every routing group, replacing the capacity computed
                 from ``capacity_factor`` (a framework's own capacity rule); None: computed.
         """
-        _check_finite(logits_TE)
         groups = self._groups(logits_TE, valid_T, sequence_length, capacity)
+        self._check_finite(logits_TE, groups.size)
         scores_TE = router_scores(logits_TE, self.score_function)
         if causal:
             selection = Selection(experts_TK=self.route_causal(scores_TE.detach()), dropless=True)
         else:
             selection = self.select(scores_TE, logits_TE, valid_T, groups, groups.capacity_G)
+            if selection.issues is not None and groups.capacity_G is not None:
+                record_solver(self.routing_issue, selection.issues, groups.capacity_G, valid_T, groups.size)
         experts_TK = selection.experts_TK
         if valid_T is not None:
             experts_TK = experts_TK.masked_fill(~valid_T[:, None], -1)
@@ -309,6 +314,26 @@ class GatedRouter(nn.Module):
             self.schedule.step()
 
     # ---- helpers ---------------------------------------------------------------------------
+    def defers_checks(self, device: torch.device) -> bool:
+        """True when bad input on ``device`` is recorded for the next check point instead of
+        raised at the call (``validate="deferred"`` on an accelerator)."""
+        return self.config.validate == "deferred" and device.type != "cpu"
+
+    def solver_validate(self, device: torch.device) -> str:
+        """The exact solver's ``validate`` option for scores on ``device``."""
+        return "deferred" if self.defers_checks(device) else "eager"
+
+    def _check_finite(self, logits_TE: torch.Tensor, group_size: int) -> None:
+        if self.defers_checks(logits_TE.device):
+            record_logits(self.routing_issue, logits_TE, group_size)
+            return
+        finite = torch.isfinite(logits_TE).all()
+        if not torch.compiler.is_compiling():
+            if not finite:  # on an accelerator, a host round trip (validate="eager")
+                raise ValueError(logits_message())
+        else:  # no branch on values in a compiled graph: an assert op
+            torch._assert_async(finite, logits_message())
+
     def _groups(
         self,
         logits_TE: torch.Tensor,
@@ -327,13 +352,3 @@ class GatedRouter(nn.Module):
             solver_capacity=self.group == "global",
             capacity=capacity,
         )
-
-
-def _check_finite(logits_TE: torch.Tensor) -> None:
-    message = "router logits contain NaN or inf: the layer input x (or the gate weights) is not finite"
-    finite = torch.isfinite(logits_TE).all()
-    if logits_TE.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not finite:
-            raise ValueError(message)
-    else:  # no host sync on accelerators, no branch on values in a compiled graph: an assert op
-        torch._assert_async(finite, message)

@@ -43,6 +43,11 @@ class GatedRouterConfig:
         z_coef: weight of the router z-loss (0 disables it).
         score_function: ``"softmax"`` or ``"sigmoid"``.
         normalize: renormalize each token's combine weights to sum to 1.
+        validate: ``"deferred"``: on an accelerator, bad input (non-finite logits, what the
+            exact solver flags) is recorded on the device and raised at the next check point
+            (``maxscore.routers.check_routing``, once per optimizer step), so a routing step
+            waits for nothing on the host; ``"eager"``: raised at every call (for debugging).
+            On the CPU both raise at the call.
     """
 
     score_functions: ClassVar[tuple[str, ...]] = SCORE_FUNCTIONS
@@ -52,6 +57,7 @@ class GatedRouterConfig:
     z_coef: float = 0.0
     score_function: str = "softmax"
     normalize: bool = False
+    validate: str = "deferred"
 
     def __post_init__(self) -> None:
         if self.group not in ALL_GROUPS:
@@ -64,6 +70,8 @@ class GatedRouterConfig:
         _check_coefficient("z_coef", self.z_coef)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.validate not in ("deferred", "eager"):
+            raise ValueError(f"validate must be 'deferred' or 'eager', got {self.validate!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> GatedRouterConfig:

@@ -101,16 +101,19 @@ class Selection:
     solver_ms: float | None = None
     solver_fallbacks: int | torch.Tensor | None = None
     rank_loads: torch.Tensor | None = None
+    issues: torch.Tensor | None = None
 
     @classmethod
     def of(cls, solved: Solved) -> Selection:
-        """The selection of one batched solve: its experts, summed gap, time and fallbacks."""
+        """The selection of one batched solve: its experts, summed gap, time, fallbacks and the
+        bad input it found with checks deferred (``Assignment.issues``)."""
         a = solved.assignment
         return cls(
             experts_TK=solved.experts_TK,
             solver_gap=None if a.gap is None else a.gap.sum(),
             solver_ms=solved.ms,
             solver_fallbacks=a.fallback.sum() if a.method == "exact" else None,
+            issues=a.issues,
         )
 
 

@@ -211,7 +211,8 @@ class MaxScoreRouter(GatedRouter):
     ) -> Selection:
         if self.group == "global":
             return self._select_global(scores_TE, valid_T)
-        options = {"prices": self.warm_prices} if self.config.method == "exact" else {}
+        exact = {"prices": self.warm_prices, "validate": self.solver_validate(scores_TE.device)}
+        options = exact if self.config.method == "exact" else {}
         solved = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, self.config.method, **options)
         if self.training:
             priced, apply = solved, None
@@ -220,9 +221,7 @@ class MaxScoreRouter(GatedRouter):
                 # in a compiled graph nothing branches on the counter: the exact solve runs every
                 # forward and its prices apply every PRICE_EVERY-th, as in eager mode
                 if torch.compiler.is_compiling() or bool(due):
-                    priced = solve_groups(
-                        scores_TE, valid_T, groups, self.k, capacity_G, "exact", prices=self.warm_prices
-                    )
+                    priced = solve_groups(scores_TE, valid_T, groups, self.k, capacity_G, "exact", **exact)
                     apply = due
             if priced.assignment.prices is not None:
                 self._update_prices(priced.assignment.prices.float(), apply)

@@ -36,7 +36,7 @@ from maxscore.solvers._validate import (
 )
 from maxscore.solvers.assignment import Assignment, single_assignment, stack_assignments
 from maxscore.solvers.exact.dense import KernelError, disable_kernels
-from maxscore.solvers.exact.device import pick_engine, solve_exact_device
+from maxscore.solvers.exact.device import VALIDATE, pick_engine, solve_exact_device
 from maxscore.solvers.exact.global_routing import GlobalAssignment, solve_global
 from maxscore.solvers.exact.host import solve_exact, solve_exact_groups
 from maxscore.solvers.greedy import solve_greedy
@@ -58,7 +58,7 @@ METHODS: dict[str, Callable[..., Assignment]] = {
 # methods that may leave slots unassigned or ignore the capacity: any capacity is accepted
 CAPACITY_OPTIONAL = frozenset({"greedy", "topk"})
 # options the dispatcher itself reads: which engine runs the method
-DISPATCH_OPTIONS = {"exact": ("engine",)}
+DISPATCH_OPTIONS = {"exact": ("engine", "validate")}
 
 
 @functools.cache
@@ -94,7 +94,10 @@ def solve(
         **options: method options, see ``method_options(method)``; for ``exact``: ``prices=``
             (warm start, [E] or [G, E]) and ``engine="auto" | "host" | "device"`` (see
             ``maxscore.solvers.exact.device.pick_engine``: ``auto`` runs CUDA scores on the device
-            engine's fused kernels where Triton is installed, everything else on the host core).
+            engine's fused kernels where Triton is installed, everything else on the host core),
+            and ``validate="eager" | "deferred"``: ``deferred`` makes the device engine's call
+            wait for nothing on the host (bad input comes back in ``Assignment.issues``, see
+            ``maxscore.solvers.exact.device``); the host core always raises at the call.
 
     Returns:
         An ``Assignment`` on the scores' device; ``experts`` is int64 [N, K] (or [G, N, K]) with -1
@@ -131,9 +134,13 @@ def _dispatch(scores, k, capacity, capacity_factor, method, valid, finite, optio
         )
     require_feasible = method not in CAPACITY_OPTIONAL
     engine = options.pop("engine", "auto") if method == "exact" else "host"
+    validate = options.pop("validate", "eager")
+    if validate not in VALIDATE:
+        raise ValueError(f"validate must be one of {VALIDATE}, got {validate!r}")
     if pick_engine(engine, scores) == "device":
         try:
-            return _solve_on_device(scores, k, capacity, capacity_factor, valid, options)
+            device_options = {**options, "validate": validate}
+            return _solve_on_device(scores, k, capacity, capacity_factor, valid, device_options)
         except KernelError as error:
             if engine != "auto":
                 raise

@@ -29,7 +29,12 @@ class Assignment:
             float64 [G] tensor, else ``None``.
         converged: ``False`` when an iterative method stopped at its iteration cap (or, for the
             device engine, when a group could not be certified): a bool, or bool [G].
-        fallback: groups the device engine handed to the host solver: ``False``, or bool [G].
+        fallback: groups the device engine handed to the host solver: ``False``, or bool [G];
+            with checks deferred (``validate="deferred"``), the groups it left uncertified.
+        issues: with checks deferred, the bad input the device engine found, int32 [G, 4] on the
+            device: the first token with NaN/+inf scores + 1, the first with fewer than k allowed
+            experts + 1 (0: none), an infeasible capacity, non-finite warm prices; else ``None``
+            (bad input raised).
 
     With G groups, ``mask()`` is bool [G, N, E], ``load_ratio()`` is float [G, E] (each group
     against its own capacity), and ``num_valid``, ``dropped_fraction`` and
@@ -46,6 +51,7 @@ class Assignment:
     gap: float | torch.Tensor | None = None
     converged: bool | torch.Tensor = True
     fallback: bool | torch.Tensor = False
+    issues: torch.Tensor | None = None
 
     @property
     def batched(self) -> bool:
@@ -184,4 +190,5 @@ def single_assignment(a: Assignment) -> Assignment:
         gap=None if a.gap is None else float(a.gap[0]),
         converged=bool(a.converged[0]),
         fallback=bool(a.fallback[0]),
+        issues=a.issues,
     )

@@ -17,6 +17,7 @@ Registered when ``maxscore.routers`` is imported (the routers are its callers).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from maxscore.solvers import Assignment, solve_finite
 
@@ -28,23 +29,28 @@ def route_exact(
     capacity: torch.Tensor,
     valid: torch.Tensor | None,
     prices: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    validate: str = "eager",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The optimal routing of G groups: scores float [G, N, E] (finite, ``-inf`` forbids a pair),
-    capacity int64 [G], valid bool [G, N] or None, warm-start prices [G, E] / [E] or None.
+    capacity int64 [G], valid bool [G, N] or None, warm-start prices [G, E] / [E] or None,
+    ``validate`` as in ``solve``.
 
     Returns experts int64 [G, N, k] (-1 for invalid tokens), loads int64 [G, E], prices
-    float64 [G, E], score float64 [G], gap float64 [G] (the certificate), converged bool [G]
-    and fallback bool [G] (``Assignment``'s fields of the same names).
+    float64 [G, E], score float64 [G], gap float64 [G] (the certificate), converged bool [G],
+    fallback bool [G] and issues int32 [G, 4] (0 where checked eagerly) (``Assignment``'s fields
+    of the same names).
     """
-    a = solve_finite(scores, k, capacity, "exact", valid, prices=prices)
+    a = solve_finite(scores, k, capacity, "exact", valid, prices=prices, validate=validate)
+    issues = a.issues if a.issues is not None else scores.new_zeros((scores.shape[0], 4), dtype=torch.int32)
     return (
         a.experts.to(torch.int64),
         a.loads.to(torch.int64),
         a.prices.to(torch.float64),
-        a.score.to(torch.float64),
-        a.gap.to(torch.float64),
+        a.score.to(torch.float64).clone(),  # the device engine's score and gap share a tensor
+        a.gap.to(torch.float64).clone(),
         _per_group(a.converged, scores),
         _per_group(a.fallback, scores),
+        issues.to(torch.int32).clone(),
     )
 
 
@@ -54,7 +60,7 @@ def _per_group(flag: bool | torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 @route_exact.register_fake
-def _route_exact_fake(scores, k, capacity, valid, prices):
+def _route_exact_fake(scores, k, capacity, valid, prices, validate="eager"):
     num_groups, num_tokens, num_experts = scores.shape
     return (
         scores.new_empty((num_groups, num_tokens, k), dtype=torch.int64),
@@ -64,6 +70,7 @@ def _route_exact_fake(scores, k, capacity, valid, prices):
         scores.new_empty((num_groups,), dtype=torch.float64),
         scores.new_empty((num_groups,), dtype=torch.bool),
         scores.new_empty((num_groups,), dtype=torch.bool),
+        scores.new_empty((num_groups, 4), dtype=torch.int32),
     )
 
 
@@ -73,11 +80,12 @@ def solve_exact_op(
     capacity_G: torch.Tensor,
     valid_GN: torch.Tensor | None,
     prices: torch.Tensor | None = None,
+    validate: str = "eager",
 ) -> Assignment:
     """``solve_finite(..., "exact", ...)`` through ``maxscore::route_exact``: the same batched
     ``Assignment``, traceable by ``torch.compile``."""
-    experts, loads, prices_GE, score, gap, converged, fallback = route_exact(
-        scores_GNE.detach(), k, capacity_G, valid_GN, None if prices is None else prices.detach()
+    experts, loads, prices_GE, score, gap, converged, fallback, issues = route_exact(
+        scores_GNE.detach(), k, capacity_G, valid_GN, None if prices is None else prices.detach(), validate
     )
     return Assignment(
         experts=experts,
@@ -90,6 +98,7 @@ def solve_exact_op(
         gap=gap,
         converged=converged,
         fallback=fallback,
+        issues=issues if validate == "deferred" else None,
     )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from maxscore.model import Decoder
 from maxscore.parallel.topology import world_size
+from maxscore.routers import check_routing
 from maxscore.train.data import TokenStream
 
 
@@ -58,6 +59,7 @@ def evaluate(
             loads_YE = layer_loads if loads_YE is None else loads_YE + layer_loads
             capacity_Y = layer_capacity if capacity_Y is None else capacity_Y + layer_capacity
     model.train(was_training)
+    check_routing(model)  # bad input the routers recorded on an accelerator
     if world > 1:
         summed = torch.tensor([total, count], dtype=torch.float64, device=device)
         dist.all_reduce(summed)

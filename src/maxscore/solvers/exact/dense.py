@@ -47,10 +47,10 @@ STOP_EXCESS = 8
 @dataclass(frozen=True, slots=True)
 class Routed:
     """A call's result on the device: experts [G, N, K] (-1 for padding), prices float64 [G, E],
-    the certificate, flags int32 [G, 5] (rows with NaN/+inf, rows with fewer than k allowed
-    experts, infeasible capacity, non-finite warm prices, and "solve on the host": the repair
-    found no path or ran out of augmentations, or the certificate failed) and the work float64
-    [G, 2] (price steps taken, augmentations)."""
+    the certificate, flags int32 [G, 5] (the first valid row with NaN/+inf and the first with
+    fewer than k allowed experts, each + 1 and 0 for none; infeasible capacity; non-finite warm
+    prices; and "unfinished": the repair found no path or ran out of augmentations, or the
+    certificate failed) and the work float64 [G, 2] (price steps taken, augmentations)."""
 
     experts: torch.Tensor
     prices: torch.Tensor
@@ -116,8 +116,8 @@ class TorchOps:
         mask = valid_mask(problems)
         flags = torch.stack(
             [
-                ((torch.isnan(s) | (s == math.inf)).any(-1) & mask).sum(1),
-                (((s > -math.inf).sum(-1) < k) & mask).sum(1),
+                first_row((torch.isnan(s) | (s == math.inf)).any(-1) & mask),
+                first_row(((s > -math.inf).sum(-1) < k) & mask),
                 (problems.capacity_G * problems.num_experts < k * problems.num_valid_G).long(),
                 (~torch.isfinite(warm)).any(1).long(),
             ],
@@ -247,6 +247,11 @@ def _valid_arg(problems: Problems, placeholder: torch.Tensor) -> tuple[torch.Ten
     """The validity mask as bytes for a kernel, or a placeholder pointer it never reads."""
     valid = problems.valid_GN
     return (placeholder, False) if valid is None else (valid.view(torch.uint8), True)
+
+
+def first_row(rows_GN: torch.Tensor) -> torch.Tensor:
+    """int [G]: 1 + the first row of each group where ``rows_GN`` (bool [G, N]) holds, 0 for none."""
+    return torch.where(rows_GN.any(1), rows_GN.int().argmax(1) + 1, 0)
 
 
 def valid_mask(problems: Problems) -> torch.Tensor:

@@ -11,11 +11,20 @@ Problem: the exact problem of ``maxscore.solvers.exact`` for each of G routing g
    capacity (at most ``REPAIR_PER_EXPERT`` x E + 16 per group): each raises the settled experts'
    prices by no more than the path's length, so every token keeps a top-k of ``s - p`` and the
    result is optimal; then the certificate (``prices.certify``).
-2. **One transfer to the host**: each group's flags.  Bad input (NaN/+inf, tokens with fewer
-   than k allowed experts, an infeasible capacity, non-finite warm prices) is raised there with
-   the host engine's messages.  A group whose repair found no path or ran out of augmentations,
-   or whose certificate failed, is solved by the host core on its full scores
-   (``Assignment.fallback``; a second transfer, only then).
+2. **One transfer to the host** (``validate="eager"``, the default): each group's flags.  Bad
+   input (NaN/+inf, tokens with fewer than k allowed experts, an infeasible capacity, non-finite
+   warm prices) is raised there with the host engine's messages.  A group whose repair found no
+   path or ran out of augmentations, or whose certificate failed, is solved by the host core on
+   its full scores (``Assignment.fallback``; a second transfer, only then).
+
+   ``validate="deferred"`` (the routers' default on CUDA): no transfer, nothing waits for the
+   device, so a CUDA graph can capture the call.  The repair has no budget: each augmentation
+   moves one of at most ``k x N + C x E`` units, so every group with a path for each unit (every
+   feasible group) ends exact on the device.  The flags come back on the device
+   (``Assignment.issues``: the caller raises them at its check point, see
+   ``maxscore.routers.check_routing``); a group left unfinished (no path: bad input) or
+   uncertified (rounding) keeps the device's routing and is marked in ``Assignment.fallback``.
+   Without Triton (``TorchOps``) the repair runs on the host, so its transfer stays.
 
 Where Triton does not run, the same path runs as plain torch steps (float64) and the compiled
 core's repair from their prices on the host (``dense.TorchOps``).
@@ -57,6 +66,7 @@ from maxscore.solvers.exact.host import check_counts, check_price_shape, solve_e
 from maxscore.solvers.exact.prices import DEVICE_PRICE_STEPS, certify
 
 ENGINES = ("auto", "host", "device")
+VALIDATE = ("eager", "deferred")  # when the device engine raises bad input: at the call, or later
 
 
 def pick_engine(engine: str, scores: torch.Tensor) -> str:
@@ -89,15 +99,21 @@ def solve_exact_device(
     max_moves: int | None = None,
     price_iterations: int = DEVICE_PRICE_STEPS,
     threads: int | None = None,
+    validate: str = "eager",
 ) -> Assignment:
     """Exact routing of the problems (on their device) with the work there.
 
     Arguments as ``maxscore.solve``; ``price_iterations`` caps the device price steps,
-    ``max_moves`` and ``threads`` go to the host core (its repair without Triton, fallback).
+    ``max_moves`` and ``threads`` go to the host core (its repair without Triton, fallback);
+    ``validate``: ``"eager"`` (bad input raised here, uncertified groups solved on the host) or
+    ``"deferred"`` (no host round trip: see the module's step 2).
     """
     check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
     if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
         return solve_exact_groups(on_host(problems), prices=prices, threads=threads)
+    if validate == "deferred":
+        routed = route_on_device(problems, prices, price_iterations, threads, deferred=True)
+        return _deferred(problems, routed)
     routed = route_on_device(problems, prices, price_iterations, threads)
     flags = routed.flags.cpu().numpy()  # the one transfer
     _raise_bad_input(problems, flags)
@@ -128,15 +144,40 @@ def solve_exact_device(
 
 
 def route_on_device(
-    problems: Problems, prices: torch.Tensor | None, price_iterations: int, threads: int | None
+    problems: Problems,
+    prices: torch.Tensor | None,
+    price_iterations: int,
+    threads: int | None,
+    deferred: bool = False,
 ) -> Routed:
     """Step 1 of a call (no transfer, no fallback): the routing, certificate, flags and work of
     the fused kernel where Triton runs, else of the torch steps and the core's repair.  At most
-    ``REPAIR_PER_EXPERT`` x E + 16 augmentations per group."""
+    ``REPAIR_PER_EXPERT`` x E + 16 augmentations per group, or (``deferred``) no limit."""
     warm = _warm_prices(prices, problems)
     ops = FusedOps() if kernels_available(problems.scores_GNE.device) else TorchOps()
-    budget = REPAIR_PER_EXPERT * problems.num_experts + 16
+    budget = NO_BUDGET if deferred else REPAIR_PER_EXPERT * problems.num_experts + 16
     return ops.solve(problems, warm, price_iterations, budget, threads)
+
+
+NO_BUDGET = 2**31 - 1  # the kernel's int32 count never reaches it: each augmentation moves a unit
+
+
+def _deferred(problems: Problems, routed: Routed) -> Assignment:
+    """The device's routing as it is, its flags on the device (``validate="deferred"``)."""
+    certificate = routed.certificate
+    return Assignment(
+        experts=routed.experts,
+        loads=certificate.loads,
+        score=certificate.score,
+        capacity=problems.capacity_G,
+        method="exact",
+        valid=problems.valid_GN,
+        prices=routed.prices,
+        gap=certificate.gap,
+        converged=certificate.converged,
+        fallback=routed.flags[:, 4] > 0,
+        issues=routed.flags[:, :4],
+    )
 
 
 def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tensor:

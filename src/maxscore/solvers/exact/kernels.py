@@ -7,8 +7,8 @@
    (``stop`` < 0: every step), at most ``steps``; then the prices shifted to minimum 0 again
    (the compiled core's start).
 2. **Routing**: every valid token takes its top-k of ``s - p`` (float64, ties to the lower
-   index); the input flags (NaN/+inf rows, rows with fewer than k allowed experts, an
-   infeasible capacity, non-finite warm prices).
+   index); the input flags (the first row with NaN/+inf and the first with fewer than k allowed
+   experts, each + 1 or 0 for none; an infeasible capacity; non-finite warm prices).
 3. **Repair** (``kernel_repair.py``): shortest augmenting paths, one unit each, until no expert
    is over capacity, at most ``max_augment`` in all.  Slack capacity (``C E > k x valid
    tokens``) is the compiled core's slack node Z: its units (the free slots) start at the
@@ -52,20 +52,21 @@ def _route(
     BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr
 ):
 # fmt: on
-    """Every valid token's top-k of s - p into ``experts_ptr`` (-1 for padding): (loads, rows with
-    NaN/+inf, rows with fewer than K allowed experts)."""
+    """Every valid token's top-k of s - p into ``experts_ptr`` (-1 for padding, and for the slots
+    a row with NaN cannot order): (loads, the first valid row with NaN/+inf, the first with fewer
+    than K allowed experts; N where there is none)."""
     cols = tl.arange(0, BLOCK_E)
     half = tl.arange(0, BLOCK_H)
     loads = tl.zeros([BLOCK_E], tl.int32)
-    bad = tl.zeros([BLOCK_H], tl.int32)
-    short = tl.zeros([BLOCK_H], tl.int32)
+    bad = tl.zeros([BLOCK_H], tl.int32) + N
+    short = tl.zeros([BLOCK_H], tl.int32) + N
     for start in range(0, N, BLOCK_H):
         s, row_ok, rows = score_tile(s_ptr, valid_ptr, g, start, N, E, half, cols, HAS_VALID, tl.float64)
         real = row_ok[:, None] & (cols < E)[None, :]
         nonfinite = tl.sum((((s != s) | (s == float("inf"))) & real).to(tl.int32), axis=1)
-        bad += (nonfinite > 0).to(tl.int32)
+        bad = tl.minimum(bad, tl.where(nonfinite > 0, rows, N))
         allowed = tl.sum(((s > -float("inf")) & real).to(tl.int32), axis=1)
-        short += (row_ok & (allowed < K)).to(tl.int32)
+        short = tl.minimum(short, tl.where(row_ok & (allowed < K), rows, N))
         v = s - p[None, :]
         for j in tl.static_range(K):
             kth = tl.max(v, axis=1)
@@ -74,10 +75,11 @@ def _route(
             loads += tl.sum((pick & real).to(tl.int32), axis=0)
             v = tl.where(pick, -float("inf"), v)
             tl.store(
-                experts_ptr + (g * N + rows) * K + j, tl.where(row_ok, first, -1).to(tl.int64), mask=rows < N
+                experts_ptr + (g * N + rows) * K + j, tl.where(row_ok & (first < E), first, -1).to(tl.int64),
+                mask=rows < N,
             )
     tl.debug_barrier()  # the routing just stored is read by every thread in the next pass
-    return loads, tl.sum(bad, axis=0), tl.sum(short, axis=0)
+    return loads, tl.min(bad, axis=0), tl.min(short, axis=0)
 
 
 # fmt: off
@@ -157,7 +159,7 @@ def route_kernel(
         half: tl.constexpr = BLOCK_N // 2  # float64 tiles take twice the registers
         loads, bad, short = _route(s_ptr, valid_ptr, experts_ptr, g, p, N, E, K, half, BLOCK_E, HAS_VALID)
         infeasible = (C * E < units).to(tl.int32)
-        solvable = (bad == 0) & (short == 0) & (infeasible == 0) & (bad_prices == 0)
+        solvable = (bad == N) & (short == N) & (infeasible == 0) & (bad_prices == 0)
         # 3. the repair: one unit per shortest path until no expert is over capacity and the
         # slack node Z has placed its units: at first those go to the experts below capacity at
         # the least price, the rest by paths
@@ -193,8 +195,8 @@ def route_kernel(
         tl.store(stats_ptr + g * 5 + 2, converged.to(tl.float64))
         tl.store(stats_ptr + g * 5 + 3, taken.to(tl.float64))
         tl.store(stats_ptr + g * 5 + 4, augmentations.to(tl.float64))
-        tl.store(flags_ptr + g * 5 + 0, bad)
-        tl.store(flags_ptr + g * 5 + 1, short)
+        tl.store(flags_ptr + g * 5 + 0, tl.where(bad < N, bad + 1, 0))
+        tl.store(flags_ptr + g * 5 + 1, tl.where(short < N, short + 1, 0))
         tl.store(flags_ptr + g * 5 + 2, infeasible)
         tl.store(flags_ptr + g * 5 + 3, bad_prices)
         tl.store(flags_ptr + g * 5 + 4, (solvable & ((excess > 0) | ~converged)).to(tl.int32))
