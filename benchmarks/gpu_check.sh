@@ -24,6 +24,11 @@ out=benchmarks/results
 "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests_${tag}_${stamp}.log" || echo "gpu tests FAILED"
 "$PY" benchmarks/bench_engine.py --device cuda --budget 0.5 \
     --out "$out/engine_fused_${tag}_${stamp}.json" --md "$out/engine_fused_${tag}_${stamp}.md"
+# deferred checks (the routers' CUDA mode: no host fallback) where the eager engine falls back:
+# many experts, cold and warm, next to the host core
+"$PY" benchmarks/bench_engine.py --device cuda --budget 0.5 --sizes 16x4096x160x8,16x4096x384x8 \
+    --distributions std1+bias \
+    --out "$out/engine_deferred_${tag}_${stamp}.json" --md "$out/engine_deferred_${tag}_${stamp}.md"
 "$PY" benchmarks/profile_engine.py --device cuda --calls 20 > "$out/profile_engine_${tag}_${stamp}.md"
 "$PY" benchmarks/bench_layer.py --device cuda --rounds 5 \
     --out "$out/layer_engine_${tag}_${stamp}.json" --md "$out/layer_engine_${tag}_${stamp}.md"
