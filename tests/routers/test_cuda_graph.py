@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maxscore import MoELayer
+from maxscore import MoELayer, check_routing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ROUTERS = ["gshard", "switch", "expert_choice", "maxscore", "flow_only"]
@@ -57,3 +57,17 @@ def test_the_captured_router_replays_equal_to_eager(router):
         eager = router_module(fresh, sequence_length=256)
     assert torch.equal(captured.experts, eager.experts)
     torch.testing.assert_close(captured.weights, eager.weights)
+
+
+def test_bad_input_on_cuda_is_raised_at_the_check():
+    layer = _layer("maxscore")
+    x = torch.randn(2, 256, 64, device="cuda")
+    x[1, 5, 0] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x)  # recorded on the device: no error, no wait
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"^router: router logits contain NaN or inf \(group 1, token 5\)"):
+        check_routing(layer)
