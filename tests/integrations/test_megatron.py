@@ -156,3 +156,29 @@ def parallel_state_collection():
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_router_replays_from_a_cuda_graph_equal_to_eager():
+    """Megatron can CUDA-graph the router scope (``cuda_graph_scope`` with ``moe_router``), which
+    refuses host round trips: the router's forward captured in a graph replays equal to eager."""
+    router = layer().router.cuda().eval()
+    static_x = torch.randn(S, B, H, device="cuda")
+    mask = padding().T.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):  # warm-up: allocations, Triton compilation
+            router(static_x, padding_mask=mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        probs, routing_map = router(static_x, padding_mask=mask)
+    fresh = torch.randn(S, B, H, device="cuda")
+    static_x.copy_(fresh)
+    graph.replay()
+    with torch.no_grad():
+        eager_probs, eager_map = router(fresh, padding_mask=mask)
+    assert torch.equal(routing_map, eager_map)
+    torch.testing.assert_close(probs, eager_probs)
