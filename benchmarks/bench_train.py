@@ -7,11 +7,11 @@ and k: the figure a user sees in ``maxscore train``.
 Each run is ``maxscore train --preset tiny`` in its own process (``--set num_experts=E --set
 k=K`` and the given settings), logging every 10 steps; the runs are interleaved round by round
 (every router at one expert count, then the next count), so a slow spell of a shared machine
-hits every router alike.  Per run: tokens/s over the logged windows after the first (the first
-holds the start-up and the routers' first batches, whose warm start is cold), and the exact
-solver's milliseconds per step (all layers).  Reported per (E, router): the median over the
-rounds, and tokens/s as a multiple of ``gshard``'s in the same round (the median of the
-rounds' ratios, and their range).
+hits every router alike.  Per run: the tokens/s of each 10-step window after the first (from
+the log's running figures; the first window holds the start-up and the routers' first batches,
+whose warm start is cold), and the exact solver's milliseconds in the logged steps (all
+layers).  Reported per (E, router): the median over the rounds, and tokens/s as a multiple of
+``gshard``'s in the same round (the median of the rounds' ratios, and their range).
 """
 
 from __future__ import annotations
@@ -40,12 +40,18 @@ def run_once(router: str, num_experts: int, k: int, steps: int, settings: list[s
             command += ["--set", setting]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    windows = [row for row in map(json.loads, lines) if "tokens_per_s" in row][1:]
-    if not windows:
+    logged = [row for row in map(json.loads, lines) if "tokens_per_s" in row]
+    if len(logged) < 2:
         raise ValueError(f"--steps {steps} logs no window after the first; use at least {2 * LOG_EVERY}")
+    # the log's tokens/s runs from the start: each window's own is its tokens over its seconds
+    elapsed = [row["tokens"] / row["tokens_per_s"] for row in logged]
+    rates = [
+        (logged[i]["tokens"] - logged[i - 1]["tokens"]) / (elapsed[i] - elapsed[i - 1])
+        for i in range(1, len(logged))
+    ]
     return {
-        "tokens_per_s": statistics.median(row["tokens_per_s"] for row in windows),
-        "solver_ms": statistics.median(row.get("solver_ms") or 0.0 for row in windows),
+        "tokens_per_s": statistics.median(rates),
+        "solver_ms": statistics.median(row.get("solver_ms") or 0.0 for row in logged[1:]),
     }
 
 
