@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maxscore.solvers._validate import infeasible_message, nonfinite_message, short_message
+from maxscore.solvers._validate import PRICES_MESSAGE, infeasible_message, nonfinite_message, short_message
 
 # the record's codes, in the eager checks' order (the first found is the one raised)
 LOGITS, SCORES, SHORT, INFEASIBLE, PRICES = 1, 2, 3, 4, 5
 RECORD_SIZE = 6  # code, group, token, group size, capacity, valid tokens
-PRICES_MESSAGE = "prices must be finite; pass None for a cold start"
 
 
 def logits_message(where: str = "") -> str:

@@ -189,6 +189,9 @@ def short_message(rows: torch.Tensor, k: int, group_size: int | None = None) -> 
     )
 
 
+PRICES_MESSAGE = "prices must be finite; pass None for a cold start"
+
+
 def infeasible_message(capacity: int, num_experts: int, k: int, num_valid: int, group: int | None) -> str:
     where = "" if group is None else f" in group {group}"
     return (

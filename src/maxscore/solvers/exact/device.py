@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from maxscore.solvers._validate import (
+    PRICES_MESSAGE,
     Problems,
     infeasible_message,
     nonfinite_message,
@@ -206,4 +207,4 @@ def _raise_bad_input(problems: Problems, flags: np.ndarray) -> None:
         group = g if problems.num_groups > 1 else None
         raise ValueError(infeasible_message(capacity, problems.num_experts, k, num_valid, group))
     if flags[:, 3].any():
-        raise ValueError("prices must be finite; pass None for a cold start")
+        raise ValueError(PRICES_MESSAGE)

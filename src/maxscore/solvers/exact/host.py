@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from maxscore._checks import check_int
-from maxscore.solvers._validate import Problem, Problems
+from maxscore.solvers._validate import PRICES_MESSAGE, Problem, Problems
 from maxscore.solvers.assignment import Assignment, to_assignment
 from maxscore.solvers.exact._native import run_core, run_core_batch
 from maxscore.solvers.exact.prices import HOST_PRICE_ITERATIONS
@@ -124,7 +124,7 @@ def check_prices(prices: torch.Tensor | None, num_groups: int | None, num_expert
     check_price_shape(prices, num_groups, num_experts)
     prices_GE = prices.detach().to("cpu", torch.float64).expand(num_groups or 1, num_experts)
     if not torch.isfinite(prices_GE).all():
-        raise ValueError("prices must be finite; pass None for a cold start")
+        raise ValueError(PRICES_MESSAGE)
     return np.ascontiguousarray(prices_GE.numpy())
 
 
