@@ -16,6 +16,7 @@ from typing import ClassVar
 from maxscore._checks import check_int
 from maxscore.gates import SCORE_FUNCTIONS
 from maxscore.solvers import expert_capacity
+from maxscore.solvers.exact.device import VALIDATE
 
 GROUPS = ("sequence", "batch")
 ALL_GROUPS = GROUPS + ("global",)
@@ -70,7 +71,7 @@ class GatedRouterConfig:
         _check_coefficient("z_coef", self.z_coef)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
-        if self.validate not in ("deferred", "eager"):
+        if self.validate not in VALIDATE:
             raise ValueError(f"validate must be 'deferred' or 'eager', got {self.validate!r}")
 
     @classmethod

@@ -112,24 +112,24 @@ def solve_exact_device(
     check_counts(max_moves=max_moves, price_iterations=price_iterations, threads=threads)
     if problems.num_tokens == 0:  # nothing to route: the host path handles the empty shapes
         return solve_exact_groups(on_host(problems), prices=prices, threads=threads)
-    if validate == "deferred":
-        routed = route_on_device(problems, prices, price_iterations, threads, deferred=True)
-        return _deferred(problems, routed)
-    routed = route_on_device(problems, prices, price_iterations, threads)
-    flags = routed.flags.cpu().numpy()  # the one transfer
-    _raise_bad_input(problems, flags)
+    deferred = validate == "deferred"
+    routed = route_on_device(problems, prices, price_iterations, threads, deferred=deferred)
     experts, prices_GE, certificate = routed.experts, routed.prices, routed.certificate
-    fallback = routed.flags[:, 4] > 0
-    if flags[:, 4].any():
-        groups = torch.from_numpy(np.flatnonzero(flags[:, 4])).to(experts.device)
-        with torch.profiler.record_function("host::fallback"):
-            result = run_core_batch(
-                on_host(select_groups(problems, groups)), max_moves=max_moves, threads=threads,
-                group_ids=groups.tolist(),
-            )  # fmt: skip
-        experts = experts.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(experts.device))
-        prices_GE = prices_GE.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(experts.device))
-        certificate = certify(problems.scores_GNE, experts, prices_GE, problems.capacity_G, problems.valid_GN)
+    fallback = routed.flags[:, 4] > 0  # deferred: the groups left as the device made them
+    if not deferred:
+        flags = routed.flags.cpu().numpy()  # the one transfer
+        _raise_bad_input(problems, flags)
+        if flags[:, 4].any():
+            groups = torch.from_numpy(np.flatnonzero(flags[:, 4])).to(experts.device)
+            with torch.profiler.record_function("host::fallback"):
+                result = run_core_batch(
+                    on_host(select_groups(problems, groups)), max_moves=max_moves, threads=threads,
+                    group_ids=groups.tolist(),
+                )  # fmt: skip
+            experts = experts.index_copy(0, groups, torch.from_numpy(result.experts_GNK).to(experts.device))
+            prices_GE = prices_GE.index_copy(0, groups, torch.from_numpy(result.prices_GE).to(experts.device))
+            capacity_G, valid_GN = problems.capacity_G, problems.valid_GN
+            certificate = certify(problems.scores_GNE, experts, prices_GE, capacity_G, valid_GN)
     return Assignment(
         experts=experts,
         loads=certificate.loads,
@@ -141,6 +141,7 @@ def solve_exact_device(
         gap=certificate.gap,
         converged=certificate.converged,
         fallback=fallback,
+        issues=routed.flags[:, :4] if deferred else None,
     )
 
 
@@ -161,24 +162,6 @@ def route_on_device(
 
 
 NO_BUDGET = 2**31 - 1  # the kernel's int32 count never reaches it: each augmentation moves a unit
-
-
-def _deferred(problems: Problems, routed: Routed) -> Assignment:
-    """The device's routing as it is, its flags on the device (``validate="deferred"``)."""
-    certificate = routed.certificate
-    return Assignment(
-        experts=routed.experts,
-        loads=certificate.loads,
-        score=certificate.score,
-        capacity=problems.capacity_G,
-        method="exact",
-        valid=problems.valid_GN,
-        prices=routed.prices,
-        gap=certificate.gap,
-        converged=certificate.converged,
-        fallback=routed.flags[:, 4] > 0,
-        issues=routed.flags[:, :4],
-    )
 
 
 def _warm_prices(prices: torch.Tensor | None, problems: Problems) -> torch.Tensor:
