@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from maxscore import solve
-from maxscore.solvers import make_problem
-from maxscore.solvers.exact._native import run_core
+from maxscore.solvers import make_problem, make_problems
+from maxscore.solvers.exact._native import run_core, run_core_batch
 from tests.solvers.helpers import check_feasible
 
 pytest.importorskip("scipy")
@@ -112,3 +113,74 @@ def test_optimum_of_competing_experts_equals_the_lp(num_tokens, num_experts, k):
     assert math.isclose(exact.score, reference.score, rel_tol=1e-9)
     assert (exact.prices >= 0).all()
     assert (exact.prices[exact.loads < exact.capacity] == 0).all()
+
+
+def drifted_scores(groups: int, num_tokens: int, num_experts: int, seed: int, drift: float) -> torch.Tensor:
+    """[G, N, E] scores of a router early in training: low-rank logits (tokens of a small model
+    share their preferences, so the problems are nearly degenerate), whose expert weights moved
+    by ``drift`` (relative) since the batch the warm start came from."""
+    weights = torch.randn(num_experts, 4, generator=torch.Generator().manual_seed(99))
+    weights = weights + drift * torch.randn(num_experts, 4, generator=torch.Generator().manual_seed(98))
+    hidden = torch.randn(groups, num_tokens, 4, generator=torch.Generator().manual_seed(seed)) / 2
+    return (hidden @ weights.T).softmax(-1)
+
+
+def batch_work(result, groups=slice(None)) -> int:
+    """Moves plus augmentations (a shortest path over the E experts, counted as E moves)."""
+    stats = result.stats_GS[groups]
+    return int(stats[:, 4].sum() + result.prices_GE.shape[1] * stats[:, 3].sum())
+
+
+def test_a_stale_shared_start_gives_way_to_the_leading_groups_prices():
+    """A router warm-starts every group from the last batch's mean prices; early in training
+    they are stale.  The core solves the first two groups from them, and starts the others
+    from those two's mean optimal prices, which fit this batch better: the others' starting
+    misfit (units over capacity plus free slots at priced experts) falls well under the
+    leads'.  The routing is the optimum (against the LP) and does not depend on the threads."""
+    groups, num_tokens, num_experts, k = 8, 128, 96, 8
+    previous = make_problems(drifted_scores(groups, num_tokens, num_experts, 1, 0.0), k, None, 1.0, None)
+    stale = run_core_batch(previous).prices_GE.mean(0)
+    problems = make_problems(drifted_scores(groups, num_tokens, num_experts, 0, 0.5), k, None, 1.0, None)
+    result = run_core_batch(problems, prices_GE=stale[None], threads=1)
+    assert result.lead_start
+    misfit = result.stats_GS[:, 10]
+    assert misfit[2:].mean() < 0.7 * misfit[:2].mean(), misfit
+    assert (abs(result.gap_G) <= 1e-9 * abs(result.score_G)).all()
+    two_threads = run_core_batch(problems, prices_GE=stale[None], threads=2)
+    assert np.array_equal(result.experts_GNK, two_threads.experts_GNK)
+    for g in (0, 5):
+        reference = solve(problems.scores_GNE[g], k, method="reference")
+        assert math.isclose(result.score_G[g], reference.score, rel_tol=1e-9)
+
+
+def test_a_fresh_shared_start_is_kept():
+    """Warm from the mean prices of a previous batch of the same router, every group keeps that
+    start: each group's routing and work are those of solving it alone from it."""
+    groups, num_tokens, num_experts, k = 6, 256, 48, 4
+    previous = make_problems(
+        biased_scores(groups * num_tokens, num_experts, 1).view(groups, num_tokens, -1), k, None, 1.0, None
+    )
+    prices = run_core_batch(previous).prices_GE.mean(0)
+    scores = biased_scores(groups * num_tokens, num_experts, 0).view(groups, num_tokens, -1)
+    result = run_core_batch(make_problems(scores, k, None, 1.0, None), prices_GE=prices[None])
+    assert not result.lead_start
+    for g in range(groups):
+        alone = run_core_batch(make_problems(scores[g : g + 1], k, None, 1.0, None), prices_GE=prices[None])
+        assert np.array_equal(result.experts_GNK[g], alone.experts_GNK[0])
+        assert batch_work(result, slice(g, g + 1)) == batch_work(alone)
+
+
+def test_a_cold_batch_starts_its_later_groups_from_the_leads_prices():
+    """Without a warm start each group used to start from its own quantile prices; the groups
+    after the first two now start from those two's optimal prices and do less than half the
+    work they do alone."""
+    groups, num_tokens, num_experts, k = 8, 256, 96, 8
+    scores = biased_scores(groups * num_tokens, num_experts, 0).view(groups, num_tokens, -1)
+    result = run_core_batch(make_problems(scores, k, None, 1.0, None))
+    assert result.lead_start
+    alone = sum(
+        batch_work(run_core_batch(make_problems(scores[g : g + 1], k, None, 1.0, None)))
+        for g in range(2, groups)
+    )
+    assert batch_work(result, slice(2, None)) < 0.5 * alone, (batch_work(result, slice(2, None)), alone)
+    assert (abs(result.gap_G) <= 1e-9 * abs(result.score_G)).all()

@@ -48,6 +48,9 @@
  *      to E rounds: at counts E that do not divide N k, such as 48, 96, 160 and 384, that
  *      undid the price steps and warm starts and left thousands of units to this phase);
  *   4. the certificate gap = D(p) - score, D computed from scratch.
+ * Batches (solve_batch) with one warm start shared by every group: the first LEAD_GROUPS
+ *   groups are solved first, and the others start from their mean optimal prices when those
+ *   fit the leads better than the shared start (lead_start).
  * mode 1 (feasible repair): the given assignment (slots may be -1) is made feasible by
  *   shortest paths on the clamped score losses, prices fixed at 0; no optimality claim.
  *
@@ -119,6 +122,10 @@ typedef struct {
     int64_t unplaced; /* Z's units not placed yet (Z's excess) */
     double pz;        /* Z's price: at most every expert's, equal to those holding its units */
     double eps;       /* auction: raise prices this much past the kept holders' least (0: exact) */
+    int start_only;       /* phase 1 stops at the starting assignment (see solve_batch's leads) */
+    int64_t start_misfit; /* the starting assignment's units over capacity plus its free slots at
+                           * experts priced above 0 (what the auction and repair must fix; the
+                           * excess estimated on a sample, the slots then not counted) */
 } Ctx;
 
 /* an expert's load with Z's units */
@@ -1349,6 +1356,8 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
      * at a time (groups of 256 tokens started from other groups' mean prices took 100k moves
      * per batch of 32 with the steps stopped at 1/4, 6k-44k with them going on to 1/64; a
      * cold (512, 16, 2) took 2x longer so) */
+    c->start_misfit = total_excess(c) + priced_deficit(c);
+    if (!ok || c->start_only) goto out;
     int warm = 0;
     for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
     int64_t enough = big || warm ? units / 64 : units / 4;
@@ -1424,9 +1433,9 @@ static int load_assignment(Ctx *c, int64_t *bad, int64_t nbad_max, int64_t *nbad
     return *nbad == 0;
 }
 
-/* the solver's statistics: score, gap, raises, augmentations, moves, ms of the four phases, and
- * whether the auction handed back to the price steps */
-#define STATS 10
+/* the solver's statistics: score, gap, raises, augmentations, moves, ms of the four phases,
+ * whether the auction handed back to the price steps, and the starting assignment's misfit */
+#define STATS 11
 
 static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, double alpha, int threads, int64_t *bad, int64_t nbad_max, int64_t *nbad,
                  double *stats) {
@@ -1459,6 +1468,10 @@ static int solve(Ctx *c, int mode, int64_t max_moves, int64_t price_iters, doubl
     int ok = (mode == 0) ? prepare(c, price_iters, alpha, bad, nbad_max, nbad) : load_assignment(c, bad, nbad_max, nbad);
     if (!ok) {
         status = ST_TOO_FEW_ALLOWED;
+        goto done;
+    }
+    if (c->start_only) {
+        status = c->oom ? ST_NO_MEMORY : ST_OK;
         goto done;
     }
     build_heaps(c);
@@ -1536,6 +1549,7 @@ done:
     stats[3] = (double)augs;
     stats[4] = (double)c->moves;
     stats[9] = (double)repriced;
+    stats[10] = (double)c->start_misfit;
     if (c->heaps)
         for (int64_t e = 0; e < E; e++) free(c->heaps[e].a);
     free(c->heaps);
@@ -1644,7 +1658,7 @@ typedef struct {
     const char *scores;
     int is_double;
     int64_t G, N, E, k, nbad_max, max_moves, price_iters;
-    int64_t *next; /* the next unclaimed group, shared by the threads */
+    int64_t *next, end; /* the next unclaimed group, shared by the threads, and the wave's end */
     const uint8_t *valid;
     const int64_t *cap;
     double *p, alpha, *stats;
@@ -1662,24 +1676,29 @@ static int64_t claim_group(Batch *b) {
 #endif
 }
 
-static void solve_batch_range(Batch *b) {
+/* group g's problem, writing into its own prices, routing and loads */
+static void group_ctx(const Batch *b, int64_t g, Ctx *c) {
     const size_t item = b->is_double ? sizeof(double) : sizeof(float);
-    for (int64_t g = claim_group(b); g < b->G; g = claim_group(b)) {
+    memset(c, 0, sizeof *c);
+    c->N = b->N;
+    c->E = b->E;
+    c->k = b->k;
+    const void *s = b->scores + (size_t)(g * b->N * b->E) * item;
+    if (b->is_double)
+        c->s64 = s;
+    else
+        c->s32 = s;
+    c->valid = b->valid ? b->valid + g * b->N : NULL;
+    c->cap = b->cap + g * b->E;
+    c->p = b->p + g * b->E;
+    c->experts = b->experts + g * b->N * b->k;
+    c->loads = b->loads + g * b->E;
+}
+
+static void solve_batch_range(Batch *b) {
+    for (int64_t g = claim_group(b); g < b->end; g = claim_group(b)) {
         Ctx c;
-        memset(&c, 0, sizeof c);
-        c.N = b->N;
-        c.E = b->E;
-        c.k = b->k;
-        const void *s = b->scores + (size_t)(g * b->N * b->E) * item;
-        if (b->is_double)
-            c.s64 = s;
-        else
-            c.s32 = s;
-        c.valid = b->valid ? b->valid + g * b->N : NULL;
-        c.cap = b->cap + g * b->E;
-        c.p = b->p + g * b->E;
-        c.experts = b->experts + g * b->N * b->k;
-        c.loads = b->loads + g * b->E;
+        group_ctx(b, g, &c);
         b->nbad[g] = 0;
         b->status[g] = solve(&c, b->mode, b->max_moves, b->price_iters, b->alpha, 1,
                              b->bad + g * (b->nbad_max + b->E), b->nbad_max, &b->nbad[g], b->stats + STATS * g);
@@ -1691,13 +1710,97 @@ static void *solve_batch_thread(void *arg) {
     return NULL;
 }
 
+/* solves groups first..last-1 on up to `threads` threads */
+static void run_wave(Batch *b, int64_t first, int64_t last, int64_t threads) {
+    int64_t next = first, n = threads < last - first ? threads : last - first;
+    b->next = &next;
+    b->end = last;
+#ifdef HAVE_THREADS
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < n; i++) started[i] = pthread_create(&tid[i], NULL, solve_batch_thread, b) == 0;
+    solve_batch_range(b); /* claims whatever a thread that failed to start leaves */
+    for (int64_t i = 1; i < n; i++)
+        if (started[i]) pthread_join(tid[i], NULL);
+#else
+    (void)n;
+    solve_batch_range(b);
+#endif
+}
+
+/*
+ * Lead groups.  A router warm-starts every group of a batch from one price vector, the last
+ * batch's mean optimal prices.  Early in training the router moves faster than that follows:
+ * captured at E = 96, k = 8, groups of 128 (steps 10-30 of the tiny preset), those prices
+ * left each group an excess of 400-590 units of 1024, where this batch's own mean optimal
+ * prices left 140-215 and halved the solve.  So with one shared start the first LEAD_GROUPS
+ * groups are solved from it, and the others start from the mean of the leads' optimal prices
+ * when that start fits the leads better: the leads' starting excess at the other leads' mean
+ * prices (one pass each), summed, against their excess at the shared start.  Later in
+ * training, and with prices averaged over a whole previous batch of the same distribution,
+ * the shared start wins (one lead's prices carry its own sampling noise) and nothing changes.
+ * Cold batches (no start) compare against each lead's quantile start.  The leads are fixed
+ * groups, so the routing does not depend on the threads.  Returns whether the start changed.
+ */
+#define LEAD_GROUPS 2
+
+/* the misfit of group g's starting assignment from prices q (a start-only solve into scratch),
+ * -1 if it fails */
+static int64_t excess_from(const Batch *b, int64_t g, const double *q, double *p, int64_t *experts, int64_t *loads,
+                           int64_t *bad) {
+    Ctx c;
+    group_ctx(b, g, &c);
+    memcpy(p, q, sizeof(double) * (size_t)b->E);
+    c.p = p;
+    c.experts = experts;
+    c.loads = loads;
+    c.start_only = 1;
+    double stats[STATS] = {0};
+    int64_t nbad = 0;
+    int status = solve(&c, b->mode, b->max_moves, b->price_iters, b->alpha, 1, bad, b->nbad_max, &nbad, stats);
+    return status == ST_OK ? c.start_misfit : -1;
+}
+
+static int lead_start(Batch *b) {
+    const int64_t L = LEAD_GROUPS, E = b->E;
+    for (int64_t g = 0; g < L; g++)
+        if (b->status[g] != ST_OK) return 0;
+    double *q = malloc(sizeof(double) * (size_t)(2 * E + 1));
+    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(b->N * b->k + E + b->nbad_max + E + 1));
+    int64_t own = 0, cross = 0, better = q && scratch;
+    for (int64_t g = 0; g < L && better; g++) {
+        own += (int64_t)b->stats[STATS * g + 10];
+        for (int64_t e = 0; e < E; e++) {
+            double sum = 0;
+            for (int64_t h = 0; h < L; h++) sum += h == g ? 0 : b->p[h * E + e];
+            q[e] = sum / (double)(L - 1);
+        }
+        int64_t x = excess_from(b, g, q, q + E, scratch, scratch + b->N * b->k, scratch + b->N * b->k + E);
+        if (x < 0) better = 0;
+        cross += x;
+    }
+    better = better && cross < own;
+    if (better) {
+        for (int64_t e = 0; e < E; e++) {
+            double sum = 0;
+            for (int64_t h = 0; h < L; h++) sum += b->p[h * E + e];
+            q[e] = sum / (double)L;
+        }
+        for (int64_t g = L; g < b->G; g++) memcpy(b->p + g * E, q, sizeof(double) * (size_t)E);
+    }
+    free(q);
+    free(scratch);
+    return (int)better;
+}
+
 /*
  * solve_batch(scores, is_double, G, N, E, k, valid|None, cap, prices, experts, loads, bad, status,
- *             nbad, stats, mode, max_moves, price_iters, alpha, threads) -> None
+ *             nbad, stats, mode, max_moves, price_iters, alpha, threads) -> bool
  * Per group g: scores [G,N,E], valid [G,N] (uint8), cap/prices/loads [G,E], experts [G,N,k],
  * bad [G, nbad_max + E] (as in solve), status int32 [G], nbad int64 [G], stats float64 [G, STATS]
- * (score, gap, raises, augmentations, moves, ms prepare, auction, repair, certificate, repriced).
- * The groups are spread over `threads` threads with the GIL released.
+ * (score, gap, raises, augmentations, moves, ms prepare, auction, repair, certificate, repriced,
+ * start misfit).  The groups are spread over `threads` threads with the GIL released.
+ * Returns whether the groups after the leads started from the leads' prices (lead_start).
  */
 static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
     PyObject *o[10];
@@ -1719,7 +1822,7 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
     const int writable[10] = {0, 0, 0, 1, 1, 1, 1, 1, 1, 1};
     const char *names[10] = {"scores", "valid", "cap", "prices", "experts", "loads", "bad", "status", "nbad", "stats"};
     Py_buffer b[10];
-    int got = 0, oom = 0;
+    int got = 0, oom = 0, led = 0;
     for (; got < 10; got++) {
         if (got == 1 && o[1] == Py_None) continue;
         if (get_buf(o[got], &b[got], writable[got], need[got], names[got]) < 0) break;
@@ -1732,21 +1835,18 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
             .stats = b[9].buf, .experts = b[4].buf, .loads = b[5].buf, .bad = b[6].buf, .nbad = b[8].buf,
             .status = b[7].buf, .mode = mode,
         };
-        int64_t n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads), next = 0;
-        if (n > G) n = G;
-        batch.next = &next;
+        int64_t n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+        /* one start shared by every group (see lead_start) */
+        int shared = mode == 0 && G > LEAD_GROUPS;
+        const double *p = b[3].buf;
+        for (int64_t g = 1; g < G && shared; g++) shared = memcmp(p, p + g * E, sizeof(double) * (size_t)E) == 0;
         Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_THREADS
-        pthread_t tid[MAX_THREADS];
-        int started[MAX_THREADS] = {0};
-        for (int64_t i = 1; i < n; i++)
-            started[i] = pthread_create(&tid[i], NULL, solve_batch_thread, &batch) == 0;
-        solve_batch_range(&batch); /* claims whatever a thread that failed to start leaves */
-        for (int64_t i = 1; i < n; i++)
-            if (started[i]) pthread_join(tid[i], NULL);
-#else
-        solve_batch_range(&batch);
-#endif
+        if (shared) {
+            run_wave(&batch, 0, LEAD_GROUPS, n);
+            led = lead_start(&batch);
+            run_wave(&batch, LEAD_GROUPS, G, n);
+        } else
+            run_wave(&batch, 0, G, n);
         Py_END_ALLOW_THREADS
         for (int64_t g = 0; g < G; g++) oom |= ((int32_t *)b[7].buf)[g] == ST_NO_MEMORY;
     }
@@ -1754,7 +1854,7 @@ static PyObject *py_solve_batch(PyObject *self, PyObject *args) {
         if (!(i == 1 && o[1] == Py_None)) PyBuffer_Release(&b[i]);
     if (got < 10) return NULL;
     if (oom) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyBool_FromLong(led);
 }
 
 /*

@@ -14,7 +14,7 @@ from maxscore.solvers.exact.prices import DAMPING, HOST_PRICE_ITERATIONS
 _OK, _TOO_FEW_ALLOWED, _INFEASIBLE = 0, 1, 2
 _MAX_REPORTED = 64
 EXACT, REPAIR = 0, 1
-STATS = 10  # columns of the core's statistics per group (STATS in _core.c)
+STATS = 11  # columns of the core's statistics per group (STATS in _core.c)
 MOVES_PER_UNIT = 32  # auction cap: token moves per unit (token x k); it stops sooner when slow
 
 
@@ -132,7 +132,8 @@ class BatchResult:
     status_G: np.ndarray  # int32 [G]: 0 solved, else the core's status (with raise_errors=False)
     stats_GS: (
         np.ndarray
-    )  # float64 [G, STATS]: score, gap, raises, augmentations, moves, phase ms x 4, repriced
+    )  # float64 [G, STATS]: score, gap, raises, augmentations, moves, phase ms x 4, repriced, start misfit
+    lead_start: bool = False  # groups after the first two started from those two's prices (_core.c)
 
     @property
     def score_G(self) -> np.ndarray:
@@ -182,7 +183,7 @@ def run_core_batch(
     status = np.zeros(num_groups, dtype=np.int32)
     num_bad = np.zeros(num_groups, dtype=np.int64)
     stats = np.zeros((num_groups, STATS))
-    _core.solve_batch(
+    lead_start = _core.solve_batch(
         scores.numpy(),
         scores.dtype == torch.float64,
         num_groups,
@@ -208,7 +209,7 @@ def run_core_batch(
         for g in np.flatnonzero(status):
             name = int(g) if group_ids is None else group_ids[g]
             _raise_status(int(status[g]), int(num_bad[g]), bad[g], k, capacity_GE[g], name)
-    return BatchResult(experts, loads, prices, status, stats)
+    return BatchResult(experts, loads, prices, status, stats, lead_start)
 
 
 def core_price_step(problem: Problem, prices_E: np.ndarray) -> np.ndarray:
