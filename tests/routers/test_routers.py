@@ -8,8 +8,9 @@ import torch
 import maxscore
 from maxscore.routers import ROUTERS, make_router, router_config, router_options
 from maxscore.routers.groups import routing_groups
-from maxscore.routers.maxscore import causal_targets
+from maxscore.routers.maxscore import causal_targets, torch_causal_targets
 from maxscore.solvers import group_capacity, solve
+from maxscore.solvers.exact._native import core_causal_targets
 from tests.conftest import assert_top_k
 
 CAPACITY_ROUTERS = (
@@ -268,6 +269,39 @@ def test_causal_targets_give_each_expert_alone_its_mean_load(num_experts, k, pad
         moved[expert] = targets[expert]
         chosen = torch.topk(values - moved, k, dim=1).indices[valid]
         assert int((chosen == expert).sum()) == capacity, expert
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num_experts", "k"),
+    [(2048, 96, 8), (1000, 160, 6), (512, 16, 2), (300, 9, 8), (64, 384, 10), (1, 5, 1)],
+)
+@pytest.mark.parametrize("kind", ["softmax", "ties", "padded"])
+def test_causal_targets_of_the_core_equal_the_torch_code(tokens, num_experts, k, kind):
+    """On the CPU the compiled core computes the targets; they equal the torch code's bit for
+    bit (the same float32 operations), with bfloat16 ties and with padding; a NaN goes to the
+    torch code."""
+    generator = torch.Generator().manual_seed(tokens + num_experts)
+    values = (
+        torch.randn(tokens, num_experts, generator=generator) + torch.linspace(1, -1, num_experts)
+    ).softmax(-1)
+    offsets = 0.01 * torch.randn(num_experts, generator=generator)
+    if kind == "ties":
+        values, offsets = values.bfloat16().float(), offsets.bfloat16().float()
+    valid = torch.rand(tokens, generator=generator) > 0.3 if kind == "padded" else None
+    if valid is not None:
+        valid[0] = True
+    assert torch.equal(
+        causal_targets(values, offsets, k, valid), torch_causal_targets(values, offsets, k, valid)
+    )
+    values[0, 0] = float("nan")
+    assert core_causal_targets(values, offsets, k, valid) is None
+    torch.testing.assert_close(
+        causal_targets(values, offsets, k, valid),
+        torch_causal_targets(values, offsets, k, valid),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
 
 
 def test_quantile_causal_rule_balances_a_batch_within_tens_of_forwards():

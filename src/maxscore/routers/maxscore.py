@@ -58,6 +58,7 @@ from maxscore.routers.base import GROUPS, GatedRouter, GatedRouterConfig
 from maxscore.routers.causal import CausalRule
 from maxscore.routers.groups import Groups, Selection, solve_groups
 from maxscore.routers.quantile import expert_quantiles
+from maxscore.solvers.exact._native import core_causal_targets
 from maxscore.solvers.exact.global_routing import solve_global
 from maxscore.solvers.exact.prices import expert_loads
 
@@ -167,12 +168,27 @@ def causal_targets(values_TE: torch.Tensor, offset_E: torch.Tensor, k: int, vali
     A token keeps an expert it routes to while ``values - offset`` stays above its best expert
     outside the top-k, and takes one it does not route to once that exceeds its k-th, so the
     expert's margins are ``values`` minus the token's (k+1)-th or k-th adjusted value: an offset
-    below the margin routes the token to the expert.  The target lies midway between the margins of the tokens
-    at and just past the mean load (``expert_quantiles``).  On the device, no host sync.
+    below the margin routes the token to the expert.  The target lies midway between the margins
+    of the tokens at and just past the mean load (``expert_quantiles``).  On an accelerator torch operations
+    with no host sync; on the CPU the compiled core, with the same values.
     """
     num_experts = values_TE.shape[1]
     if k >= num_experts:  # every token takes every expert: nothing to balance
         return offset_E.clone()
+    host = values_TE.device.type == "cpu" and offset_E.device.type == "cpu" and values_TE.numel() > 0
+    if host and values_TE.dtype == offset_E.dtype == torch.float32 and not torch.compiler.is_compiling():
+        # the same values from the compiled core, in a pass over the rows: 2x less than the torch
+        # code's top-k over each column (1.6 against 3.4 ms of 2 cores at 2048 x 96, k = 8)
+        targets_E = core_causal_targets(values_TE, offset_E, k, valid_T)
+        if targets_E is not None:
+            return targets_E
+    return torch_causal_targets(values_TE, offset_E, k, valid_T)
+
+
+def torch_causal_targets(
+    values_TE: torch.Tensor, offset_E: torch.Tensor, k: int, valid_T=None
+) -> torch.Tensor:
+    """``causal_targets`` in torch operations (any device, compiled graphs), 0 < k < E."""
     adjusted_TE = values_TE - offset_E
     top_TK1 = torch.topk(adjusted_TE, k + 1, dim=1).values
     kth_T, next_T = top_TK1[:, k - 1], top_TK1[:, k]

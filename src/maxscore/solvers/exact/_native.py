@@ -232,3 +232,20 @@ def core_price_step(problem: Problem, prices_E: np.ndarray) -> np.ndarray:
     )
     assert status == _OK, status
     return prices
+
+
+def core_causal_targets(
+    values_TE: torch.Tensor, offset_E: torch.Tensor, k: int, valid_T: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``maxscore.routers.maxscore.causal_targets`` in the core (CPU float32 tensors, 0 < k < E):
+    the same values in one pass over the rows; None where the torch code must decide (a value
+    that is not finite, no valid token)."""
+    values = values_TE.detach().contiguous()
+    offset = offset_E.detach().contiguous()
+    valid = None if valid_T is None else valid_T.contiguous().numpy().view(np.uint8)
+    out = torch.empty(values.shape[1], dtype=torch.float32)
+    num_tokens, num_experts = values.shape
+    done = _core.causal_targets(
+        values.numpy(), offset.numpy(), num_tokens, num_experts, k, valid, True, out.numpy()
+    )
+    return out if done else None
