@@ -1323,7 +1323,17 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     int cold = 1, ok = 1, assigned = 0;
     for (int64_t e = 0; e < c->E; e++) cold &= c->p[e] == 0;
     if (cold && price_iters > 0) {
-        ok = quantile_start(c, sample, units, capacity, bad, nbad_max, nbad);
+        /* small problems take the top-k at prices 0 first, and the quantile start only where
+         * those leave the price steps work (more excess than they stop at): its selections over
+         * every score cost more than a whole solve from prices 0 where that is near balance (at
+         * 64 x (512, 16, 2) 16-22 ms against 6-8), but sigmoid scores with a bias still need it
+         * (E 8-31: median 18x topk cold from prices 0, 6x from the quantile start) */
+        int quantile = 1;
+        if (!big) {
+            ok = assign_topk(c, 1, 0, bad, nbad_max, nbad);
+            quantile = ok && total_excess(c) > units / 4;
+        }
+        if (quantile) ok = quantile_start(c, sample, units, capacity, bad, nbad_max, nbad);
         assigned = 1;
     }
     if (!ok || c->oom) goto out;
