@@ -1308,6 +1308,38 @@ static int quantile_start(Ctx *c, int64_t sample, int64_t units, int64_t capacit
 }
 
 /*
+ * Where the tokens' k-th scores sit in the range of the scores, 0 (the least) to 1 (the
+ * largest): the mean over the valid tokens (every stride-th) of their k-th value at prices 0
+ * (c->kth), relative to the least and largest finite score.  The quantile start models every
+ * token's threshold as one value; that holds where the k-th scores sit near the top: saturating
+ * gates (sigmoid with a per-expert bias), whose popular experts score near 1 for every token
+ * and make price wars from prices 0.  Elsewhere the quantile start cost more than it saved:
+ * the benchmark's hand-picked softmax rows took 1.2-6.6x longer from it (at (16384, 128, 8)
+ * with logit std 3 and a bias, 225 against 44 ms: a war of 178k auction moves from its
+ * prices), and the sweep's other single shapes 0.46-2.4x (median about 1.05).  On the
+ * sweep's 80 single shapes every sigmoid one (16) has a saturation of 0.6-1.0 and took
+ * 0.11-0.63x the time from the quantile start (one 1.26x); every other one, and every
+ * hand-picked row, 0.31 or less.
+ */
+#define SATURATED 0.5
+static double saturation(const Ctx *c, int64_t stride) {
+    double lo = INFINITY, hi = -INFINITY, sum = 0;
+    int64_t n = 0;
+    for (int64_t t = 0; t < c->N; t += stride) {
+        if (!is_valid(c, t)) continue;
+        sum += c->kth[t];
+        n++;
+        for (int64_t e = 0; e < c->E; e++) {
+            double v = S(c, t, e);
+            if (v == -INFINITY) continue;
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+        }
+    }
+    return n > 0 && hi > lo ? (sum / (double)n - lo) / (hi - lo) : 0.0;
+}
+
+/*
  * Phase 1: prices (warm start shifted to min 0, then the price steps while the excess is
  * large) and the top-k assignment at those prices.  Large problems start on a sample, every
  * COARSE-th token: while the estimated excess is large the steps need only the sample.
@@ -1323,16 +1355,13 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
     int cold = 1, ok = 1, assigned = 0;
     for (int64_t e = 0; e < c->E; e++) cold &= c->p[e] == 0;
     if (cold && price_iters > 0) {
-        /* small problems take the top-k at prices 0 first, and the quantile start only where
-         * those leave the price steps work (more excess than they stop at): its selections over
-         * every score cost more than a whole solve from prices 0 where that is near balance (at
-         * 64 x (512, 16, 2) 16-22 ms against 6-8), but sigmoid scores with a bias still need it
-         * (E 8-31: median 18x topk cold from prices 0, 6x from the quantile start) */
-        int quantile = 1;
-        if (!big) {
-            ok = assign_topk(c, 1, 0, bad, nbad_max, nbad);
-            quantile = ok && total_excess(c) > units / 4;
-        }
+        /* the top-k at prices 0 first (of the sample); the quantile start only where its model
+         * holds, scores saturated (see saturation), and on small problems only where prices 0
+         * leave the price steps work (more excess than they stop at): its selections over every
+         * score cost more than a whole solve from prices 0 near balance */
+        ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
+        int quantile = ok && saturation(c, sample ? sample : 1) >= SATURATED;
+        if (quantile && !big) quantile = total_excess(c) > units / 4;
         if (quantile) ok = quantile_start(c, sample, units, capacity, bad, nbad_max, nbad);
         assigned = 1;
     }
