@@ -304,6 +304,22 @@ def test_causal_targets_of_the_core_equal_the_torch_code(tokens, num_experts, k,
     )
 
 
+@pytest.mark.parametrize("name", ["maxscore", "maxscore_paper", "flow_only", "quantile", "deepseek_v3"])
+def test_a_batch_of_padding_only_leaves_the_learned_state_as_it_was(name):
+    """A training forward whose tokens are all padding has no loads or quantiles to learn from:
+    the causal offsets and biases stay as they were (they turned NaN or -inf: 0 x -inf)."""
+    torch.manual_seed(0)
+    router = make_router(name, 16, 8, 2)
+    router(torch.randn(64, 16), sequence_length=32)  # one real batch first: nonzero state
+    router.after_optimizer_step()
+    before = {n: b.clone() for n, b in router.named_buffers() if b.is_floating_point()}
+    router(torch.randn(64, 16), torch.zeros(64, dtype=torch.bool), sequence_length=32)
+    router.after_optimizer_step()
+    for n, b in router.named_buffers():
+        if n in before and n not in ("warm_prices", "prices"):
+            assert torch.isfinite(b).all() and torch.equal(b, before[n]), n
+
+
 def test_quantile_causal_rule_balances_a_batch_within_tens_of_forwards():
     """Trained on one batch, the causal routing of that batch: the quantile rule (default rate
     0.3) is within 2% of balance after 20 forwards; the sign rule and the prices alone are not."""

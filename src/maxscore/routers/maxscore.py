@@ -291,6 +291,9 @@ class MaxScoreRouter(GatedRouter):
             target_E = causal_targets(values_TE, offset_E, self.k, valid_T)
             count = values_TE.shape[0] if valid_T is None else valid_T.sum()
             count = torch.as_tensor(count, dtype=torch.float32, device=target_E.device)
+            # a batch of padding only has no targets (the selection's -inf): no step, and no NaN
+            # (0 x -inf) in the offsets or in other ranks' sums
+            target_E = torch.where(count > 0, target_E, offset_E)
             if world_size(ranks) > 1:  # one step on every rank, from all ranks' tokens
                 packed = torch.cat([target_E * count, count.view(1)])
                 sum_over_ranks(packed, ranks)

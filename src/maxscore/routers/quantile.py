@@ -171,8 +171,14 @@ class QuantileRouter(GatedRouter):
         values_TE = log_scores(scores_TE, self.score_function)
         experts_TK = torch.topk(values_TE + (-self.bias), self.k, dim=1).indices
         if self.training:
-            self.pending_quantiles += bias_quantiles(values_TE, self.bias, self.k, valid_T)
-            self.pending_batches += 1
+            quantiles_E = bias_quantiles(values_TE, self.bias, self.k, valid_T)
+            if valid_T is None:
+                self.pending_batches += 1
+            else:  # a micro-batch of padding only has no quantiles (-inf): it counts nowhere
+                any_valid = valid_T.any()
+                quantiles_E = torch.where(any_valid, quantiles_E, 0.0)
+                self.pending_batches += any_valid.to(self.pending_batches.dtype)
+            self.pending_quantiles += quantiles_E
         if not self.config.drop:
             return Selection(experts_TK=experts_TK, dropless=True)
         if valid_T is not None:
