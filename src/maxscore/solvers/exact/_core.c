@@ -603,6 +603,15 @@ static double select_desc(double *a, int64_t n, int64_t r) {
     return a[r];
 }
 
+/* r-th largest (0-based) of a[0..n-1] as select_desc, and in *before the (r-1)-th: the least
+ * of the r larger ones (the r-th itself when r = 0) */
+static double select_desc_pair(double *a, int64_t n, int64_t r, double *before) {
+    double at = select_desc(a, n, r), b = at;
+    for (int64_t i = 0; i < r; i++) b = (i == 0 || a[i] < b) ? a[i] : b;
+    *before = b;
+    return at;
+}
+
 /* bounded min-heap of doubles: keeps the n largest values pushed */
 static void dheap_offer(double *h, int64_t *cnt, int64_t n, double v) {
     int64_t i;
@@ -747,9 +756,7 @@ static int price_step(Ctx *c, double alpha, double alpha_up, int floor_zero, int
         double *a = buf + off[e], hi, lo;
         if (L > C) { /* keep C holders: between the (C+1)-th and the C-th leaving price */
             int64_t r = C * n / L; /* C itself when every holder was gathered */
-            lo = select_desc(a, n, r);
-            hi = lo;
-            for (int64_t i = 0; i < r; i++) hi = (i == 0 || a[i] < hi) ? a[i] : hi;
+            lo = select_desc_pair(a, n, r, &hi);
         } else if (n < want[e]) { /* too few other tokens can take e: admit them all */
             hi = a[0];
             lo = -INFINITY;
@@ -1387,6 +1394,8 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
         /* the sample is completed once its excess nears its own noise (coarse_until) */
         ok = assign_topk(c, 1, sample, bad, nbad_max, nbad);
     }
+    c->start_misfit = total_excess(c) + priced_deficit(c);
+    if (!ok || c->start_only) goto out;
     /* the steps run while the excess is above 1/64 of the units, and stop sooner once one
      * no longer pays (price_phase); small problems (under 2^16 scores) that start at prices 0
      * (the quantile start went back to them) stop at 1/4, where the auction is cheaper: from
@@ -1395,8 +1404,6 @@ static int prepare(Ctx *c, int64_t price_iters, double alpha, int64_t *bad, int6
      * at a time (groups of 256 tokens started from other groups' mean prices took 100k moves
      * per batch of 32 with the steps stopped at 1/4, 6k-44k with them going on to 1/64; a
      * cold (512, 16, 2) took 2x longer so) */
-    c->start_misfit = total_excess(c) + priced_deficit(c);
-    if (!ok || c->start_only) goto out;
     int warm = 0;
     for (int64_t e = 0; e < c->E; e++) warm |= c->p[e] > 0;
     int64_t enough = big || warm ? units / 64 : units / 4;
@@ -2039,19 +2046,13 @@ static void column_ranks(const float *c, int64_t n, int64_t r, double *tmp, doub
             m += (x >= lo) & (x <= hi);
             above += x > hi;
         }
-        if (above <= r - 1 && above + m > r) {
-            *at = select_desc(tmp, m, r - above);
-            double b = tmp[0]; /* tmp[0..r-above-1] are the larger ones */
-            for (int64_t i = 1; i < r - above; i++) b = tmp[i] < b ? tmp[i] : b;
-            *before = r - above > 0 ? b : *at;
+        if (above <= r - 1 && above + m > r) { /* both ranks inside the bracket */
+            *at = select_desc_pair(tmp, m, r - above, before);
             return;
         }
     }
     for (int64_t i = 0; i < n; i++) tmp[i] = (double)c[i];
-    *at = select_desc(tmp, n, r);
-    double b = *at;
-    for (int64_t i = 0; i < r; i++) b = (i == 0 || tmp[i] < b) ? tmp[i] : b;
-    *before = b;
+    *at = select_desc_pair(tmp, n, r, before);
 }
 
 /*
